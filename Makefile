@@ -1,0 +1,36 @@
+# make test  : create .venv if missing, install torch + the project (compiles csrc/ where a
+#              CUDA toolkit exists), run ruff and the test suite.
+# make demo  : same set-up, then the main job (`sparse-prune demo`).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# torch guesses /usr/local when CUDA_HOME is unset and then fails to link -lcudart.
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: setup test demo lint clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet setuptools wheel ninja
+	$(BIN)/pip install --quiet "torch>=2.6"
+	$(BIN)/pip install --no-build-isolation -e ".[dev]"
+	$(BIN)/python -c "import sparse_prune as sp; print('sparse_prune', sp.__version__, '| CUDA extension loaded:', sp.has_cuda_extension(), '|', sp.extension_error() or 'ok')"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check sparse_prune tests benchmarks setup.py
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/sparse-prune demo --out results/demo
+
+clean:
+	rm -rf build *.egg-info sparse_prune/_C*.so

@@ -1,0 +1,1 @@
+"""Kernel implementations. ``reference`` holds the pure-PyTorch twin of every op."""

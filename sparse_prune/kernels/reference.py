@@ -1,0 +1,65 @@
+"""Pure-PyTorch reference of every op: the test oracle and the CPU path.
+
+Each function is vectorised PyTorch that runs on any device. The compiled and Triton
+kernels must agree with these bit for bit where they only move data (compression) and
+within dtype tolerance where they compute.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# 2:4 layout, shared with csrc/compress_2to4.cu (see docs/semi_structured_layout.md):
+# values [N, K/2]; meta int16 [N, ceil(K/16)], nibble j of word w = group 4w + j,
+# bits [1:0] = column (0..3) of the first stored value, bits [3:2] = of the second.
+GROUP = 4
+GROUPS_PER_WORD = 4
+
+
+def compress_2to4(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress a 2:4 weight into ``(values [N, K/2], meta int16 [N, ceil(K/16)])``.
+
+    Expects ``weight`` 2-D with K % 4 == 0 and a bool ``mask`` of the same shape keeping at
+    most two of every four consecutive columns (checked by ``sparse_prune.ops``). Groups that
+    keep fewer than two are padded with their lowest unkept columns, stored as +0.0.
+    """
+    rows, cols = weight.shape
+    groups = cols // GROUP
+    m = mask.reshape(rows, groups, GROUP)
+    col = torch.arange(GROUP, device=weight.device)
+    # Kept columns first (in column order), then unkept ones: the first two are stored.
+    priority = (~m).to(torch.int64) * GROUP + col
+    chosen = priority.argsort(dim=-1)[..., :2].sort(dim=-1).values  # [rows, groups, 2]
+    kept = torch.where(m, weight.reshape(rows, groups, GROUP), torch.zeros((), dtype=weight.dtype, device=weight.device))
+    values = kept.gather(-1, chosen).reshape(rows, groups * 2)
+
+    nibbles = (chosen[..., 0] | (chosen[..., 1] << 2)).to(torch.int32)  # [rows, groups]
+    words = -(-groups // GROUPS_PER_WORD)
+    pad = words * GROUPS_PER_WORD - groups
+    if pad:
+        nibbles = torch.nn.functional.pad(nibbles, (0, pad))
+    shifts = torch.arange(GROUPS_PER_WORD, device=weight.device, dtype=torch.int32) * 4
+    packed = (nibbles.reshape(rows, words, GROUPS_PER_WORD) << shifts).sum(-1, dtype=torch.int32)
+    packed = torch.where(packed >= 1 << 15, packed - (1 << 16), packed)
+    return values.contiguous(), packed.to(torch.int16)
+
+
+def unpack_2to4_indices(meta: torch.Tensor, cols: int) -> torch.Tensor:
+    """Column (0..3 within its group) of every stored value: int64 ``[N, K/2]``."""
+    rows = meta.shape[0]
+    groups = cols // GROUP
+    shifts = torch.arange(GROUPS_PER_WORD, device=meta.device, dtype=torch.int32) * 4
+    nibbles = (meta.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF  # [rows, words, 4]
+    nibbles = nibbles.reshape(rows, -1)[:, :groups]
+    return torch.stack((nibbles & 0x3, (nibbles >> 2) & 0x3), dim=-1).reshape(rows, groups * 2).long()
+
+
+def decompress_2to4(values: torch.Tensor, meta: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`compress_2to4`: the dense ``[N, K]`` weight with zeros restored."""
+    rows = values.shape[0]
+    groups = cols // GROUP
+    within = unpack_2to4_indices(meta, cols)
+    base = torch.arange(groups, device=values.device).repeat_interleave(2) * GROUP
+    dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+    dense.scatter_(1, within + base, values)
+    return dense

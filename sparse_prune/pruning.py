@@ -1,0 +1,550 @@
+"""Pruning criteria and scopes: ``prune(model, method, ...) -> MaskSet``. Never touches weights.
+
+Methods (``METHODS``) and the ``torch.nn.utils.prune`` function each one mirrors:
+
+* ``random_unstructured``  ~ ``prune.random_unstructured`` (exact count, seeded)
+* ``l1_unstructured``      = ``prune.l1_unstructured`` (identical masks, ties included);
+  with ``scope="global"`` = ``prune.global_unstructured(..., pruning_method=L1Unstructured)``
+* ``random_structured``    ~ ``prune.random_structured`` (exact count, seeded)
+* ``ln_structured``        = ``prune.ln_structured`` (identical masks, ties included)
+* ``nm``                   N:M semi-structured by magnitude (no torch equivalent)
+* ``wanda``                activation-aware |W|·‖X‖₂ per output row (Sun et al., 2023)
+
+Amounts follow torch: a float in [0, 1] is a fraction, an int is a count, and the count
+is ``round(amount * units)`` with Python's rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparse_prune.masks import MaskSet
+from sparse_prune.structure import Member, find_groups
+
+UNSTRUCTURED = ("random_unstructured", "l1_unstructured")
+STRUCTURED = ("random_structured", "ln_structured")
+METHODS = (*UNSTRUCTURED, *STRUCTURED, "nm", "wanda")
+SCOPES = ("local", "global")
+
+# Weights of these modules are never pruned (DESIGN: LayerNorm, embeddings, biases).
+_NEVER = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.Embedding, nn.EmbeddingBag)
+
+Amount = float | int
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks
+
+
+def check_amount(amount: Any, name: str = "amount") -> Amount:
+    """Validate a torch-style amount: float in [0, 1] (fraction) or int >= 0 (count)."""
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+        raise TypeError(
+            f"{name} must be a float in [0, 1] (fraction) or an int >= 0 (count), "
+            f"got {type(amount).__name__} {amount!r}"
+        )
+    if isinstance(amount, numbers.Integral):
+        if amount < 0:
+            raise ValueError(f"{name} must be >= 0 when an int (a count), got {amount}")
+        return int(amount)
+    amount = float(amount)
+    if not math.isfinite(amount) or not 0.0 <= amount <= 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1] when a fraction, got {amount}")
+    return amount
+
+
+def count_to_prune(amount: Amount, units: int, where: str) -> int:
+    """torch's ``_compute_nparams_toprune`` with its check: how many of ``units`` to prune."""
+    if isinstance(amount, int):
+        if amount > units:
+            raise ValueError(f"amount={amount} is larger than the {units} units of {where}")
+        return amount
+    return round(amount * units)
+
+
+def parse_pattern(pattern: Any) -> tuple[int, int]:
+    """``"2:4"`` or ``(2, 4)`` -> ``(2, 4)``; requires integers with 0 < N < M."""
+    try:
+        if isinstance(pattern, str):
+            n, m = (int(p) for p in pattern.split(":"))
+        else:
+            n, m = pattern
+            if isinstance(n, bool) or isinstance(m, bool) or not (
+                isinstance(n, numbers.Integral) and isinstance(m, numbers.Integral)
+            ):
+                raise TypeError
+            n, m = int(n), int(m)
+    except (TypeError, ValueError):
+        raise ValueError(f'pattern must be "N:M" with integers 0 < N < M (e.g. "2:4"), got {pattern!r}') from None
+    if not 0 < n < m:
+        raise ValueError(f'pattern must be "N:M" with 0 < N < M (e.g. "2:4"), got {pattern!r}')
+    return n, m
+
+
+def check_norm(n: Any) -> float | str:
+    """A norm order accepted by ``torch.norm``: a real number (incl. ±inf) or ``"fro"``."""
+    if n == "fro":
+        return "fro"
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or math.isnan(n):
+        raise ValueError(f'n must be a real number, inf, -inf or "fro", got {n!r}')
+    return n if isinstance(n, numbers.Integral) else float(n)
+
+
+def _check_dim(dim: Any, ndim: int, where: str) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim={dim} is out of range for the {ndim}-D weight of {where} "
+                         f"(allowed: {-ndim}..{ndim - 1})")
+    return int(dim) % ndim
+
+
+# ---------------------------------------------------------------------------------------
+# What gets pruned
+
+
+@dataclass
+class Target:
+    module_name: str
+    module: nn.Module
+    param: str  # full parameter name, e.g. "vit.encoder.layer.0.mlp.fc1.weight"
+    weight: torch.Tensor
+
+
+def _matches(name: str, rules: Sequence[Any], module: nn.Module | None) -> bool:
+    for rule in rules:
+        if isinstance(rule, type):
+            if module is not None and isinstance(module, rule):
+                return True
+        elif re.search(rule, name):
+            return True
+    return False
+
+
+def _check_rules(exclude: Any) -> tuple:
+    if isinstance(exclude, (str, type)):
+        exclude = (exclude,)
+    exclude = tuple(exclude)
+    for rule in exclude:
+        if not isinstance(rule, (str, type)):
+            raise TypeError(f"exclude items must be names/regexes (str) or module types, got {rule!r}")
+    return exclude
+
+
+def _check_include(include: Any) -> tuple[type, ...]:
+    if isinstance(include, type):
+        include = (include,)
+    include = tuple(include)
+    for cls in include:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"include must hold nn.Module types (e.g. nn.Linear, nn.Conv2d), got {cls!r}")
+        if issubclass(cls, _NEVER):
+            raise ValueError(f"include={cls.__name__}: normalization and embedding weights are never pruned")
+    return include
+
+
+def collect_targets(model: nn.Module, include: Any = (nn.Linear,), exclude: Any = ()) -> list[Target]:
+    """Weights that ``prune`` would consider, in ``named_modules`` order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    include, exclude = _check_include(include), _check_rules(exclude)
+    targets = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, include) or not isinstance(weight, torch.Tensor):
+            continue
+        param = f"{name}.weight" if name else "weight"
+        if _matches(name, exclude, module) or _matches(param, [r for r in exclude if isinstance(r, str)], None):
+            continue
+        targets.append(Target(name, module, param, weight.detach()))
+    return targets
+
+
+# ---------------------------------------------------------------------------------------
+# Per-weight criteria (all return a bool keep-mask of the weight's shape)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    # One stream per parameter: independent of the global RNG and of which other layers exist.
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def _l1_unstructured(w: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.ones(w.shape, dtype=torch.bool, device=w.device)
+    if k:
+        # The exact call torch.nn.utils.prune.L1Unstructured makes, so ties break the same way.
+        idx = torch.topk(torch.abs(w).view(-1), k=k, largest=False).indices
+        mask.view(-1)[idx] = False
+    return mask
+
+
+def _random_unstructured(w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    mask = torch.ones(w.numel(), dtype=torch.bool)
+    mask[torch.randperm(w.numel(), generator=gen)[:k]] = False
+    return mask.view(w.shape).to(w.device)
+
+
+def _nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest scores of every m consecutive entries of each row ([rows, K])."""
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)
+    order = groups.argsort(dim=-1, descending=True, stable=True)  # ties: lower column wins
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :n], True)
+    return keep.reshape(rows, cols)
+
+
+def _as_rows(w: torch.Tensor, param: str, m: int | None = None) -> torch.Tensor:
+    """Weights as GEMM rows [out, K] (Conv: K = in/groups · kh · kw, im2col order)."""
+    if w.dim() < 2:
+        raise ValueError(f"{param} is {w.dim()}-D; N:M and wanda need a >= 2-D weight")
+    rows = w.reshape(w.shape[0], -1)
+    if m is not None and rows.shape[1] % m:
+        raise ValueError(f"{param}: in_features (K = {rows.shape[1]}) is not divisible by M = {m}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Structured units: one Unit set per independent weight or per dependency group
+
+
+@dataclass
+class _UnitSet:
+    label: str
+    members: tuple[Member, ...]
+    units: int
+    amount: Amount | None  # None: decided by the global pool
+
+
+def _unit_scores(us: _UnitSet, weights: Mapping[str, torch.Tensor], n: float | str) -> torch.Tensor:
+    member = us.members[0]
+    w = weights[member.param]
+    if len(us.members) == 1 and member.width == 1 and member.offset == 0 and w.shape[member.dim] == us.units:
+        # Independent weight: torch.nn.utils.prune's _compute_norm, for identical ties.
+        dims = [d for d in range(w.dim()) if d != member.dim]
+        return torch.norm(w, p=n, dim=dims)
+    parts = []
+    for mem in us.members:
+        t = weights[mem.param].narrow(mem.dim, mem.offset, us.units * mem.width)
+        parts.append(t.movedim(mem.dim, 0).reshape(us.units, -1))
+    return torch.norm(torch.cat(parts, dim=1).float(), p=n, dim=1)
+
+
+def _unit_size(us: _UnitSet, weights: Mapping[str, torch.Tensor]) -> int:
+    return sum(weights[m.param].numel() // weights[m.param].shape[m.dim] * m.width for m in us.members)
+
+
+def _drop_units(masks: dict[str, torch.Tensor], us: _UnitSet, pruned: torch.Tensor) -> None:
+    if pruned.numel() == 0:
+        return
+    for mem in us.members:
+        mask = masks[mem.param]
+        idx = (pruned.to(mask.device)[:, None] * mem.width + mem.offset
+               + torch.arange(mem.width, device=mask.device)).reshape(-1)
+        mask.index_fill_(mem.dim, idx, False)
+
+
+def _pruned_units_local(us: _UnitSet, scores: torch.Tensor | None, gen: torch.Generator | None) -> torch.Tensor:
+    k = count_to_prune(us.amount, us.units, us.label)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
+    if scores is None:  # random
+        return torch.randperm(us.units, generator=gen)[:k]
+    # torch.nn.utils.prune.LnStructured keeps the top (units - k) by norm; mirror it exactly.
+    keep = torch.topk(scores, k=us.units - k, largest=True).indices.cpu()
+    pruned = torch.ones(us.units, dtype=torch.bool)
+    pruned[keep] = False
+    return pruned.nonzero().flatten()
+
+
+# ---------------------------------------------------------------------------------------
+# Wanda calibration
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(v, device) for v in batch)
+    return batch
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    return model(batch)
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterable[Any],
+                progress: bool = False) -> dict[str, torch.Tensor]:
+    """‖X_j‖₂ over all calibration tokens for every input column j of each target ([K], fp32).
+
+    Statistics are gathered with forward hooks (no copy of the model). Conv2d inputs are
+    reduced per input channel and repeated over the kernel window (im2col column order).
+    """
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook_for(t: Target) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            x = inputs[0].detach().float()
+            if isinstance(module, nn.Conv2d):
+                if module.groups != 1:
+                    raise ValueError(f"wanda supports ungrouped Conv2d only; {t.module_name} has groups={module.groups}")
+                sq = x.pow(2).sum(dim=(0, 2, 3)).repeat_interleave(module.kernel_size[0] * module.kernel_size[1])
+            else:
+                sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            sums[t.param] = sums[t.param] + sq if t.param in sums else sq
+        return hook
+
+    handles = [t.module.register_forward_hook(hook_for(t)) for t in targets]
+    was_training = model.training
+    device = next(model.parameters()).device
+    batches = 0
+    try:
+        model.eval()
+        for batch in tqdm(calibration, desc="wanda calibration", disable=not progress, leave=False):
+            _call(model, _move(batch, device))
+            batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if batches == 0:
+        raise ValueError("calibration is empty: give an iterable of model inputs (tensors, tuples or dicts)")
+    missing = [t.param for t in targets if t.param not in sums]
+    if missing:
+        raise ValueError(f"calibration inputs never reached {len(missing)} layer(s), e.g. {missing[0]}")
+    return {name: s.sqrt() for name, s in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# The entry point
+
+
+def _per_layer_rules(per_layer: Any) -> list[tuple[str, Amount]]:
+    if per_layer is None:
+        return []
+    if not isinstance(per_layer, Mapping):
+        raise TypeError(f"per_layer must be a dict {{regex: amount}}, got {type(per_layer).__name__}")
+    rules = []
+    for regex, amount in per_layer.items():
+        if not isinstance(regex, str):
+            raise TypeError(f"per_layer keys must be regex strings, got {regex!r}")
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise ValueError(f"per_layer key {regex!r} is not a valid regex: {exc}") from None
+        rules.append((regex, check_amount(amount, f"per_layer[{regex!r}]")))
+    return rules
+
+
+def prune(
+    model: nn.Module,
+    method: str,
+    amount: Amount | None = None,
+    *,
+    scope: str = "local",
+    n: float | str = 2,
+    dim: int = 0,
+    pattern: str | tuple[int, int] | None = None,
+    seed: int = 0,
+    calibration: Iterable[Any] | None = None,
+    include: Any = (nn.Linear,),
+    exclude: Any = (),
+    per_layer: Mapping[str, Amount] | None = None,
+    coupled: bool = False,
+    progress: bool = False,
+) -> MaskSet:
+    """Compute pruning masks for ``model``; the model is never modified.
+
+    Args:
+        method: one of ``METHODS``.
+        amount: float in [0, 1] (fraction) or int (count), as in ``torch.nn.utils.prune``.
+            Not used by ``nm``; ``wanda`` takes a fraction per output row unless ``pattern``.
+        scope: ``"local"`` (each weight, or each dependency group, on its own) or ``"global"``
+            (one ranking over all weights / units; see README for how structured units of
+            different layers are made comparable). ``nm`` and ``wanda`` are local only.
+        n: norm order for ``ln_structured`` (real number, ``inf``, ``-inf`` or ``"fro"``).
+        dim: axis of the structured units (0 = output neurons of a Linear); negative allowed.
+        pattern: ``"N:M"`` for ``nm`` (default ``"2:4"``) and ``wanda`` (optional).
+        seed: seed of the random methods; independent of the global RNG.
+        calibration: iterable of model inputs for ``wanda`` (tensor, tuple or dict each).
+        include: module types whose ``weight`` is pruned (``nn.Linear`` by default).
+        exclude: module names/regexes (``re.search``) or module types to leave dense.
+        per_layer: ``{regex: amount}``; the first regex found in a parameter name sets that
+            layer's amount, and such layers are pruned locally.
+        coupled: structured methods only: prune ViT MLP neurons (fc1 rows + fc2 columns) and
+            whole attention heads (q, k, v rows + output-projection columns) together.
+
+    Returns:
+        ``MaskSet`` with a ``torch.bool`` mask (True = keep) for every pruned parameter.
+
+    Raises:
+        ValueError / TypeError naming the argument, before anything is computed where possible.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    rules = _per_layer_rules(per_layer)
+    nm = None
+    if method == "nm":
+        if amount is not None:
+            raise ValueError("method 'nm' takes pattern= (e.g. '2:4'), not amount=")
+        nm = parse_pattern("2:4" if pattern is None else pattern)
+    else:
+        if pattern is not None and method != "wanda":
+            raise ValueError(f"pattern= applies to 'nm' and 'wanda', not {method!r}")
+        if method == "wanda" and pattern is not None:
+            nm = parse_pattern(pattern)
+            if amount is not None:
+                raise ValueError("wanda takes either amount= (unstructured) or pattern= (N:M), not both")
+        elif amount is None:
+            raise TypeError(f"method {method!r} needs amount= (float fraction or int count)")
+        else:
+            amount = check_amount(amount)
+    if method in ("nm", "wanda") and scope == "global":
+        raise ValueError(f"method {method!r} compares weights within a row: scope must be 'local'")
+    if method == "ln_structured":
+        n = check_norm(n)
+    if coupled and method not in STRUCTURED:
+        raise ValueError(f"coupled=True applies to structured methods {STRUCTURED}, not {method!r}")
+    if method == "wanda" and calibration is None:
+        raise ValueError("method 'wanda' needs calibration= (an iterable of model inputs)")
+
+    targets = collect_targets(model, include, exclude)
+    exclude = _check_rules(exclude)
+
+    def amount_for(name: str) -> tuple[Amount | None, bool]:
+        for regex, value in rules:
+            if re.search(regex, name):
+                return value, True
+        return amount, False
+
+    info = {"method": method, "amount": amount, "scope": scope, "seed": int(seed),
+            "coupled": bool(coupled)}
+    if method == "ln_structured":
+        info["n"] = n if isinstance(n, str) else float(n)
+    if method in STRUCTURED:
+        info["dim"] = dim
+    if nm is not None:
+        info["pattern"] = f"{nm[0]}:{nm[1]}"
+    masks: dict[str, torch.Tensor] = {}
+
+    if method in STRUCTURED:
+        _prune_structured(model, method, targets, amount, amount_for, scope, n, dim, seed, coupled,
+                          exclude, masks, progress)
+        order = [name for name, _ in model.named_parameters() if name in masks]
+        return MaskSet({name: masks[name] for name in order}, info)
+
+    norms = input_norms(model, targets, calibration, progress) if method == "wanda" else {}
+    global_pool: list[Target] = []
+    for t in tqdm(targets, desc=f"prune {method}", disable=not progress, leave=False):
+        layer_amount, from_rule = amount_for(t.param)
+        if method == "nm" or (method == "wanda" and nm is not None):
+            rows = _as_rows(t.weight, t.param, nm[1])
+            score = rows.abs().float()
+            if method == "wanda":
+                score = score * norms[t.param].to(score.device)[None, :]
+            masks[t.param] = _nm_keep(score, *nm).view(t.weight.shape)
+        elif method == "wanda":
+            rows = _as_rows(t.weight, t.param)
+            k = count_to_prune(layer_amount, rows.shape[1], f"each row of {t.param}")
+            score = rows.abs().float() * norms[t.param].to(rows.device)[None, :]
+            keep = torch.ones_like(rows, dtype=torch.bool)
+            if k:
+                keep.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, False)
+            masks[t.param] = keep.view(t.weight.shape)
+        elif scope == "global" and not from_rule:
+            global_pool.append(t)
+        else:
+            k = count_to_prune(layer_amount, t.weight.numel(), t.param)
+            if method == "l1_unstructured":
+                masks[t.param] = _l1_unstructured(t.weight, k)
+            else:
+                masks[t.param] = _random_unstructured(t.weight, k, _generator(seed, t.param))
+    if global_pool:
+        flat = torch.cat([t.weight.reshape(-1).to(global_pool[0].weight.device) for t in global_pool])
+        k = count_to_prune(amount, flat.numel(), "all pruned weights")
+        if method == "l1_unstructured":
+            keep = _l1_unstructured(flat, k)  # = torch's global_unstructured with L1Unstructured
+        else:
+            keep = _random_unstructured(flat, k, torch.Generator().manual_seed(int(seed)))
+        for t, part in zip(global_pool, keep.split([t.weight.numel() for t in global_pool]), strict=True):
+            masks[t.param] = part.view(t.weight.shape).to(t.weight.device)
+    return MaskSet({t.param: masks[t.param] for t in targets if t.param in masks}, info)
+
+
+def _prune_structured(model, method, targets, amount, amount_for, scope, n, dim, seed, coupled, exclude,
+                      masks, progress) -> None:
+    weights = {t.param: t.weight for t in targets}
+    unit_sets: list[_UnitSet] = []
+    grouped: set[str] = set()
+    if coupled:
+        params = dict(model.named_parameters())
+        modules = dict(model.named_modules())
+        for group in find_groups(model):
+            if any(_matches(p, exclude, modules.get(p.rpartition(".")[0])) for p in group.params):
+                continue
+            for p in group.params:
+                weights[p] = params[p].detach()
+            layer_amount, from_rule = next(
+                ((a, r) for a, r in map(amount_for, group.params) if r), (amount_for(group.params[0])[0], False))
+            unit_sets.append(_UnitSet(f"{group.kind} group {group.name}", group.members, group.units,
+                                      layer_amount if (scope == "local" or from_rule) else None))
+            grouped.update(group.params)
+    for t in targets:
+        if t.param in grouped:
+            continue
+        if t.weight.dim() < 2:
+            raise ValueError(f"structured pruning needs a >= 2-D weight; {t.param} is {t.weight.dim()}-D")
+        d = _check_dim(dim, t.weight.dim(), t.param)
+        layer_amount, from_rule = amount_for(t.param)
+        unit_sets.append(_UnitSet(t.param, (Member(t.param, d),), t.weight.shape[d],
+                                  layer_amount if (scope == "local" or from_rule) else None))
+
+    for p, w in weights.items():
+        masks[p] = torch.ones(w.shape, dtype=torch.bool, device=w.device)
+    ln = method == "ln_structured"
+    pool: list[tuple[_UnitSet, torch.Tensor | None]] = []
+    for us in tqdm(unit_sets, desc=f"prune {method}", disable=not progress, leave=False):
+        scores = _unit_scores(us, weights, n) if ln else None
+        if us.amount is None:
+            pool.append((us, scores))
+        else:
+            _drop_units(masks, us, _pruned_units_local(us, scores, _generator(seed, us.label)))
+    if pool:
+        total = sum(us.units for us, _ in pool)
+        k = count_to_prune(amount, total, "all structured units")
+        if ln:
+            # Units of different sizes are compared by their per-element power mean
+            # ‖u‖ₙ / numel(u)^(1/n), so a 3072-wide row is not favoured over a 768-wide one.
+            p = 2.0 if n == "fro" else float(n)
+            scale = (lambda size: size ** (1.0 / p)) if math.isfinite(p) and p > 0 else (lambda size: 1.0)
+            flat = torch.cat([s.float().cpu() / scale(_unit_size(us, weights)) for us, s in pool])
+            keep = torch.topk(flat, k=total - k, largest=True).indices
+            pruned_flat = torch.ones(total, dtype=torch.bool)
+            pruned_flat[keep] = False
+        else:
+            pruned_flat = torch.zeros(total, dtype=torch.bool)
+            pruned_flat[torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[:k]] = True
+        for (us, _), part in zip(pool, pruned_flat.split([us.units for us, _ in pool]), strict=True):
+            _drop_units(masks, us, part.nonzero().flatten())
+

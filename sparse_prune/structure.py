@@ -1,0 +1,128 @@
+"""Dependency groups of Vision Transformers: weights that must be pruned together.
+
+Two kinds of group per encoder block:
+
+* ``mlp``:   hidden neuron u = row u of fc1 and column u of fc2;
+* ``heads``: head h = rows ``h*d:(h+1)*d`` of the query, key and value projections and
+  columns ``h*d:(h+1)*d`` of the output projection (d = head size).
+
+Removing a unit from every member of its group leaves the block's output unchanged for the
+kept units, which is what lets structured masks become physically smaller matrices.
+Recognised layouts: transformers ViT (4.x ``attention.attention.query`` and 5.x
+``attention.q_proj`` naming), timm ``VisionTransformer`` (fused ``attn.qkv``) and
+torchvision ``VisionTransformer`` (``nn.MultiheadAttention.in_proj_weight``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Member:
+    """Unit u of this member is ``param.narrow(dim, offset + u * width, width)``."""
+
+    param: str
+    dim: int
+    offset: int = 0
+    width: int = 1
+
+
+@dataclass(frozen=True)
+class Group:
+    kind: str  # "mlp" or "heads"
+    name: str  # the module that owns the group (block MLP or attention module)
+    units: int  # hidden neurons or heads
+    members: tuple[Member, ...] = field(default_factory=tuple)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(m.param for m in self.members))
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _linear(module: nn.Module, path: str) -> nn.Linear | None:
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, nn.Linear) else None
+
+
+def _head_group(name: str, heads: int, head_dim: int, q: list[Member], proj: str) -> Group:
+    return Group("heads", name, heads, (*q, Member(proj, 1, 0, head_dim)))
+
+
+def _attention_group(name: str, module: nn.Module) -> Group | None:
+    # transformers >= 5: ViTAttention with q_proj/k_proj/v_proj/o_proj
+    if all(_linear(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(
+        module, "num_attention_heads"
+    ):
+        heads = module.num_attention_heads
+        d = module.q_proj.out_features // heads
+        qkv = [Member(_join(name, p, "weight"), 0, 0, d) for p in ("q_proj", "k_proj", "v_proj")]
+        return _head_group(name, heads, d, qkv, _join(name, "o_proj", "weight"))
+    # transformers 4.x: ViTAttention.attention.{query,key,value} + ViTAttention.output.dense
+    inner = getattr(module, "attention", None)
+    if (
+        inner is not None
+        and all(_linear(inner, p) for p in ("query", "key", "value"))
+        and _linear(module, "output.dense")
+        and hasattr(inner, "num_attention_heads")
+    ):
+        heads = inner.num_attention_heads
+        d = inner.query.out_features // heads
+        qkv = [Member(_join(name, "attention", p, "weight"), 0, 0, d) for p in ("query", "key", "value")]
+        return _head_group(name, heads, d, qkv, _join(name, "output.dense.weight"))
+    # timm Attention: fused qkv [3*H*d, C] + proj
+    if _linear(module, "qkv") and _linear(module, "proj") and hasattr(module, "num_heads"):
+        heads = module.num_heads
+        d = module.qkv.out_features // (3 * heads)
+        qkv = [Member(_join(name, "qkv.weight"), 0, i * heads * d, d) for i in range(3)]
+        return _head_group(name, heads, d, qkv, _join(name, "proj.weight"))
+    # torchvision: nn.MultiheadAttention with a packed in_proj_weight
+    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+        heads, d, e = module.num_heads, module.head_dim, module.embed_dim
+        qkv = [Member(_join(name, "in_proj_weight"), 0, i * e, d) for i in range(3)]
+        return _head_group(name, heads, d, qkv, _join(name, "out_proj.weight"))
+    return None
+
+
+def _mlp_group(name: str, module: nn.Module) -> Group | None:
+    pairs = (("fc1", "fc2"), ("intermediate.dense", "output.dense"))
+    for a, b in pairs:
+        fc1, fc2 = _linear(module, a), _linear(module, b)
+        if fc1 is not None and fc2 is not None and fc1.out_features == fc2.in_features:
+            if a == "intermediate.dense" and not hasattr(module, "attention"):
+                continue  # transformers 4.x ViTLayer holds both; other modules may not be MLPs
+            members = (Member(_join(name, a, "weight"), 0), Member(_join(name, b, "weight"), 1))
+            return Group("mlp", name, fc1.out_features, members)
+    # torchvision MLPBlock: Sequential(Linear, GELU, Dropout, Linear, Dropout)
+    if isinstance(module, nn.Sequential) and type(module).__name__ == "MLPBlock":
+        linears = [(i, m) for i, m in enumerate(module) if isinstance(m, nn.Linear)]
+        if len(linears) == 2 and linears[0][1].out_features == linears[1][1].in_features:
+            (i, fc1), (j, _) = linears
+            members = (Member(_join(name, str(i), "weight"), 0), Member(_join(name, str(j), "weight"), 1))
+            return Group("mlp", name, fc1.out_features, members)
+    return None
+
+
+def find_groups(model: nn.Module) -> list[Group]:
+    """All MLP-neuron and attention-head groups of ``model``, in module order.
+
+    Returns an empty list for models with no recognised ViT block.
+    """
+    groups: list[Group] = []
+    seen: set[str] = set()
+    for name, module in model.named_modules():
+        for group in (_attention_group(name, module), _mlp_group(name, module)):
+            if group is not None and not seen.intersection(group.params):
+                seen.update(group.params)
+                groups.append(group)
+    return groups
