@@ -311,7 +311,16 @@ def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterab
             sums[t.param] = sums[t.param] + sq if t.param in sums else sq
         return hook
 
-    handles = [t.module.register_forward_hook(hook_for(t)) for t in targets]
+    owners = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    handles = []
+    for t in targets:
+        if id(t.module) in owners:
+            # nn.MultiheadAttention reads out_proj.weight without calling out_proj, so its
+            # input is recomputed from the attention module's own call.
+            handles.append(owners[id(t.module)].register_forward_hook(
+                _mha_out_proj_hook(hook_for(t)), with_kwargs=True))
+        else:
+            handles.append(t.module.register_forward_hook(hook_for(t)))
     was_training = model.training
     device = next(model.parameters()).device
     batches = 0
@@ -334,6 +343,28 @@ def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterab
 
 # ---------------------------------------------------------------------------------------
 # The entry point
+
+
+def _mha_out_proj_hook(inner: Callable) -> Callable:
+    """Forward hook for ``nn.MultiheadAttention`` passing the out_proj input to ``inner``."""
+
+    def hook(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+        if mha.batch_first:
+            q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+        e = mha.embed_dim
+        eye = torch.eye(e, dtype=q.dtype, device=q.device)
+        pre, _ = nn.functional.multi_head_attention_forward(
+            q, k, v, e, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k,
+            mha.bias_v, mha.add_zero_attn, 0.0, eye, torch.zeros(e, dtype=q.dtype, device=q.device),
+            training=False, key_padding_mask=kwargs.get("key_padding_mask"), need_weights=False,
+            attn_mask=kwargs.get("attn_mask"), use_separate_proj_weight=not mha._qkv_same_embed_dim,
+            q_proj_weight=mha.q_proj_weight, k_proj_weight=mha.k_proj_weight,
+            v_proj_weight=mha.v_proj_weight, is_causal=kwargs.get("is_causal", False))
+        inner(mha.out_proj, (pre,), None)
+
+    return hook
 
 
 def _per_layer_rules(per_layer: Any) -> list[tuple[str, Amount]]:

@@ -328,3 +328,29 @@ def test_wanda_calibration_errors():
         sp.prune(_wanda_model(), "wanda", amount=0.5, calibration=[])
     with pytest.raises(ValueError, match="either"):
         sp.prune(_wanda_model(), "wanda", amount=0.5, pattern="2:4", calibration=[torch.randn(2, 8)])
+
+
+def test_wanda_torchvision_out_proj_matches_manual_norm(tv_vit, images):
+    """nn.MultiheadAttention never calls out_proj; its input norm is recomputed exactly."""
+    mha = tv_vit.encoder.layers[0].self_attention
+    captured = {}
+
+    def grab(module, args, output):
+        captured["x"] = output.detach()
+
+    h = tv_vit.encoder.layers[0].ln_1.register_forward_hook(grab)
+    with torch.no_grad():
+        tv_vit(images)
+    h.remove()
+    x = captured["x"]
+    eye = torch.eye(mha.embed_dim)
+    # the attention output before out_proj, by hand
+    with torch.no_grad():
+        pre = nn.functional.multi_head_attention_forward(
+            x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), mha.embed_dim, mha.num_heads,
+            mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0, eye, torch.zeros(mha.embed_dim),
+            training=False, need_weights=False)[0]
+    targets = sp.pruning.collect_targets(tv_vit)
+    norms = sp.pruning.input_norms(tv_vit, targets, [images])
+    name = "encoder.layers.encoder_layer_0.self_attention.out_proj.weight"
+    torch.testing.assert_close(norms[name], pre.reshape(-1, mha.embed_dim).pow(2).sum(0).sqrt())
