@@ -76,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     include = (nn.Linear, nn.Conv2d)  # as the seed: every layer but LayerNorm
     results = {}
     timings = {}
-    for label, method, kw in tqdm(DEMO_RECIPES, desc="demo", file=sys.stdout):
+    for label, method, kw in tqdm(DEMO_RECIPES, desc="demo"):
         kw = dict(kw)
         if method == "wanda":
             kw["calibration"] = calibration

@@ -1,0 +1,94 @@
+"""ViT builders (offline), the sensitivity scan and the `sparse-prune` CLI."""
+
+import json
+
+import pytest
+import torch
+
+import sparse_prune as sp
+from sparse_prune import cli
+
+
+@pytest.mark.parametrize("source, key", [("transformers", "num_hidden_layers"), ("timm", "depth"),
+                                         ("torchvision", "num_layers")])
+def test_vit_builds_offline_and_loads_weights(source, key, tmp_path):
+    model = sp.models.vit("vit_tiny_patch16_224", source=source, num_classes=7, **{key: 1})
+    x = torch.randn(1, 3, 224, 224)
+    out = model(x)
+    out = out.logits if hasattr(out, "logits") else out
+    assert out.shape == (1, 7)
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    again = sp.models.vit("vit_tiny_patch16_224", source=source, num_classes=7, weights=path, **{key: 1})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_vit_base_default_is_google_config():
+    from transformers import ViTConfig
+
+    ref = ViTConfig()  # google/vit-base-patch16-224 architecture
+    model = sp.models.vit(num_classes=1000, num_hidden_layers=1)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.patch_size, cfg.image_size) == (
+        ref.hidden_size, ref.num_attention_heads, ref.intermediate_size, ref.patch_size, ref.image_size)
+
+
+def test_vit_bad_args(tmp_path):
+    with pytest.raises(ValueError, match="unknown ViT"):
+        sp.models.vit("resnet50")
+    with pytest.raises(ValueError, match="source"):
+        sp.models.vit(source="keras")
+    with pytest.raises(FileNotFoundError):
+        sp.models.vit("vit_tiny_patch16_224", weights=tmp_path / "missing.safetensors", num_hidden_layers=1)
+
+
+def test_sensitivity_rows_and_restore(hf_vit, images):
+    before = {k: v.clone() for k, v in hf_vit.state_dict().items()}
+    with torch.no_grad():
+        ref = hf_vit(images).logits
+
+    def evaluate(model):
+        with torch.no_grad():
+            return float((model(images).logits - ref).abs().max())
+
+    rows = sp.sensitivity(hf_vit, "l1_unstructured", [0.5, 0.9], evaluate)
+    assert rows[0] == {"layer": None, "amount": 0.0, "sparsity": 0.0, "score": 0.0}
+    assert len(rows) == 1 + 2 * 13
+    assert all(r["score"] > 0 for r in rows[1:])
+    by = {(r["layer"], r["amount"]): r["score"] for r in rows[1:]}
+    name = "vit.layers.0.mlp.fc1.weight"
+    assert by[(name, 0.9)] > by[(name, 0.5)]
+    json.dumps(rows)
+    assert all(torch.equal(before[k], v) for k, v in hf_vit.state_dict().items())
+    with pytest.raises(ValueError, match="local"):
+        sp.sensitivity(hf_vit, "l1_unstructured", [0.5], evaluate, scope="global")
+
+
+def test_cli_demo_quick(tmp_path, capsys):
+    rc = cli.main(["demo", "--model", "vit_tiny_patch16_224", "--depth", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    report = (tmp_path / "report.md").read_text()
+    for label, _, _ in cli.DEMO_RECIPES:
+        assert label in report
+    data = json.loads((tmp_path / "sparsity.json").read_text())
+    assert data["nm 2:4"]["overall"] == pytest.approx(0.5)
+    assert abs(data["l1_unstructured"]["overall"] - 0.5) < 1e-3
+    masks = sp.MaskSet.load(tmp_path / "masks_wanda.safetensors")
+    assert masks.info["method"] == "wanda"
+    assert "vit.layers.0.mlp.fc1.weight" in capsys.readouterr().out
+
+
+def test_cli_prune_and_errors(tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    rc = cli.main(["prune", "--model", "vit_tiny_patch16_224", "--depth", "1", "--method", "ln_structured",
+                   "--amount", "0.25", "--coupled", "--exclude", "classifier", "--out", str(out)])
+    assert rc == 0
+    masks = sp.MaskSet.load(out)
+    assert masks.info["coupled"] is True
+    assert "total" in capsys.readouterr().out
+    rc = cli.main(["prune", "--model", "vit_tiny_patch16_224", "--depth", "1", "--method", "l1_unstructured",
+                   "--amount", "1.5"])
+    assert rc == 2
+    assert "amount must be a float in [0, 1]" in capsys.readouterr().err
