@@ -37,7 +37,7 @@ def test_layout_by_hand():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, cols", [(1, 4), (5, 20), (37, 64), (3, 48), (197, 12)])
+@pytest.mark.parametrize("rows, cols", [(0, 8), (1, 4), (5, 20), (37, 64), (3, 48), (197, 12)])
 @pytest.mark.parametrize("keep_fewer", [False, True])
 def test_round_trip_exact(dtype, rows, cols, keep_fewer):
     w, mask = _two_four(rows, cols, dtype, keep_fewer=keep_fewer)

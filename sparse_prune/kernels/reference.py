@@ -50,7 +50,7 @@ def unpack_2to4_indices(meta: torch.Tensor, cols: int) -> torch.Tensor:
     groups = cols // GROUP
     shifts = torch.arange(GROUPS_PER_WORD, device=meta.device, dtype=torch.int32) * 4
     nibbles = (meta.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF  # [rows, words, 4]
-    nibbles = nibbles.reshape(rows, -1)[:, :groups]
+    nibbles = nibbles.reshape(rows, meta.shape[1] * GROUPS_PER_WORD)[:, :groups]
     return torch.stack((nibbles & 0x3, (nibbles >> 2) & 0x3), dim=-1).reshape(rows, groups * 2).long()
 
 
