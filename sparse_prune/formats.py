@@ -1,0 +1,325 @@
+"""Compact weight formats: plain containers, no kernels.
+
+Every format holds one ``[N, K]`` weight (``N`` = out_features, ``K`` = in_features) and has
+``from_dense(weight, mask, ...)``, ``to_dense()`` (exact: the masked weight, ``+0.0`` where
+pruned), ``nbytes`` (every stored array: values, indices, metadata, padding), ``validate()``
+(``ValueError`` naming the bad field) and ``to(device=None, dtype=None)`` (dtype changes the
+values only). Formats know nothing about kernels; ``sparse_prune.ops`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from sparse_prune import ops
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_pair(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if weight.dtype not in _FLOATS:
+        raise TypeError(f"weight dtype must be one of {_FLOATS}, got {weight.dtype}")
+    if mask is None:
+        return weight != 0
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError("mask must be a torch.bool tensor")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}")
+    return mask
+
+
+def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def _need(cond: bool, field: str, why: str) -> None:
+    if not cond:
+        raise ValueError(f"{field}: {why}")
+
+
+def _check_index(t: torch.Tensor, field: str, dtypes: tuple[torch.dtype, ...]) -> None:
+    _need(isinstance(t, torch.Tensor), field, "must be a tensor")
+    _need(t.dtype in dtypes, field, f"dtype must be one of {dtypes}, got {t.dtype}")
+    _need(t.dim() == 1, field, f"must be 1-D, got shape {tuple(t.shape)}")
+
+
+class _Format:
+    """Shared behaviour of the dataclass formats below."""
+
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def density(self) -> float:
+        """Kept weights / (N·K), counting stored explicit zeros as pruned."""
+        total = self.shape[0] * self.shape[1]
+        return float((self.to_dense() != 0).sum()) / total if total else 1.0
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                is_values = f.name == "values"
+                changes[f.name] = value.to(device=device, dtype=dtype if is_values else None)
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Shrunk(_Format):
+    """The weight restricted to its kept output rows and input columns.
+
+    ``values [len(out_index), len(in_index)]``; ``y[..., out_index] = x[..., in_index] @ values.T``
+    and the other outputs are 0 (plus bias). Indices are sorted int64.
+    """
+
+    values: torch.Tensor
+    out_index: torch.Tensor
+    in_index: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None, round_to: int = 1) -> Shrunk:
+        """Keep rows/columns holding any kept weight; the mask must be a rows × columns product.
+
+        ``round_to`` pads the kept widths up to a multiple (with zero rows/columns, lowest
+        pruned indices first; capped at N/K) so tensor-core GEMMs see aligned shapes.
+        """
+        mask = _check_pair(weight, mask)
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+        rows, cols = mask.any(1), mask.any(0)
+        if not torch.equal(mask, rows[:, None] & cols[None, :]):
+            bad = (mask != (rows[:, None] & cols[None, :])).nonzero()[0].tolist()
+            raise ValueError(
+                f"mask is not structured (whole rows × whole columns): weight {tuple(bad)} is "
+                f"pruned inside a kept row and a kept column; use 'csr', 'bsr' or '2:4' instead"
+            )
+        rows, cols = _pad_to(rows, round_to), _pad_to(cols, round_to)
+        out_index, in_index = rows.nonzero().flatten(), cols.nonzero().flatten()
+        values = _masked(weight, mask)[out_index][:, in_index].contiguous()
+        return cls(values, out_index, in_index, tuple(weight.shape))
+
+    def to_dense(self) -> torch.Tensor:
+        dense = self.values.new_zeros(self.shape)
+        dense[self.out_index[:, None], self.in_index[None, :]] = self.values
+        return dense
+
+    def validate(self) -> None:
+        n, k = self.shape
+        for field, idx, limit in (("out_index", self.out_index, n), ("in_index", self.in_index, k)):
+            _check_index(idx, field, (torch.int64, torch.int32))
+            if idx.numel():
+                _need(int(idx.min()) >= 0 and int(idx.max()) < limit, field, f"indices must lie in [0, {limit})")
+                _need(bool((idx[1:] > idx[:-1]).all()), field, "must be strictly increasing")
+        _need(self.values.dim() == 2 and tuple(self.values.shape) == (len(self.out_index), len(self.in_index)),
+              "values", f"shape {tuple(self.values.shape)} must be [len(out_index), len(in_index)]")
+
+
+def _pad_to(keep: torch.Tensor, multiple: int) -> torch.Tensor:
+    count = int(keep.sum())
+    target = min(keep.numel(), math.ceil(count / multiple) * multiple) if count else 0
+    if target > count:
+        keep = keep.clone()
+        keep[(~keep).nonzero().flatten()[: target - count]] = True
+    return keep
+
+
+@dataclass(frozen=True)
+class SemiStructured(_Format):
+    """2:4 weight: ``values [N, K/2]`` + ``meta int16 [N, ceil(K/16)]`` (docs/semi_structured_layout.md)."""
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> SemiStructured:
+        """``ValueError`` naming the first group (row, columns) that keeps more than 2 of 4."""
+        mask = _check_pair(weight, mask)
+        values, meta = ops.compress_2to4(weight, mask)
+        return cls(values, meta, tuple(weight.shape))
+
+    def to_dense(self) -> torch.Tensor:
+        return ops.decompress_2to4(self.values, self.meta, self.shape[1])
+
+    def validate(self) -> None:
+        n, k = self.shape
+        _need(k % 4 == 0, "shape", f"K = {k} must be a multiple of 4")
+        _need(tuple(self.values.shape) == (n, k // 2), "values", f"shape must be {(n, k // 2)}")
+        _need(self.meta.dtype == torch.int16, "meta", f"dtype must be torch.int16, got {self.meta.dtype}")
+        _need(tuple(self.meta.shape) == (n, (k + 15) // 16), "meta", f"shape must be {(n, (k + 15) // 16)}")
+        from sparse_prune.kernels.reference import unpack_2to4_indices
+
+        idx = unpack_2to4_indices(self.meta, k).view(n, k // 4, 2)
+        _need(bool((idx[..., 0] < idx[..., 1]).all()), "meta", "each group needs two increasing column indices")
+
+
+@dataclass(frozen=True)
+class CSR(_Format):
+    """Compressed sparse rows: ``values [nnz]``, ``crow_indices [N+1]``, ``col_indices [nnz]``.
+
+    Columns sorted within each row; empty rows allowed. Indices are int32 (``col_indices``
+    may be int16 when K ≤ 32767: ``index_dtype=torch.int16``).
+    """
+
+    values: torch.Tensor
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
+                   index_dtype: torch.dtype = torch.int32) -> CSR:
+        mask = _check_pair(weight, mask)
+        n, k = weight.shape
+        if index_dtype not in (torch.int32, torch.int16):
+            raise ValueError(f"index_dtype must be torch.int32 or torch.int16, got {index_dtype}")
+        if index_dtype == torch.int16 and k > 32767:
+            raise ValueError(f"index_dtype=torch.int16 needs K <= 32767, got K = {k}")
+        if mask.sum() >= 2**31:
+            raise ValueError("more than 2**31 - 1 kept weights do not fit int32 crow_indices")
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major order: columns sorted per row
+        crow = torch.zeros(n + 1, dtype=torch.int64, device=weight.device)
+        crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+        return cls(weight[rows, cols].contiguous(), crow.to(torch.int32), cols.to(index_dtype), (n, k))
+
+    def to_dense(self) -> torch.Tensor:
+        n, k = self.shape
+        counts = (self.crow_indices[1:] - self.crow_indices[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(n, device=self.values.device), counts)
+        dense = self.values.new_zeros((n, k))
+        dense[rows, self.col_indices.long()] = self.values
+        return dense
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def validate(self) -> None:
+        n, k = self.shape
+        _check_index(self.crow_indices, "crow_indices", (torch.int32, torch.int64))
+        _check_index(self.col_indices, "col_indices", (torch.int32, torch.int16, torch.int64))
+        _need(self.values.dim() == 1, "values", "must be 1-D [nnz]")
+        _need(self.crow_indices.numel() == n + 1, "crow_indices", f"length must be N + 1 = {n + 1}")
+        crow = self.crow_indices.long()
+        _need(int(crow[0]) == 0, "crow_indices", "must start at 0")
+        _need(bool((crow[1:] >= crow[:-1]).all()), "crow_indices", "must be non-decreasing")
+        _need(int(crow[-1]) == self.values.numel() == self.col_indices.numel(), "crow_indices",
+              f"last entry ({int(crow[-1])}) must equal len(values) ({self.values.numel()}) "
+              f"and len(col_indices) ({self.col_indices.numel()})")
+        cols = self.col_indices.long()
+        if cols.numel():
+            _need(int(cols.min()) >= 0 and int(cols.max()) < k, "col_indices", f"must lie in [0, {k})")
+            same_row = torch.ones_like(cols, dtype=torch.bool)
+            same_row[crow[1:-1][crow[1:-1] < cols.numel()]] = False  # first entry of each row
+            _need(bool(((cols[1:] > cols[:-1]) | ~same_row[1:]).all()), "col_indices",
+                  "must be strictly increasing within each row")
+
+
+@dataclass(frozen=True)
+class BSR(_Format):
+    """Block sparse rows with blocks ``(bm, bk)``: ``values [nblocks, bm, bk]``,
+    ``crow_indices [ceil(N/bm) + 1]``, ``col_indices [nblocks]`` (block columns, sorted).
+
+    Every block holding a kept weight is stored whole (pruned weights inside it are zeros).
+    N and K are padded up to multiples of ``bm``/``bk``; the padding is zeros inside the edge
+    blocks and is counted in ``nbytes``.
+    """
+
+    values: torch.Tensor
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    shape: tuple[int, int]
+    block: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
+                   block: tuple[int, int] = (32, 32)) -> BSR:
+        mask = _check_pair(weight, mask)
+        bm, bk = _check_block(block)
+        n, k = weight.shape
+        pn, pk = -(-n // bm) * bm, -(-k // bk) * bk
+        dense = torch.zeros((pn, pk), dtype=weight.dtype, device=weight.device)
+        dense[:n, :k] = _masked(weight, mask)
+        keep = torch.zeros((pn, pk), dtype=torch.bool, device=weight.device)
+        keep[:n, :k] = mask
+        blocks = dense.reshape(pn // bm, bm, pk // bk, bk).transpose(1, 2)  # [R, C, bm, bk]
+        occupied = keep.reshape(pn // bm, bm, pk // bk, bk).any(dim=(1, 3))  # [R, C]
+        rows, cols = occupied.nonzero(as_tuple=True)
+        crow = torch.zeros(pn // bm + 1, dtype=torch.int64, device=weight.device)
+        crow[1:] = torch.bincount(rows, minlength=pn // bm).cumsum(0)
+        return cls(blocks[rows, cols].contiguous(), crow.to(torch.int32), cols.to(torch.int32), (n, k), (bm, bk))
+
+    def to_dense(self) -> torch.Tensor:
+        n, k = self.shape
+        bm, bk = self.block
+        nr, nc = -(-n // bm), -(-k // bk)
+        counts = (self.crow_indices[1:] - self.crow_indices[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(nr, device=self.values.device), counts)
+        grid = self.values.new_zeros((nr, nc, bm, bk))
+        grid[rows, self.col_indices.long()] = self.values
+        return grid.transpose(1, 2).reshape(nr * bm, nc * bk)[:n, :k].contiguous()
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return -(-self.shape[0] // self.block[0]) * self.block[0], -(-self.shape[1] // self.block[1]) * self.block[1]
+
+    def validate(self) -> None:
+        bm, bk = _check_block(self.block)
+        pn, pk = self.padded_shape
+        nr, nc = pn // bm, pk // bk
+        _check_index(self.crow_indices, "crow_indices", (torch.int32, torch.int64))
+        _check_index(self.col_indices, "col_indices", (torch.int32, torch.int64))
+        _need(self.values.dim() == 3 and tuple(self.values.shape[1:]) == (bm, bk), "values",
+              f"shape must be [nblocks, {bm}, {bk}], got {tuple(self.values.shape)}")
+        _need(self.crow_indices.numel() == nr + 1, "crow_indices", f"length must be N/bm + 1 = {nr + 1}")
+        crow = self.crow_indices.long()
+        _need(int(crow[0]) == 0, "crow_indices", "must start at 0")
+        _need(bool((crow[1:] >= crow[:-1]).all()), "crow_indices", "must be non-decreasing")
+        _need(int(crow[-1]) == self.values.shape[0] == self.col_indices.numel(), "crow_indices",
+              "last entry must equal the number of blocks in values and col_indices")
+        cols = self.col_indices.long()
+        if cols.numel():
+            _need(int(cols.min()) >= 0 and int(cols.max()) < nc, "col_indices", f"block columns must lie in [0, {nc})")
+            same_row = torch.ones_like(cols, dtype=torch.bool)
+            same_row[crow[1:-1][crow[1:-1] < cols.numel()]] = False
+            _need(bool(((cols[1:] > cols[:-1]) | ~same_row[1:]).all()), "col_indices",
+                  "must be strictly increasing within each block row")
+
+
+def _check_block(block) -> tuple[int, int]:
+    try:
+        bm, bk = block
+    except (TypeError, ValueError):
+        raise ValueError(f"block must be a pair (bm, bk) of positive ints, got {block!r}") from None
+    for v in (bm, bk):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"block must be a pair (bm, bk) of positive ints, got {block!r}")
+    return bm, bk
+
+
+FORMATS = {"shrink": Shrunk, "2:4": SemiStructured, "csr": CSR, "bsr": BSR}
