@@ -179,3 +179,21 @@ def test_cuda_empty_and_noncontiguous():
     v, m = sp.ops.compress_2to4(wt, mt, backend="cuda")
     v_ref, m_ref = sp.ops.compress_2to4(w, mask, backend="torch")
     assert torch.equal(v, v_ref) and torch.equal(m, m_ref)
+
+
+def test_import_survives_a_missing_extension(monkeypatch):
+    import importlib
+
+    def fail(name):
+        raise ImportError("libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(importlib, "import_module", fail)
+    try:
+        sp.ops._load_extension()
+        assert not sp.has_cuda_extension()
+        assert "libcudart" in sp.extension_error()
+        w = torch.randn(2, 8)
+        sp.ops.compress_2to4(w, sp.prune(torch.nn.Linear(8, 2), "nm")["weight"])  # reference path
+    finally:
+        monkeypatch.undo()
+        sp.ops._load_extension()
