@@ -4,8 +4,9 @@ Public API (see README): ``prune`` -> ``MaskSet``; ``sensitivity``; ``models.vit
 ``has_cuda_extension``. Importing never fails, with or without the compiled extension.
 """
 
-from sparse_prune import models, ops
+from sparse_prune import formats, models, ops
 from sparse_prune.masks import MaskSet
+from sparse_prune.nn import SparseLinear, convert, format_report, report
 from sparse_prune.ops import extension_error, has_cuda_extension
 from sparse_prune.pruning import METHODS, prune
 from sparse_prune.sensitivity import sensitivity
@@ -16,8 +17,13 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "MaskSet",
+    "SparseLinear",
+    "convert",
+    "format_report",
+    "report",
     "extension_error",
     "find_groups",
+    "formats",
     "has_cuda_extension",
     "models",
     "ops",

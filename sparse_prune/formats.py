@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from sparse_prune import ops
+from sparse_prune.kernels import reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -89,6 +90,25 @@ class _Format:
 
 
 @dataclass(frozen=True)
+class Dense(_Format):
+    """The masked weight stored densely: the honest baseline every sparse format must beat."""
+
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> Dense:
+        mask = _check_pair(weight, mask)
+        return cls(_masked(weight, mask).contiguous(), tuple(weight.shape))
+
+    def to_dense(self) -> torch.Tensor:
+        return self.values
+
+    def validate(self) -> None:
+        _need(tuple(self.values.shape) == tuple(self.shape), "values", f"shape must be {tuple(self.shape)}")
+
+
+@dataclass(frozen=True)
 class Shrunk(_Format):
     """The weight restricted to its kept output rows and input columns.
 
@@ -124,9 +144,7 @@ class Shrunk(_Format):
         return cls(values, out_index, in_index, tuple(weight.shape))
 
     def to_dense(self) -> torch.Tensor:
-        dense = self.values.new_zeros(self.shape)
-        dense[self.out_index[:, None], self.in_index[None, :]] = self.values
-        return dense
+        return reference.shrunk_to_dense(self.values, self.out_index, self.in_index, *self.shape)
 
     def validate(self) -> None:
         n, k = self.shape
@@ -172,9 +190,7 @@ class SemiStructured(_Format):
         _need(tuple(self.values.shape) == (n, k // 2), "values", f"shape must be {(n, k // 2)}")
         _need(self.meta.dtype == torch.int16, "meta", f"dtype must be torch.int16, got {self.meta.dtype}")
         _need(tuple(self.meta.shape) == (n, (k + 15) // 16), "meta", f"shape must be {(n, (k + 15) // 16)}")
-        from sparse_prune.kernels.reference import unpack_2to4_indices
-
-        idx = unpack_2to4_indices(self.meta, k).view(n, k // 4, 2)
+        idx = reference.unpack_2to4_indices(self.meta, k).view(n, k // 4, 2)
         _need(bool((idx[..., 0] < idx[..., 1]).all()), "meta", "each group needs two increasing column indices")
 
 
@@ -208,12 +224,7 @@ class CSR(_Format):
         return cls(weight[rows, cols].contiguous(), crow.to(torch.int32), cols.to(index_dtype), (n, k))
 
     def to_dense(self) -> torch.Tensor:
-        n, k = self.shape
-        counts = (self.crow_indices[1:] - self.crow_indices[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(n, device=self.values.device), counts)
-        dense = self.values.new_zeros((n, k))
-        dense[rows, self.col_indices.long()] = self.values
-        return dense
+        return reference.csr_to_dense(self.values, self.crow_indices, self.col_indices, *self.shape)
 
     @property
     def nnz(self) -> int:
@@ -275,14 +286,7 @@ class BSR(_Format):
         return cls(blocks[rows, cols].contiguous(), crow.to(torch.int32), cols.to(torch.int32), (n, k), (bm, bk))
 
     def to_dense(self) -> torch.Tensor:
-        n, k = self.shape
-        bm, bk = self.block
-        nr, nc = -(-n // bm), -(-k // bk)
-        counts = (self.crow_indices[1:] - self.crow_indices[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(nr, device=self.values.device), counts)
-        grid = self.values.new_zeros((nr, nc, bm, bk))
-        grid[rows, self.col_indices.long()] = self.values
-        return grid.transpose(1, 2).reshape(nr * bm, nc * bk)[:n, :k].contiguous()
+        return reference.bsr_to_dense(self.values, self.crow_indices, self.col_indices, *self.shape).contiguous()
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -322,4 +326,4 @@ def _check_block(block) -> tuple[int, int]:
     return bm, bk
 
 
-FORMATS = {"shrink": Shrunk, "2:4": SemiStructured, "csr": CSR, "bsr": BSR}
+FORMATS = {"dense": Dense, "shrink": Shrunk, "2:4": SemiStructured, "csr": CSR, "bsr": BSR}

@@ -42,6 +42,36 @@ def _decompress_2to4_fake(values: torch.Tensor, meta: torch.Tensor, cols: int):
     return values.new_empty((values.shape[0], cols))
 
 
+# Linear ops: Y [M, N] = X [M, K] · Wᵀ (+ bias), W in a format. Modules flatten leading dims.
+_lib.define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_lib.define("csr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+            "int out_features, Tensor? bias) -> Tensor")
+_lib.define("bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+            "int out_features, Tensor? bias) -> Tensor")
+_lib.define("semi24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor")
+_lib.define("shrunk_linear(Tensor x, Tensor values, Tensor out_index, Tensor in_index, "
+            "int out_features, Tensor? bias) -> Tensor")
+for _name in ("dense_linear", "csr_linear", "bsr_linear", "semi24_linear", "shrunk_linear"):
+    _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+def _linear_fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
+    return x.new_empty((x.shape[0], out_features))
+
+
+torch.library.register_fake("sparse_prune::dense_linear")(
+    lambda x, weight, bias: _linear_fake(x, weight.shape[0]))
+torch.library.register_fake("sparse_prune::csr_linear")(
+    lambda x, values, crow, col, out_features, bias: _linear_fake(x, out_features))
+torch.library.register_fake("sparse_prune::bsr_linear")(
+    lambda x, values, crow, col, out_features, bias: _linear_fake(x, out_features))
+torch.library.register_fake("sparse_prune::semi24_linear")(
+    lambda x, values, meta, bias: _linear_fake(x, values.shape[0]))
+torch.library.register_fake("sparse_prune::shrunk_linear")(
+    lambda x, values, out_index, in_index, out_features, bias: _linear_fake(x, out_features))
+
+
 # ---------------------------------------------------------------------------------------
 # Public wrappers: argument checks with clear errors, then the op.
 

@@ -63,3 +63,61 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor, cols: int) -> torc
     dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
     dense.scatter_(1, within + base, values)
     return dense
+
+
+# ---------------------------------------------------------------------------------------
+# Dense reconstruction of each format (shared by formats.to_dense and the linear references)
+
+
+def csr_to_dense(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    counts = (crow[1:] - crow[:-1]).long()
+    row_of = torch.repeat_interleave(torch.arange(rows, device=values.device), counts)
+    dense = values.new_zeros((rows, cols))
+    dense[row_of, col.long()] = values
+    return dense
+
+
+def bsr_to_dense(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    bm, bk = values.shape[1:]
+    nr, nc = -(-rows // bm), -(-cols // bk)
+    counts = (crow[1:] - crow[:-1]).long()
+    row_of = torch.repeat_interleave(torch.arange(nr, device=values.device), counts)
+    grid = values.new_zeros((nr, nc, bm, bk))
+    grid[row_of, col.long()] = values
+    return grid.transpose(1, 2).reshape(nr * bm, nc * bk)[:rows, :cols]
+
+
+def shrunk_to_dense(values: torch.Tensor, out_index: torch.Tensor, in_index: torch.Tensor,
+                    rows: int, cols: int) -> torch.Tensor:
+    dense = values.new_zeros((rows, cols))
+    dense[out_index.long()[:, None], in_index.long()[None, :]] = values
+    return dense
+
+
+# ---------------------------------------------------------------------------------------
+# Y = X·Wᵀ (+ bias) with W in a format; X is [M, K]. The reference rebuilds W densely and
+# calls F.linear: it is the oracle and the CPU path until a measured faster CPU path exists.
+
+
+def dense_linear(x, weight, bias):
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def csr_linear(x, values, crow, col, out_features, bias):
+    return dense_linear(x, csr_to_dense(values, crow, col, out_features, x.shape[-1]), bias)
+
+
+def bsr_linear(x, values, crow, col, out_features, bias):
+    return dense_linear(x, bsr_to_dense(values, crow, col, out_features, x.shape[-1]), bias)
+
+
+def semi24_linear(x, values, meta, bias):
+    return dense_linear(x, decompress_2to4(values, meta, x.shape[-1]), bias)
+
+
+def shrunk_linear(x, values, out_index, in_index, out_features, bias):
+    # Only the kept block is multiplied; pruned outputs are 0 (+ bias).
+    small = torch.nn.functional.linear(x.index_select(-1, in_index.long()), values)
+    y = x.new_zeros((x.shape[0], out_features))
+    y.index_copy_(-1, out_index.long(), small)
+    return y + bias if bias is not None else y

@@ -1,0 +1,172 @@
+"""Drop-in ``nn.Linear`` replacements holding a compact format, ``convert()`` and ``report()``."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparse_prune import formats as F
+from sparse_prune.masks import MaskSet
+
+CONVERT_FORMATS = tuple(F.FORMATS)
+BACKENDS = ("auto", "torch")  # triton and cuda arrive with their kernels (issues 4 and 5)
+
+
+def _call_op(fmt: F._Format, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    ops = torch.ops.sparse_prune
+    n = fmt.shape[0]
+    if isinstance(fmt, F.Dense):
+        return ops.dense_linear(x, fmt.values, bias)
+    if isinstance(fmt, F.CSR):
+        return ops.csr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
+    if isinstance(fmt, F.BSR):
+        return ops.bsr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
+    if isinstance(fmt, F.SemiStructured):
+        return ops.semi24_linear(x, fmt.values, fmt.meta, bias)
+    return ops.shrunk_linear(x, fmt.values, fmt.out_index, fmt.in_index, n, bias)
+
+
+class SparseLinear(nn.Module):
+    """``y = x · Wᵀ + b`` with ``W`` held in a compact format; a drop-in ``nn.Linear``.
+
+    Accepts ``x [..., in_features]`` of the weight's dtype and returns ``[..., out_features]``.
+    The format's arrays are buffers, so ``.to()``, ``state_dict``, ``deepcopy`` and pickling
+    work; ``.to(dtype)`` converts the values (indices keep their integer types).
+    """
+
+    def __init__(self, fmt: F._Format, bias: torch.Tensor | None, backend: str = "torch"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.format_name = next(k for k, cls in F.FORMATS.items() if isinstance(fmt, cls))
+        self.out_features, self.in_features = fmt.shape
+        self.backend = "torch" if backend == "auto" else backend
+        self._format_cls = type(fmt)
+        self._static = {f.name: getattr(fmt, f.name) for f in fields(fmt)
+                        if not isinstance(getattr(fmt, f.name), torch.Tensor)}
+        self._tensor_fields = [f.name for f in fields(fmt) if isinstance(getattr(fmt, f.name), torch.Tensor)]
+        for name in self._tensor_fields:
+            self.register_buffer(name, getattr(fmt, name))
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @property
+    def weight_format(self) -> F._Format:
+        return self._format_cls(**{n: getattr(self, n) for n in self._tensor_fields}, **self._static)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (masked) weight, rebuilt on demand — for inspection, not for speed."""
+        return self.weight_format.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
+        lead = x.shape[:-1]
+        y = _call_op(self.weight_format, x.reshape(-1, self.in_features), self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        fmt = self.weight_format
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format_name}, density={fmt.density:.3f}, backend={self.backend}")
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str = "auto",
+            inplace: bool = False, **format_kw: Any) -> nn.Module:
+    """Swap every masked ``nn.Linear`` for a :class:`SparseLinear` holding ``format``.
+
+    Formats: ``CONVERT_FORMATS`` ("dense" = masked dense baseline, "shrink", "2:4", "csr",
+    "bsr" with ``block=(bm, bk)``). ``format_kw`` go to the format's ``from_dense``.
+    Weights a format cannot take (not 2:4, not structured, not a Linear) keep their module
+    with the mask applied, and one warning lists them. The result computes the same function
+    as ``masks.apply(copy.deepcopy(model))``.
+    """
+    if format not in CONVERT_FORMATS:
+        raise ValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if not isinstance(masks, MaskSet):
+        raise TypeError(f"masks must be a sparse_prune.MaskSet, got {type(masks).__name__}")
+    masks.validate(model)
+    model = model if inplace else copy.deepcopy(model)
+    cls = F.FORMATS[format]
+    left_dense: list[str] = []
+    with torch.no_grad():
+        for name, mask in masks.items():
+            module_name, _, param = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            weight = getattr(module, param)
+            mask = mask.to(weight.device)
+            if type(module) is nn.Linear and param == "weight":
+                try:
+                    fmt = cls.from_dense(weight.detach(), mask, **format_kw)
+                except ValueError as exc:
+                    left_dense.append(f"{name} ({exc})")
+                else:
+                    parent, child = _parent(model, module_name)
+                    setattr(parent, child, SparseLinear(fmt, module.bias, backend))
+                    continue
+            else:
+                left_dense.append(f"{name} (not an nn.Linear weight)")
+            weight.mul_(mask.to(weight.dtype))
+    if left_dense:
+        warnings.warn(f"format {format!r} left {len(left_dense)} masked weight(s) dense: " + "; ".join(left_dense),
+                      stacklevel=2)
+    return model
+
+
+def _flops_per_row(fmt: F._Format) -> int:
+    """Multiply-adds ×2 that the format's kernel performs per input row."""
+    n, k = fmt.shape
+    if isinstance(fmt, F.CSR):
+        return 2 * fmt.nnz
+    if isinstance(fmt, F.BSR):
+        return 2 * fmt.values.numel()
+    if isinstance(fmt, F.SemiStructured):
+        return n * k
+    if isinstance(fmt, F.Shrunk):
+        return 2 * fmt.values.numel()
+    return 2 * n * k
+
+
+def report(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per Linear-like module: name, format, backend, shape, density, bytes,
+    dense_bytes, flops (per input row). ``format_report(rows)`` prints them."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            fmt = module.weight_format
+            elem = fmt.values.element_size()
+            rows.append({"name": name, "format": module.format_name, "backend": module.backend,
+                         "shape": list(fmt.shape), "density": fmt.density, "bytes": fmt.nbytes,
+                         "dense_bytes": fmt.shape[0] * fmt.shape[1] * elem, "flops": _flops_per_row(fmt)})
+        elif isinstance(module, nn.Linear):
+            w = module.weight
+            rows.append({"name": name, "format": "nn.Linear", "backend": "torch",
+                         "shape": list(w.shape), "density": float((w != 0).sum()) / w.numel(),
+                         "bytes": w.numel() * w.element_size(), "dense_bytes": w.numel() * w.element_size(),
+                         "flops": 2 * w.numel()})
+    return rows
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`report` rows with totals."""
+    head = ("name", "format", "backend", "shape", "density", "bytes", "dense_bytes", "flops")
+    cells = [[str(r["name"]), r["format"], r["backend"], "x".join(map(str, r["shape"])), f"{r['density']:.3f}",
+              str(r["bytes"]), str(r["dense_bytes"]), str(r["flops"])] for r in rows]
+    cells.append(["total", "", "", "", "", str(sum(r["bytes"] for r in rows)),
+                  str(sum(r["dense_bytes"] for r in rows)), str(sum(r["flops"] for r in rows))])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""SparseLinear, convert() and report(): converted models compute the masked dense model."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import sparse_prune as sp
+from sparse_prune import formats as F
+
+RECIPES = {
+    "dense": ("l1_unstructured", {"amount": 0.5}, {}),
+    "csr": ("l1_unstructured", {"amount": 0.9}, {}),
+    "bsr": ("l1_unstructured", {"amount": 0.7}, {"block": (16, 16)}),
+    "2:4": ("nm", {}, {}),
+    "shrink": ("ln_structured", {"amount": 0.5, "coupled": True}, {}),
+}
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("fixture", ["hf_vit", "timm_vit"])
+@pytest.mark.parametrize("fmt", list(RECIPES))
+def test_converted_vit_matches_masked_dense(fixture, fmt, request, images):
+    model = request.getfixturevalue(fixture)
+    method, kw, fkw = RECIPES[fmt]
+    masks = sp.prune(model, method, **kw)
+    expected = _logits(masks.apply(copy.deepcopy(model))(images))
+    fast = sp.convert(model, masks, format=fmt, **fkw)
+    assert sum(isinstance(m, sp.SparseLinear) for m in fast.modules()) == len(masks)
+    torch.testing.assert_close(_logits(fast(images)), expected, rtol=1e-5, atol=1e-5)
+    # the original model is untouched (inplace=False)
+    assert not any(isinstance(m, sp.SparseLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("fmt", list(RECIPES))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(7,), (2, 197), (1,)])
+def test_sparse_linear_is_drop_in(fmt, bias, lead):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 20, bias=bias)
+    method, kw, fkw = RECIPES[fmt]
+    kw = {k: v for k, v in kw.items() if k != "coupled"}
+    masks = sp.prune(lin, method, **kw)
+    ref = masks.apply(copy.deepcopy(lin))
+    sparse = sp.convert(nn.Sequential(lin), sp.MaskSet({"0.weight": masks["weight"]}), format=fmt, **fkw)[0]
+    assert isinstance(sparse, sp.SparseLinear)
+    assert (sparse.in_features, sparse.out_features) == (24, 20)
+    assert (sparse.bias is None) == (not bias)
+    x = torch.randn(*lead, 24)
+    torch.testing.assert_close(sparse(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.weight, ref.weight, rtol=0, atol=0)
+    assert f"format={fmt}" in repr(sparse) and "backend=torch" in repr(sparse)
+    # deepcopy, pickle, state_dict, dtype conversion
+    for clone in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
+        torch.testing.assert_close(clone(x), sparse(x), rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(sparse.state_dict(), buf)
+    assert set(sparse.state_dict()) >= {"values"}
+    double = copy.deepcopy(sparse).to(torch.float64)
+    assert double.weight_format.values.dtype == torch.float64
+    torch.testing.assert_close(double(x.double()), ref.double()(x.double()), rtol=1e-10, atol=1e-10)
+
+
+def test_wrong_input_width():
+    sparse = sp.convert(nn.Sequential(nn.Linear(8, 4)), sp.MaskSet({"0.weight": torch.ones(4, 8, dtype=torch.bool)}),
+                        format="csr")[0]
+    with pytest.raises(ValueError, match="in_features=8"):
+        sparse(torch.randn(3, 7))
+
+
+def test_unfit_layers_left_dense_with_one_warning(hf_vit, images):
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.5, include=(nn.Linear, nn.Conv2d))
+    with pytest.warns(UserWarning, match=r"left 14 masked weight\(s\) dense") as record:
+        fast = sp.convert(hf_vit, masks, format="2:4")
+    assert len(record) == 1
+    assert "patch_embeddings" in str(record[0].message) and "not 2:4" in str(record[0].message)
+    expected = _logits(masks.apply(copy.deepcopy(hf_vit))(images))
+    torch.testing.assert_close(_logits(fast(images)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_bad_arguments(hf_vit):
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.5)
+    with pytest.raises(ValueError, match="unknown format 'coo'.*csr"):
+        sp.convert(hf_vit, masks, format="coo")
+    with pytest.raises(ValueError, match="unknown backend 'opencl'"):
+        sp.convert(hf_vit, masks, format="csr", backend="opencl")
+    with pytest.raises(TypeError, match="MaskSet"):
+        sp.convert(hf_vit, dict(masks), format="csr")
+    bad = sp.MaskSet({"vit.layers.0.mlp.fc1.weight": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="shape"):
+        sp.convert(hf_vit, bad, format="csr")
+
+
+def test_convert_inplace(hf_vit):
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.5)
+    out = sp.convert(hf_vit, masks, format="csr", inplace=True)
+    assert out is hf_vit
+    assert isinstance(hf_vit.vit.layers[0].mlp.fc1, sp.SparseLinear)
+
+
+@pytest.mark.parametrize("fmt", list(RECIPES))
+def test_compile_fullgraph(fmt, hf_vit, images):
+    method, kw, fkw = RECIPES[fmt]
+    fast = sp.convert(hf_vit, sp.prune(hf_vit, method, **kw), format=fmt, **fkw)
+    compiled = torch.compile(fast, fullgraph=True, backend="eager")
+    torch.testing.assert_close(_logits(compiled(images)), _logits(fast(images)), rtol=1e-5, atol=1e-5)
+
+
+def test_report_rows(hf_vit):
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.9)
+    rows = sp.report(sp.convert(hf_vit, masks, format="csr"))
+    assert len(rows) == 13
+    fc1 = next(r for r in rows if r["name"] == "vit.layers.0.mlp.fc1")
+    nnz = int(masks["vit.layers.0.mlp.fc1.weight"].sum())
+    assert fc1["format"] == "csr" and fc1["shape"] == [64, 32]
+    assert fc1["bytes"] == nnz * 4 + 65 * 4 + nnz * 4
+    assert fc1["dense_bytes"] == 64 * 32 * 4 and fc1["flops"] == 2 * nnz
+    assert fc1["density"] == pytest.approx(nnz / (64 * 32))
+    text = sp.format_report(rows)
+    assert "vit.layers.0.mlp.fc1" in text and text.splitlines()[-1].startswith("total")
+
+
+
+
+@pytest.mark.parametrize("fmt", list(RECIPES))
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_linear_ops(fmt, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12, bias=bias)
+    method, kw, fkw = RECIPES[fmt]
+    kw = {k: v for k, v in kw.items() if k != "coupled"}
+    mask = sp.prune(lin, method, **kw)["weight"]
+    fmt_obj = F.FORMATS[fmt].from_dense(lin.weight.detach(), mask, **fkw)
+    x = torch.randn(5, 16)
+    b = lin.bias.detach() if bias else None
+    ops = torch.ops.sparse_prune
+    n = 12
+    args = {
+        "dense": (ops.dense_linear.default, (x, fmt_obj.values, b)),
+        "csr": (ops.csr_linear.default, (x, fmt_obj.values, fmt_obj.crow_indices if fmt == "csr" else None,
+                                         getattr(fmt_obj, "col_indices", None), n, b)),
+        "bsr": (ops.bsr_linear.default, (x, fmt_obj.values, getattr(fmt_obj, "crow_indices", None),
+                                         getattr(fmt_obj, "col_indices", None), n, b)),
+        "2:4": (ops.semi24_linear.default, (x, fmt_obj.values, getattr(fmt_obj, "meta", None), b)),
+        "shrink": (ops.shrunk_linear.default, (x, fmt_obj.values, getattr(fmt_obj, "out_index", None),
+                                               getattr(fmt_obj, "in_index", None), n, b)),
+    }[fmt]
+    torch.library.opcheck(*args)
