@@ -21,21 +21,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_pair(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    if weight.dtype not in _FLOATS:
-        raise TypeError(f"weight dtype must be one of {_FLOATS}, got {weight.dtype}")
-    if mask is None:
-        return weight != 0
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError("mask must be a torch.bool tensor")
-    if mask.shape != weight.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
-    if mask.device != weight.device:
-        raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}")
-    return mask
+    return ops.check_weight_and_mask(weight, mask, _FLOATS)
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,30 @@ def check_nm_mask(mask: torch.Tensor, n: int = 2, m: int = 4, *, name: str = "ma
         )
 
 
+def check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor | None,
+                          dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """Check a 2-D weight of one of ``dtypes`` and its bool mask; return the mask.
+
+    Without ``mask``, the nonzeros of ``weight`` are kept. ``TypeError`` for non-tensors and
+    wrong dtypes, ``ValueError`` for wrong dims, shapes and mixed devices.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if weight.dtype not in dtypes:
+        raise TypeError(f"weight dtype must be one of {dtypes}, got {weight.dtype}")
+    if mask is None:
+        return weight != 0
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError("mask must be a torch.bool tensor")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}")
+    return mask
+
+
 def compress_2to4(
     weight: torch.Tensor, mask: torch.Tensor | None = None, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,20 +132,7 @@ def compress_2to4(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight dtype must be one of {_FLOAT_DTYPES}, got {weight.dtype}")
-    if mask is None:
-        mask = weight != 0
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError("mask must be a torch.bool tensor")
-    if mask.shape != weight.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
-    if mask.device != weight.device:
-        raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}")
+    mask = check_weight_and_mask(weight, mask, _FLOAT_DTYPES)
     if weight.shape[1] % 4:
         raise ValueError(f"weight.shape[1] (K = {weight.shape[1]}) must be a multiple of 4 for 2:4")
     check_nm_mask(mask, 2, 4)
