@@ -17,18 +17,14 @@ CONVERT_FORMATS = tuple(F.FORMATS)
 BACKENDS = ("auto", "torch")  # triton and cuda arrive with their kernels (issues 4 and 5)
 
 
-def _call_op(fmt: F._Format, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    ops = torch.ops.sparse_prune
-    n = fmt.shape[0]
-    if isinstance(fmt, F.Dense):
-        return ops.dense_linear(x, fmt.values, bias)
-    if isinstance(fmt, F.CSR):
-        return ops.csr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
-    if isinstance(fmt, F.BSR):
-        return ops.bsr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
-    if isinstance(fmt, F.SemiStructured):
-        return ops.semi24_linear(x, fmt.values, fmt.meta, bias)
-    return ops.shrunk_linear(x, fmt.values, fmt.out_index, fmt.in_index, n, bias)
+# format name -> (op in torch.ops.sparse_prune, format fields passed in order, takes out_features)
+_OPS: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "dense": ("dense_linear", ("values",), False),
+    "shrink": ("shrunk_linear", ("values", "out_index", "in_index"), True),
+    "2:4": ("semi24_linear", ("values", "meta"), False),
+    "csr": ("csr_linear", ("values", "crow_indices", "col_indices"), True),
+    "bsr": ("bsr_linear", ("values", "crow_indices", "col_indices"), True),
+}
 
 
 class SparseLinear(nn.Module):
@@ -52,6 +48,8 @@ class SparseLinear(nn.Module):
         self._tensor_fields = [f.name for f in fields(fmt) if isinstance(getattr(fmt, f.name), torch.Tensor)]
         for name in self._tensor_fields:
             self.register_buffer(name, getattr(fmt, name))
+        # Bound once here so forward only gathers buffers and calls the op.
+        self._op_name, self._op_fields, self._op_takes_n = _OPS[self.format_name]
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @property
@@ -67,7 +65,11 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
         lead = x.shape[:-1]
-        y = _call_op(self.weight_format, x.reshape(-1, self.in_features), self.bias)
+        op = getattr(torch.ops.sparse_prune, self._op_name)
+        args = [getattr(self, name) for name in self._op_fields]
+        if self._op_takes_n:
+            args.append(self.out_features)
+        y = op(x.reshape(-1, self.in_features), *args, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
