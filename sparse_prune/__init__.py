@@ -5,6 +5,7 @@ Public API (see README): ``prune`` -> ``MaskSet``; ``sensitivity``; ``models.vit
 """
 
 from sparse_prune import formats, models, ops
+from sparse_prune.checkpoint import load, save
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import SparseLinear, convert, format_report, report
 from sparse_prune.ops import extension_error, has_cuda_extension
@@ -25,8 +26,10 @@ __all__ = [
     "find_groups",
     "formats",
     "has_cuda_extension",
+    "load",
     "models",
     "ops",
     "prune",
+    "save",
     "sensitivity",
 ]

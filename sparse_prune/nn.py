@@ -12,6 +12,7 @@ from torch import nn
 
 from sparse_prune import formats as F
 from sparse_prune.masks import MaskSet
+from sparse_prune.shrink import DENSE_SHAPE_ATTR, shrink_groups
 
 CONVERT_FORMATS = tuple(F.FORMATS)
 BACKENDS = ("auto", "torch")  # triton and cuda arrive with their kernels (issues 4 and 5)
@@ -92,6 +93,12 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     Weights a format cannot take (not 2:4, not structured, not a Linear) keep their module
     with the mask applied, and one warning lists them. The result computes the same function
     as ``masks.apply(copy.deepcopy(model))``.
+
+    ``format="shrink"`` is dependency-aware unless ``coupled=False``: MLP neurons whose fc2
+    column and attention heads whose output-projection columns are fully pruned are removed
+    from every layer of their group (see :mod:`sparse_prune.shrink`; the attention modules'
+    head counts follow); whatever mask is left on a cut layer goes through the generic
+    gather/scatter ``Shrunk`` format. ``round_to`` applies to both.
     """
     if format not in CONVERT_FORMATS:
         raise ValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
@@ -103,8 +110,15 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     model = model if inplace else copy.deepcopy(model)
     cls = F.FORMATS[format]
     left_dense: list[str] = []
+    todo: dict[str, torch.Tensor] = dict(masks.items())
+    coupled = format_kw.pop("coupled", True) if format == "shrink" else False
+    if coupled:
+        # Whole neurons/heads first: smaller plain GEMMs, no gather/scatter (sparse_prune.shrink).
+        todo, _, skipped = shrink_groups(model, todo, format_kw.get("round_to", 1))
+        left_dense += [f"{s}: heads/neurons not removed" for s in skipped]
+        todo = {name: m for name, m in todo.items() if not bool(m.all())}
     with torch.no_grad():
-        for name, mask in masks.items():
+        for name, mask in todo.items():
             module_name, _, param = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
             weight = getattr(module, param)
@@ -154,9 +168,12 @@ def report(model: nn.Module) -> list[dict[str, Any]]:
                          "dense_bytes": fmt.shape[0] * fmt.shape[1] * elem, "flops": _flops_per_row(fmt)})
         elif isinstance(module, nn.Linear):
             w = module.weight
-            rows.append({"name": name, "format": "nn.Linear", "backend": "torch",
-                         "shape": list(w.shape), "density": float((w != 0).sum()) / w.numel(),
-                         "bytes": w.numel() * w.element_size(), "dense_bytes": w.numel() * w.element_size(),
+            # a Linear cut by dependency-aware shrinking remembers its shape before the cut
+            n, k = getattr(module, DENSE_SHAPE_ATTR, w.shape)
+            cut = (n, k) != tuple(w.shape)
+            rows.append({"name": name, "format": "shrink (cut)" if cut else "nn.Linear", "backend": "torch",
+                         "shape": [n, k], "density": float((w != 0).sum()) / (n * k) if n * k else 1.0,
+                         "bytes": w.numel() * w.element_size(), "dense_bytes": n * k * w.element_size(),
                          "flops": 2 * w.numel()})
     return rows
 

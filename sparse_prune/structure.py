@@ -46,13 +46,15 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _linear(module: nn.Module, path: str) -> nn.Linear | None:
+def _linear(module: nn.Module, path: str) -> nn.Module | None:
+    """The ``nn.Linear`` (or Linear-like ``SparseLinear``) at ``path`` under ``module``."""
     obj = module
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
             return None
-    return obj if isinstance(obj, nn.Linear) else None
+    linear_like = isinstance(obj, nn.Linear) or hasattr(obj, "weight_format")
+    return obj if linear_like else None
 
 
 def _head_group(name: str, heads: int, head_dim: int, q: list[Member], proj: str) -> Group:
@@ -86,10 +88,12 @@ def _attention_group(name: str, module: nn.Module) -> Group | None:
         d = module.qkv.out_features // (3 * heads)
         qkv = [Member(_join(name, "qkv.weight"), 0, i * heads * d, d) for i in range(3)]
         return _head_group(name, heads, d, qkv, _join(name, "proj.weight"))
-    # torchvision: nn.MultiheadAttention with a packed in_proj_weight
-    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
-        heads, d, e = module.num_heads, module.head_dim, module.embed_dim
-        qkv = [Member(_join(name, "in_proj_weight"), 0, i * e, d) for i in range(3)]
+    # torchvision: nn.MultiheadAttention with a packed in_proj_weight (or, once heads were
+    # removed, sparse_prune.shrink.HeadPrunedAttention, which keeps the same names)
+    packed = isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+    if packed or type(module).__name__ == "HeadPrunedAttention":
+        heads, d = module.num_heads, module.head_dim
+        qkv = [Member(_join(name, "in_proj_weight"), 0, i * heads * d, d) for i in range(3)]
         return _head_group(name, heads, d, qkv, _join(name, "out_proj.weight"))
     return None
 

@@ -1,0 +1,153 @@
+"""``sp.save`` / ``sp.load``: converted models as safetensors + a JSON manifest.
+
+A checkpoint directory holds ``model.safetensors`` (the converted model's full state dict:
+plain parameters and every SparseLinear's format arrays) and ``manifest.json``:
+
+* ``format_version`` — :data:`FORMAT_VERSION`; a newer one is refused with a clear error;
+* ``groups`` — every MLP/head group with its current unit count, so ``load`` can cut a
+  freshly built dense skeleton to the same shapes (dependency-aware shrink);
+* ``sparse_linear`` — per SparseLinear: format name, shape, static fields, backend;
+* ``dense_shapes`` — shapes before the cut of Linears cut by shrinking (for ``report``).
+
+``load`` needs no original weights: the skeleton only supplies the architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparse_prune import formats as F
+from sparse_prune.nn import BACKENDS, SparseLinear, _parent
+from sparse_prune.shrink import DENSE_SHAPE_ATTR, apply_keep
+from sparse_prune.structure import find_groups
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+
+
+def _manifest(model: nn.Module) -> dict[str, Any]:
+    from sparse_prune import __version__
+
+    sparse = {}
+    dense_shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            static = {k: list(v) if isinstance(v, tuple) else v for k, v in module._static.items()}
+            sparse[name] = {"format": module.format_name, "backend": module.backend, "static": static,
+                            "fields": list(module._tensor_fields), "bias": module.bias is not None}
+        elif isinstance(module, nn.Linear) and hasattr(module, DENSE_SHAPE_ATTR):
+            dense_shapes[name] = list(getattr(module, DENSE_SHAPE_ATTR))
+    groups = [{"name": g.name, "kind": g.kind, "units": g.units} for g in find_groups(model)]
+    return {"format_version": FORMAT_VERSION, "library": "sparse_prune", "version": __version__,
+            "groups": groups, "sparse_linear": sparse, "dense_shapes": dense_shapes}
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write ``model`` (converted or not) to ``directory`` (created if missing)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    os.makedirs(directory, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        # safetensors refuses tensors that share storage; tied weights are stored twice
+        ptr = value.untyped_storage().data_ptr() if value.numel() else -1
+        tensors[key] = value.clone().contiguous() if ptr in seen else value.contiguous()
+        if ptr != -1:
+            seen.add(ptr)
+    save_file(tensors, os.path.join(directory, WEIGHTS))
+    with open(os.path.join(directory, MANIFEST), "w") as fh:
+        json.dump(_manifest(model), fh, indent=1)
+
+
+def _read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: not a sparse_prune.save directory")
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is broken") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format_version"), int):
+        raise ValueError(f"{path}: manifest has no integer 'format_version'; the checkpoint is broken")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest['format_version']} was written by a newer "
+                         f"sparse_prune (this one reads <= {FORMAT_VERSION}); upgrade sparse_prune")
+    for key, kind in (("groups", list), ("sparse_linear", dict), ("dense_shapes", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(f"{path}: manifest field {key!r} missing or not a {kind.__name__}")
+    return manifest
+
+
+def _cut_groups(skeleton: nn.Module, saved: list[dict[str, Any]]) -> None:
+    have = {(g.name, g.kind): g for g in find_groups(skeleton)}
+    for entry in saved:
+        group = have.get((entry.get("name"), entry.get("kind")))
+        if group is None:
+            raise ValueError(f"skeleton has no {entry.get('kind')} group {entry.get('name')!r}: "
+                             "it is not the architecture the checkpoint was saved from")
+        units = entry.get("units")
+        if not isinstance(units, int) or not 1 <= units <= group.units:
+            raise ValueError(f"checkpoint group {group.name!r} has units={units!r}; the skeleton "
+                             f"has {group.units}: not the same architecture")
+        if units < group.units:
+            apply_keep(skeleton, group, torch.arange(units))
+
+
+def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    for name, entry in entries.items():
+        try:
+            cls = F.FORMATS[entry["format"]]
+            static = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["static"].items()}
+            arrays = {f: tensors[f"{name}.{f}"] for f in entry["fields"]}
+            bias = tensors[f"{name}.bias"] if entry["bias"] else None
+            backend = entry["backend"]
+        except KeyError as exc:
+            raise ValueError(f"checkpoint entry for {name!r} is incomplete: missing {exc}") from exc
+        if backend not in BACKENDS:
+            raise ValueError(f"{name!r} was saved with backend {backend!r}; this build allows {BACKENDS}")
+        fmt = cls(**arrays, **static)
+        fmt.validate()
+        try:
+            target = skeleton.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"skeleton has no module {name!r}: not the saved architecture") from exc
+        if not isinstance(target, nn.Linear | SparseLinear) or (target.out_features, target.in_features) != fmt.shape:
+            raise ValueError(f"skeleton module {name!r} is not a Linear of shape {fmt.shape}")
+        parent, child = _parent(skeleton, name)
+        setattr(parent, child, SparseLinear(fmt, bias, backend))
+
+
+def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by :func:`save` on ``skeleton`` (a freshly built dense model of
+    the same architecture, any weights), in place, and return it.
+
+    Groups are cut to the saved unit counts, SparseLinears rebuilt from the stored arrays
+    (validated), and every tensor assigned from the file (its dtype), on the skeleton's device.
+    Errors: ``FileNotFoundError`` (no manifest), ``ValueError`` (newer or broken manifest,
+    a skeleton of another architecture, malformed format arrays).
+    """
+    if not isinstance(skeleton, nn.Module):
+        raise TypeError(f"skeleton must be an nn.Module, got {type(skeleton).__name__}")
+    manifest = _read_manifest(directory)
+    params = next(iter(skeleton.parameters()), None)
+    device = params.device if params is not None else torch.device("cpu")
+    tensors = load_file(os.path.join(directory, WEIGHTS), device=str(device))
+    _cut_groups(skeleton, manifest["groups"])
+    _swap_sparse(skeleton, manifest["sparse_linear"], tensors)
+    try:
+        skeleton.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint does not fit the skeleton: {exc}") from exc
+    for name, shape in manifest["dense_shapes"].items():
+        skeleton.get_submodule(name).__dict__[DENSE_SHAPE_ATTR] = tuple(shape)
+    return skeleton

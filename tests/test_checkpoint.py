@@ -1,0 +1,122 @@
+"""sp.save / sp.load: converted models rebuilt on a fresh skeleton, bad checkpoints refused."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sparse_prune as sp
+
+RECIPES = {
+    "dense": ("l1_unstructured", {"amount": 0.5}, {}),
+    "csr": ("l1_unstructured", {"amount": 0.9}, {}),
+    "bsr": ("l1_unstructured", {"amount": 0.7}, {"block": (16, 8)}),
+    "2:4": ("nm", {}, {}),
+    "shrink": ("ln_structured", {"amount": 0.5, "coupled": True}, {}),
+}
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _fresh(model):
+    """A skeleton of the same architecture with different random weights."""
+    skeleton = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in skeleton.parameters():
+            p.normal_()
+    return skeleton
+
+
+@pytest.mark.parametrize("fixture", ["hf_vit", "timm_vit", "tv_vit"])
+@pytest.mark.parametrize("fmt", list(RECIPES))
+def test_save_load_roundtrip(fixture, fmt, request, images, tmp_path):
+    model = request.getfixturevalue(fixture)
+    method, kw, fkw = RECIPES[fmt]
+    masks = sp.prune(model, method, **kw)
+    with pytest.warns(UserWarning) if fixture == "tv_vit" and fmt != "shrink" else _nothing():
+        fast = sp.convert(model, masks, format=fmt, **fkw)
+    sp.save(fast, tmp_path)
+    loaded = sp.load(_fresh(model), tmp_path)
+    assert torch.equal(_logits(loaded(images)), _logits(fast(images)))
+    assert sp.report(loaded) == sp.report(fast)
+
+
+def test_load_without_bias(images, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                    image_size=32, patch_size=8, num_labels=10, qkv_bias=False)
+    model = ViTForImageClassification(cfg).eval()
+    fast = sp.convert(model, sp.prune(model, "l1_unstructured", amount=0.8), format="csr")
+    assert fast.vit.layers[0].attention.q_proj.bias is None
+    sp.save(fast, tmp_path)
+    loaded = sp.load(ViTForImageClassification(cfg).eval(), tmp_path)
+    assert torch.equal(loaded(images).logits, fast(images).logits)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture
+def saved(hf_vit, tmp_path):
+    masks = sp.prune(hf_vit, "ln_structured", amount=0.5, coupled=True)
+    sp.save(sp.convert(hf_vit, masks, format="shrink", coupled=False), tmp_path)
+    return tmp_path
+
+
+def _edit_manifest(path, fn):
+    with open(path / "manifest.json") as fh:
+        manifest = json.load(fh)
+    fn(manifest)
+    with open(path / "manifest.json", "w") as fh:
+        json.dump(manifest, fh)
+
+
+def test_newer_manifest_refused(saved, hf_vit):
+    _edit_manifest(saved, lambda m: m.update(format_version=99))
+    with pytest.raises(ValueError, match="newer sparse_prune"):
+        sp.load(hf_vit, saved)
+
+
+def test_broken_manifest_refused(saved, hf_vit):
+    (saved / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        sp.load(hf_vit, saved)
+    (saved / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(ValueError, match="'groups'"):
+        sp.load(hf_vit, saved)
+
+
+def test_missing_checkpoint(tmp_path, hf_vit):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        sp.load(hf_vit, tmp_path / "nowhere")
+
+
+def test_other_architecture_refused(saved, timm_vit):
+    with pytest.raises(ValueError, match="architecture"):
+        sp.load(timm_vit, saved)
+
+
+def test_malformed_arrays_refused(saved, hf_vit):
+    tensors = load_file(os.path.join(saved, "model.safetensors"))
+    key = "vit.layers.0.mlp.fc1.in_index"
+    tensors[key] = tensors[key].flip(0).contiguous()  # no longer increasing
+    save_file(tensors, os.path.join(saved, "model.safetensors"))
+    with pytest.raises(ValueError, match="in_index"):
+        sp.load(hf_vit, saved)
+
+
+def test_save_rejects_non_module(tmp_path):
+    with pytest.raises(TypeError, match="model"):
+        sp.save({"a": torch.zeros(1)}, tmp_path)
