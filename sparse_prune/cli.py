@@ -1,4 +1,4 @@
-"""``sparse-prune`` command line: ``demo`` (the main job) and ``prune``."""
+"""``sparse-prune`` command line: ``demo`` (the main job), ``prune``, ``convert``, ``report``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sparse_prune as sp
+from sparse_prune.nn import BACKENDS, CONVERT_FORMATS
 
 # (label, method, keyword arguments) — the seed's four methods, then what we add.
 DEMO_RECIPES: list[tuple[str, str, dict[str, Any]]] = [
@@ -136,6 +137,41 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_SPEC = "model.json"  # written next to a CLI-converted checkpoint: how to build its skeleton
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    model = _build(args)
+    masks = sp.MaskSet.load(args.masks)
+    kw: dict[str, Any] = {}
+    if args.block:
+        kw["block"] = tuple(args.block)
+    if args.round_to != 1:
+        kw["round_to"] = args.round_to
+    converted = sp.convert(model, masks, format=args.format, backend=args.backend, inplace=True, **kw)
+    sp.save(converted, args.out)
+    spec = {"model": args.model, "source": args.source, "depth": args.depth}
+    (Path(args.out) / MODEL_SPEC).write_text(json.dumps(spec, indent=1))
+    print(sp.format_report(sp.report(converted)))
+    print(f"\nwrote {args.out} (model.safetensors, manifest.json, {MODEL_SPEC})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    spec_path = Path(args.checkpoint) / MODEL_SPEC
+    if spec_path.is_file():  # the CLI wrote how to build the skeleton; flags still override
+        spec = json.loads(spec_path.read_text())
+        for key in ("model", "source", "depth"):
+            if getattr(args, key) is None:
+                setattr(args, key, spec.get(key))
+    args.model = args.model or "vit_base_patch16_224"
+    args.source = args.source or "transformers"
+    model = sp.load(_build(args), args.checkpoint)
+    rows = sp.report(model)
+    print(json.dumps(rows, indent=1) if args.json else sp.format_report(rows))
+    return 0
+
+
 def _norm(value: str) -> float | str:
     return value if value == "fro" else float(value)
 
@@ -165,10 +201,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--out", default=None, help="masks file (.safetensors)")
     pr.set_defaults(func=cmd_prune)
 
+    cv = sub.add_parser("convert", help="convert a ViT with saved masks to a format; save it (sp.save)")
+    _model_args(cv)
+    cv.add_argument("--masks", required=True, help="masks file written by `prune --out`")
+    cv.add_argument("--format", required=True, choices=CONVERT_FORMATS)
+    cv.add_argument("--backend", default="auto", choices=BACKENDS)
+    cv.add_argument("--block", type=int, nargs=2, default=None, metavar=("BM", "BK"), help="bsr block")
+    cv.add_argument("--round-to", type=int, default=1, help="shrink: keep widths a multiple of this")
+    cv.add_argument("--out", required=True, help="checkpoint directory")
+    cv.set_defaults(func=cmd_convert)
+
+    rp = sub.add_parser("report", help="per-layer format, density, bytes and flops of a saved model")
+    rp.add_argument("checkpoint", help="directory written by `convert` or sp.save")
+    rp.add_argument("--model", default=None, choices=list(sp.models.ARCHS))
+    rp.add_argument("--source", default=None, choices=sp.models.SOURCES)
+    rp.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    rp.add_argument("--depth", type=int, default=None)
+    rp.add_argument("--json", action="store_true", help="print the rows as JSON")
+    rp.set_defaults(func=cmd_report)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"sparse-prune {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -92,3 +92,24 @@ def test_cli_prune_and_errors(tmp_path, capsys):
                    "--amount", "1.5"])
     assert rc == 2
     assert "amount must be a float in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt,method,extra", [("csr", "l1_unstructured", []), ("shrink", "ln_structured", ["--coupled"]),
+                                              ("bsr", "l1_unstructured", [])])
+def test_cli_convert_then_report(tmp_path, capsys, fmt, method, extra):
+    model_args = ["--model", "vit_tiny_patch16_224", "--depth", "1"]
+    masks = str(tmp_path / "m.safetensors")
+    assert cli.main(["prune", *model_args, "--method", method, "--amount", "0.8", *extra, "--out", masks]) == 0
+    conv = ["convert", *model_args, "--masks", masks, "--format", fmt, "--out", str(tmp_path / "ck")]
+    if fmt == "bsr":
+        conv += ["--block", "16", "16"]
+    assert cli.main(conv) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "ck"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    shown = {r["format"] for r in rows}
+    assert ("shrink (cut)" if fmt == "shrink" else fmt) in shown
+    if fmt != "bsr":  # unstructured 80% leaves a kept weight in nearly every 16x16 block
+        assert sum(r["bytes"] for r in rows) < sum(r["dense_bytes"] for r in rows)
+    assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "manifest.json" in capsys.readouterr().err

@@ -105,16 +105,17 @@ def shrunk_to_dense(values: torch.Tensor, out_index: torch.Tensor, in_index: tor
 def _cpu_sparse_wins(x: torch.Tensor, density: float) -> bool:
     """Whether torch.sparse.mm(W, xᵀ) beats rebuilding W + F.linear for this input.
 
-    Thresholds measured on a 2-core AVX-512 CPU (torch 2.14, MKL 2024.2), fp32, ViT-B/16
-    shapes (K, N) ∈ {(768, 3072), (3072, 768)}: the sparse product wins at density ≤ 0.5 for
-    M ≤ 16 (e.g. M=8, 10%: 0.19 ms vs 3.3 ms), ≤ 0.2 for M ≤ 256 (M=197, 20%: 5.7 vs 9.7 ms)
-    and only ≤ 0.1 at M=1576 (10%: 37 vs 43 ms; 30%: 73 vs 47 ms). MKL has no fp16/bf16 path.
+    Thresholds from an interleaved sweep on this project's 2-core AVX-512 CPU (torch 2.14,
+    MKL 2024.2), fp32, (N, K) ∈ {(768, 768), (3072, 768), (768, 3072)}, ratio = rebuild ms /
+    sparse ms: M=8 wins 3.8-7.4x at any density ≤ 0.5; M=64 1.35-4.5x ≤ 0.5; M=197 and 394
+    1.2-2.0x at 0.1 but 0.76-1.18x at 0.2; M=1576 1.4-1.7x at 0.05 but 0.76-0.92x at 0.1.
+    MKL has no fp16/bf16 kernel, so those always rebuild.
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
     m = x.shape[0]
-    limit = 0.5 if m <= 16 else 0.2 if m <= 256 else 0.1
-    return density <= limit
+    limit = 0.5 if m <= 64 else 0.1 if m <= 512 else 0.05
+    return round(density, 3) <= limit  # "90% pruned" rounds to a hair above 0.1 on odd shapes
 
 
 def _sparse_mm(make, crow, col, values, shape, x, bias):
