@@ -2,8 +2,8 @@
 
 Usage: ``python benchmarks/cpu_formats.py [--batch 8] [--reps 5] [--out benchmarks/results/cpu]``.
 Every variant is checked against its masked dense model before timing; all are timed
-interleaved in one process (median of ``--reps`` after warm-up). Writes ``formats.json``
-(rows as in ``sparse-prune bench``) and ``formats.md``.
+interleaved in one process (median of ``--reps`` after warm-up). Writes ``formats_b{batch}.json``
+(rows as in ``sparse-prune bench``) and ``formats_b{batch}.md``.
 """
 
 from __future__ import annotations
@@ -62,14 +62,14 @@ def main() -> None:
              "dense_bytes": _bytes(dense)} for label in VARIANTS]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "formats.json").write_text(json.dumps(rows, indent=1))
+    (out / f"formats_b{args.batch}.json").write_text(json.dumps(rows, indent=1))
     lines = [f"ViT-B/16 fp32, batch {args.batch}, {common['device']}, torch {torch.__version__}, "
              f"commit {common['commit']}; median of {args.reps} interleaved runs.", "",
              "| format | sparsity | dense ms | sparse ms | speedup | weight MB (sparse / dense) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['sparsity']:.0%} | {r['dense_ms']:.0f} | {r['sparse_ms']:.0f} | "
               f"{r['speedup']:.2f}x | {r['bytes'] / 1e6:.0f} / {r['dense_bytes'] / 1e6:.0f} |" for r in rows]
-    (out / "formats.md").write_text("\n".join(lines) + "\n")
+    (out / f"formats_b{args.batch}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
