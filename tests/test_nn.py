@@ -154,3 +154,19 @@ def test_opcheck_linear_ops(fmt, bias):
                                                getattr(fmt_obj, "in_index", None), n, b)),
     }[fmt]
     torch.library.opcheck(*args)
+
+
+@pytest.mark.parametrize("fmt", list(RECIPES))
+def test_converted_vit_without_qkv_bias(fmt, images):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                    image_size=32, patch_size=8, num_labels=10, qkv_bias=False)
+    model = ViTForImageClassification(cfg).eval()
+    method, kw, fkw = RECIPES[fmt]
+    masks = sp.prune(model, method, **kw)
+    expected = masks.apply(copy.deepcopy(model))(images).logits
+    fast = sp.convert(model, masks, format=fmt, **fkw)
+    assert fast.vit.layers[0].attention.q_proj.bias is None
+    torch.testing.assert_close(fast(images).logits, expected, rtol=1e-5, atol=1e-5)
