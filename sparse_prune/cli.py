@@ -1,4 +1,5 @@
-"""``sparse-prune`` command line: ``demo`` (the main job), ``prune``, ``convert``, ``report``."""
+"""``sparse-prune`` command line: ``demo`` (the main job), ``prune``, ``convert``, ``report``,
+``accuracy``."""
 
 from __future__ import annotations
 
@@ -172,6 +173,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from sparse_prune.bench import accuracy as study
+    from sparse_prune.bench.data import load_data
+    from sparse_prune.bench.train import DIGITS_VIT, digits_vit
+
+    out = Path(args.out)
+    quick = args.quick
+    amounts = args.amounts or ([0.3, 0.5, 0.7, 0.9] if quick else list(study.DEFAULT_AMOUNTS))
+    epochs = args.finetune_epochs if args.finetune_epochs is not None else (3 if quick else 5)
+    torch.manual_seed(args.seed)
+    if args.model == "digits-vit":
+        if args.data != "digits":
+            raise ValueError("--model digits-vit is trained on --data digits; give --model NAME for an imagefolder")
+        train_data, test_data, _, _ = load_data("digits", DIGITS_VIT["image_size"])
+        model = digits_vit(train_data, out / "cache", epochs=args.train_epochs, seed=args.seed)
+    else:
+        if args.data == "digits":
+            raise ValueError("--data digits goes with --model digits-vit (8x8 one-channel images)")
+        image = sp.models.ARCHS[args.model][-1]
+        train_data, test_data, classes, _ = load_data(args.data, image)
+        overrides = {}
+        if args.depth is not None:
+            key = {"transformers": "num_hidden_layers", "timm": "depth", "torchvision": "num_layers"}[args.source]
+            overrides[key] = args.depth
+        model = sp.models.vit(args.model, source=args.source, weights=args.weights, num_classes=classes, **overrides)
+    t0 = time.perf_counter()
+    rows = study.run_study(model, train_data, test_data, model_name=args.model, data_name=args.data,
+                           methods=args.methods, amounts=amounts, scope=args.scope, finetune_epochs=epochs,
+                           finetune_amounts=args.finetune_amounts, iterative=args.iterative,
+                           keep_classifier=args.keep_classifier, seed=args.seed)
+    paths = study.write_study(rows, out)
+    print(study.markdown(rows))
+    print(f"study took {time.perf_counter() - t0:.0f} s; wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def _norm(value: str) -> float | str:
     return value if value == "fro" else float(value)
 
@@ -219,6 +256,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     rp.add_argument("--depth", type=int, default=None)
     rp.add_argument("--json", action="store_true", help="print the rows as JSON")
     rp.set_defaults(func=cmd_report)
+
+    from sparse_prune.bench.accuracy import DEFAULT_METHODS
+
+    ac = sub.add_parser("accuracy", help="accuracy vs pruning ratio per method (+ finetuning), as the seed")
+    ac.add_argument("--model", default="digits-vit", choices=["digits-vit", *sp.models.ARCHS],
+                    help="digits-vit: a small ViT trained here on the bundled digits (cached under --out)")
+    ac.add_argument("--source", default="transformers", choices=sp.models.SOURCES)
+    ac.add_argument("--weights", default=None, help="local checkpoint for --model NAME (safetensors/bin/pt)")
+    ac.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
+    ac.add_argument("--data", default="digits", help="digits | imagefolder:PATH (PATH/train + PATH/val, or one folder)")
+    ac.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sp.METHODS)
+    ac.add_argument("--amounts", type=float, nargs="+", default=None, help="default 0.1 .. 0.9")
+    ac.add_argument("--scope", default="local", choices=("local", "global"))
+    ac.add_argument("--finetune-epochs", type=int, default=None, help="default 5 (3 with --quick); 0 = none")
+    ac.add_argument("--finetune-amounts", type=float, nargs="+", default=[0.5])
+    ac.add_argument("--iterative", type=int, default=1, help="reach finetuned points in K prune+finetune rounds")
+    ac.add_argument("--keep-classifier", action="store_true", help="leave the classifier dense")
+    ac.add_argument("--train-epochs", type=int, default=40, help="digits-vit training epochs")
+    ac.add_argument("--seed", type=int, default=0)
+    ac.add_argument("--quick", action="store_true", help="amounts 0.3/0.5/0.7/0.9, 3 finetune epochs")
+    ac.add_argument("--out", default="results/accuracy")
+    ac.set_defaults(func=cmd_accuracy)
 
     args = parser.parse_args(argv)
     try:
