@@ -15,7 +15,7 @@ from sparse_prune.masks import MaskSet
 from sparse_prune.shrink import DENSE_SHAPE_ATTR, shrink_groups
 
 CONVERT_FORMATS = tuple(F.FORMATS)
-BACKENDS = ("auto", "torch")  # triton and cuda arrive with their kernels (issues 4 and 5)
+BACKENDS = ("auto", "torch", "triton")  # cuda arrives with its kernels (issue 5)
 
 
 # format name -> (op in torch.ops.sparse_prune, format fields passed in order, takes out_features)
@@ -38,11 +38,9 @@ class SparseLinear(nn.Module):
 
     def __init__(self, fmt: F._Format, bias: torch.Tensor | None, backend: str = "torch"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.format_name = next(k for k, cls in F.FORMATS.items() if isinstance(fmt, cls))
         self.out_features, self.in_features = fmt.shape
-        self.backend = "torch" if backend == "auto" else backend
+        self.backend = resolve_backend(backend, self.format_name, fmt)
         self._format_cls = type(fmt)
         self._static = {f.name: getattr(fmt, f.name) for f in fields(fmt)
                         if not isinstance(getattr(fmt, f.name), torch.Tensor)}
@@ -51,6 +49,8 @@ class SparseLinear(nn.Module):
             self.register_buffer(name, getattr(fmt, name))
         # Bound once here so forward only gathers buffers and calls the op.
         self._op_name, self._op_fields, self._op_takes_n = _OPS[self.format_name]
+        if self.backend == "triton" and self.format_name != "dense":  # dense is cuBLAS/MKL everywhere
+            self._op_name += "_triton"
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @property
@@ -79,6 +79,43 @@ class SparseLinear(nn.Module):
                 f"format={self.format_name}, density={fmt.density:.3f}, backend={self.backend}")
 
 
+_TRITON_BLOCK_SIDES = (16, 32, 64)  # tl.dot needs >= 16; kernels/triton_bsr.py checks the same
+
+
+def _triton_block_reason(block: tuple[int, ...]) -> str | None:
+    if any(side not in _TRITON_BLOCK_SIDES for side in block):
+        return f"block {block} (each side must be one of {_TRITON_BLOCK_SIDES})"
+    return None
+
+
+def _triton_fits(format_name: str, fmt: F._Format | None) -> str | None:
+    """Why the Triton kernel cannot take this weight, or None."""
+    if format_name == "bsr" and fmt is not None:
+        return _triton_block_reason(tuple(fmt.block))
+    return None
+
+
+def resolve_backend(backend: str, format_name: str, fmt: F._Format | None = None) -> str:
+    """The backend a layer runs on: ``auto`` picks triton for CUDA weights it fits, else torch.
+
+    ``ValueError`` for an unknown backend, or ``triton`` where it cannot run or fit.
+    """
+    from sparse_prune.kernels import triton_common
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        on_cuda = fmt is not None and fmt.device.type == "cuda"
+        fits = _triton_fits(format_name, fmt) is None
+        backend = "triton" if on_cuda and fits and triton_common.available() else "torch"
+    if backend == "triton":
+        reason = triton_common.unavailable_reason() or _triton_fits(format_name, fmt)
+        if reason is not None:
+            raise ValueError(f"backend 'triton' cannot run format {format_name!r} here: {reason}")
+        import sparse_prune.kernels.triton_ops  # noqa: F401  (registers the *_triton ops)
+    return backend
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -104,6 +141,10 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
         raise ValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "triton" and format == "bsr":
+        reason = _triton_block_reason(tuple(format_kw.get("block", (32, 32))))
+        if reason:  # fail before any work, not layer by layer
+            raise ValueError(f"backend 'triton' cannot run format 'bsr' with {reason}")
     if not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a sparse_prune.MaskSet, got {type(masks).__name__}")
     masks.validate(model)

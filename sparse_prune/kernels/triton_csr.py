@@ -1,0 +1,66 @@
+"""CSR SpMM in Triton: ``Y [M, N] = X [M, K] · Wᵀ (+ b)``, W in CSR ``[N, K]``.
+
+One program computes one weight row for a tile of ``BLOCK_M`` inputs. X is read transposed
+(``Xᵀ [K, M]``, one copy per call) so the ``BLOCK_NNZ`` gathered columns of a chunk are each a
+contiguous, coalesced run of ``BLOCK_M`` values; the result is written as ``Yᵀ`` (coalesced) and
+transposed back. Load balance: programs take rows longest-first (an argsort of the row lengths
+per call, O(N)), so a long row starts early instead of stalling the tail of the grid.
+Accumulation in fp32; empty rows and nnz = 0 give the bias (or 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_prune.kernels.triton_common import check_linear_inputs, configs
+
+
+@triton.autotune(
+    configs=configs(
+        [triton.Config({"BLOCK_M": bm, "BLOCK_NNZ": bn}, num_warps=w)
+         for bm, bn, w in ((32, 32, 4), (64, 16, 4), (128, 16, 4), (64, 64, 8), (256, 8, 8))],
+        [triton.Config({"BLOCK_M": 128, "BLOCK_NNZ": 32})]),
+    key=["M", "N"],
+)
+@triton.jit
+def _csr_kernel(xt_ptr, val_ptr, crow_ptr, col_ptr, order_ptr, bias_ptr, yt_ptr, M, N,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NNZ: tl.constexpr):
+    row = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    start = tl.load(crow_ptr + row).to(tl.int64)
+    end = tl.load(crow_ptr + row + 1).to(tl.int64)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j in range(start, end, BLOCK_NNZ):
+        offs = j + tl.arange(0, BLOCK_NNZ)
+        nz_ok = offs < end
+        cols = tl.load(col_ptr + offs, mask=nz_ok, other=0).to(tl.int64)
+        vals = tl.load(val_ptr + offs, mask=nz_ok, other=0.0).to(tl.float32)
+        xs = tl.load(xt_ptr + cols[:, None] * M + offs_m[None, :], mask=nz_ok[:, None] & m_ok[None, :], other=0.0)
+        acc += tl.sum(xs.to(tl.float32) * vals[:, None], axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + row).to(tl.float32)
+    tl.store(yt_ptr + row * M + offs_m, acc.to(yt_ptr.dtype.element_ty), mask=m_ok)
+
+
+def csr_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+               out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    x = check_linear_inputs("csr_linear_triton", x, values, bias, out_features)
+    if crow.numel() != out_features + 1:
+        raise ValueError(f"csr_linear_triton: crow_indices must hold out_features + 1 = {out_features + 1} "
+                         f"entries, got {crow.numel()}")
+    m = x.shape[0]
+    yt = torch.empty((out_features, m), dtype=x.dtype, device=x.device)
+    if m == 0 or out_features == 0:
+        return yt.t().contiguous()
+    order = torch.argsort(crow[1:] - crow[:-1], descending=True, stable=True).to(torch.int32)
+    xt = x.t().contiguous()
+
+    def grid(meta):
+        return (out_features, triton.cdiv(m, meta["BLOCK_M"]))
+
+    _csr_kernel[grid](xt, values, crow, col.contiguous(), order, bias if bias is not None else values,
+                      yt, m, out_features, HAS_BIAS=bias is not None)
+    return yt.t().contiguous()

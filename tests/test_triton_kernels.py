@@ -1,0 +1,220 @@
+"""The Triton backend (kernels/triton_*.py): every kernel against the reference.
+
+Without CUDA they run through the Triton interpreter (conftest sets TRITON_INTERPRET=1),
+in fp32 and fp16; bf16 runs only on a GPU (the interpreter's bf16 tl.dot is wrong).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+import sparse_prune as sp
+from sparse_prune import formats as F
+from sparse_prune.kernels import triton_common
+
+pytestmark = pytest.mark.skipif(not triton_common.available(), reason=str(triton_common.unavailable_reason()))
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _weight(n, k, dtype, density=0.3, seed=0, kind="random"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    if kind == "2:4":
+        mask = sp.prune(torch.nn.Linear(k, n).requires_grad_(False), "nm")["weight"]
+        mask &= torch.rand(n, k, generator=g) < 0.9  # some groups keep fewer than two
+    elif kind == "shrink":
+        mask = (torch.rand(n, 1, generator=g) < 0.6) & (torch.rand(1, k, generator=g) < 0.7)
+    elif kind == "zero":
+        mask = torch.zeros(n, k, dtype=torch.bool)
+    else:
+        mask = torch.rand(n, k, generator=g) < density
+        mask[::4] = False  # empty rows
+    return w, mask
+
+
+def _make(fmt_name, w, mask, block=(16, 16)):
+    cls = F.FORMATS[fmt_name]
+    return cls.from_dense(w, mask, block=block) if fmt_name == "bsr" else cls.from_dense(w, mask)
+
+
+def _call(fmt_name, x, fmt, bias):
+    ops = torch.ops.sparse_prune
+    n = fmt.shape[0]
+    if fmt_name == "csr":
+        return ops.csr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
+    if fmt_name == "bsr":
+        return ops.bsr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
+    if fmt_name == "2:4":
+        return ops.semi24_linear_triton(x, fmt.values, fmt.meta, bias)
+    return ops.shrunk_linear_triton(x, fmt.values, fmt.out_index, fmt.in_index, n, bias)
+
+
+def _expect(x, w, mask, bias):
+    dense = torch.where(mask, w, torch.zeros((), dtype=w.dtype)).float()
+    return Fn.linear(x.float(), dense.to(x.device), None if bias is None else bias.float())
+
+
+def _check(fmt_name, m, n, k, dtype, bias, kind="random", block=(16, 16), seed=0):
+    import sparse_prune.kernels.triton_ops  # noqa: F401
+
+    w, mask = _weight(n, k, dtype, seed=seed, kind="2:4" if fmt_name == "2:4" and kind == "random" else kind)
+    if fmt_name == "shrink" and kind == "random":
+        w, mask = _weight(n, k, dtype, seed=seed, kind="shrink")
+    fmt = _make(fmt_name, w, mask, block).to(DEVICE)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)).to(dtype).to(DEVICE) if bias else None
+    y = _call(fmt_name, x, fmt, b)
+    assert y.shape == (m, n) and y.dtype == dtype and y.is_contiguous()
+    want = _expect(x, w, mask, b)
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(y.float(), want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+FORMATS = ["csr", "bsr", "2:4", "shrink"]
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 37])
+@pytest.mark.parametrize("n,k", [(20, 24), (70, 36), (48, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_reference(fmt_name, dtype, m, n, k, bias):
+    _check(fmt_name, m, n, k, dtype, bias)
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vit_rows(fmt_name, dtype):
+    _check(fmt_name, 197 * 2, 96, 64, dtype, bias=True)
+
+
+@pytest.mark.parametrize("fmt_name", ["csr", "bsr", "2:4"])
+def test_all_zero_weight(fmt_name):
+    _check(fmt_name, 5, 32, 32, torch.float32, bias=True, kind="zero")
+
+
+@pytest.mark.parametrize("block", [(16, 32), (32, 16), (64, 64)])
+def test_bsr_blocks_and_padding(block):
+    _check("bsr", 19, 70, 100, torch.float32, bias=True, block=block)
+
+
+def test_shrunk_all_rows_kept_and_nothing_kept():
+    import sparse_prune.kernels.triton_ops  # noqa: F401
+
+    w = torch.randn(24, 40)
+    for mask in (torch.ones(24, 1, dtype=torch.bool) & (torch.rand(1, 40) < 0.5),
+                 torch.zeros(24, 40, dtype=torch.bool)):
+        fmt = F.Shrunk.from_dense(w, mask).to(DEVICE)
+        x, b = torch.randn(3, 40, device=DEVICE), torch.randn(24, device=DEVICE)
+        torch.testing.assert_close(_call("shrink", x, fmt, b), _expect(x, w, mask, b).to(DEVICE), rtol=2e-5, atol=2e-5)
+
+
+def test_noncontiguous_input_is_handled():
+    import sparse_prune.kernels.triton_ops  # noqa: F401
+
+    w, mask = _weight(32, 48, torch.float32)
+    fmt = F.CSR.from_dense(w, mask).to(DEVICE)
+    x = torch.randn(48, 10, device=DEVICE).t()  # [10, 48], not contiguous
+    torch.testing.assert_close(_call("csr", x, fmt, None), _expect(x, w, mask, None).to(DEVICE), rtol=2e-5, atol=2e-5)
+
+
+def test_bad_inputs():
+    import sparse_prune.kernels.triton_ops  # noqa: F401
+
+    w, mask = _weight(32, 48, torch.float32)
+    fmt = F.CSR.from_dense(w, mask)
+    ops = torch.ops.sparse_prune
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        ops.csr_linear_triton(torch.randn(2, 3, 48), fmt.values, fmt.crow_indices, fmt.col_indices, 32, None)
+    with pytest.raises(ValueError, match="values dtype"):
+        ops.csr_linear_triton(torch.randn(2, 48).half(), fmt.values, fmt.crow_indices, fmt.col_indices, 32, None)
+    with pytest.raises(ValueError, match="bias must be"):
+        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, 32, torch.randn(5))
+    with pytest.raises(ValueError, match="crow_indices"):
+        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, 31, None)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ops.csr_linear_triton(torch.randn(2, 48).double(), fmt.values.double(), fmt.crow_indices,
+                              fmt.col_indices, 32, None)
+    b8 = F.BSR.from_dense(w, mask, block=(8, 8))
+    with pytest.raises(ValueError, match="block"):
+        ops.bsr_linear_triton(torch.randn(2, 48), b8.values, b8.crow_indices, b8.col_indices, 32, None)
+    s = F.SemiStructured.from_dense(*_weight(32, 48, torch.float32, kind="2:4"))
+    with pytest.raises(ValueError, match="meta must be int16"):
+        ops.semi24_linear_triton(torch.randn(2, 48), s.values, s.meta.int(), None)
+    with pytest.raises(ValueError, match="K % 4"):
+        ops.semi24_linear_triton(torch.randn(2, 50), s.values, s.meta, None)
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_opcheck(fmt_name):
+    import sparse_prune.kernels.triton_ops  # noqa: F401
+
+    kind = {"2:4": "2:4", "shrink": "shrink"}.get(fmt_name, "random")
+    w, mask = _weight(32, 48, torch.float32, kind=kind)
+    fmt = _make(fmt_name, w, mask).to(DEVICE)
+    x, b = torch.randn(5, 48, device=DEVICE), torch.randn(32, device=DEVICE)
+    op = {"csr": torch.ops.sparse_prune.csr_linear_triton, "bsr": torch.ops.sparse_prune.bsr_linear_triton,
+          "2:4": torch.ops.sparse_prune.semi24_linear_triton,
+          "shrink": torch.ops.sparse_prune.shrunk_linear_triton}[fmt_name]
+    args = {"csr": (x, fmt.values, getattr(fmt, "crow_indices", None), getattr(fmt, "col_indices", None), 32, b)}
+    if fmt_name == "bsr":
+        args = (x, fmt.values, fmt.crow_indices, fmt.col_indices, 32, b)
+    elif fmt_name == "2:4":
+        args = (x, fmt.values, fmt.meta, b)
+    elif fmt_name == "shrink":
+        args = (x, fmt.values, fmt.out_index, fmt.in_index, 32, b)
+    else:
+        args = args["csr"]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+RECIPES = {
+    "csr": ("l1_unstructured", {"amount": 0.9}, {}),
+    "bsr": ("l1_unstructured", {"amount": 0.7}, {"block": (16, 16)}),
+    "2:4": ("nm", {}, {}),
+    "shrink": ("ln_structured", {"amount": 0.5}, {"coupled": False}),
+}
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_hf_vit_end_to_end(fmt_name, hf_vit, images):
+    method, kw, fkw = RECIPES[fmt_name]
+    masks = sp.prune(hf_vit, method, **kw)
+    expected = masks.apply(copy.deepcopy(hf_vit))(images).logits
+    fast = sp.convert(hf_vit, masks, format=fmt_name, backend="triton", **fkw)
+    layers = [m for m in fast.modules() if isinstance(m, sp.SparseLinear)]
+    assert layers and all(m.backend == "triton" and m._op_name.endswith("_triton") for m in layers)
+    torch.testing.assert_close(fast(images).logits, expected, rtol=1e-4, atol=1e-4)
+    assert "backend=triton" in repr(layers[0])
+
+
+def test_compile_fullgraph(hf_vit, images):
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.8)
+    fast = sp.convert(hf_vit, masks, format="csr", backend="triton")
+    lin = next(m for m in fast.modules() if isinstance(m, sp.SparseLinear))
+    x = torch.randn(2, 7, lin.in_features)  # 3-D input through the drop-in module
+    compiled = torch.compile(lin, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), lin(x))
+    whole = torch.compile(fast, fullgraph=True, backend="eager")
+    torch.testing.assert_close(whole(images).logits, fast(images).logits)
+
+
+def test_bsr_block_refused_up_front(hf_vit):
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.5)
+    with pytest.raises(ValueError, match="block"):
+        sp.convert(hf_vit, masks, format="bsr", backend="triton", block=(8, 8))
+
+
+def test_save_load_keeps_triton_backend(hf_vit, images, tmp_path):
+    masks = sp.prune(hf_vit, "nm")
+    fast = sp.convert(hf_vit, masks, format="2:4", backend="triton")
+    sp.save(fast, tmp_path)
+    loaded = sp.load(copy.deepcopy(hf_vit), tmp_path)
+    assert {m.backend for m in loaded.modules() if isinstance(m, sp.SparseLinear)} == {"triton"}
+    torch.testing.assert_close(loaded(images).logits, fast(images).logits, rtol=0, atol=0)
