@@ -1,5 +1,5 @@
 """``sparse-prune`` command line: ``demo`` (the main job), ``prune``, ``convert``, ``report``,
-``accuracy``."""
+``bench``, ``accuracy``."""
 
 from __future__ import annotations
 
@@ -209,6 +209,37 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sparse_prune.bench import latency
+    from sparse_prune.kernels import triton_common
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here")
+    if args.cuda_graphs and args.device != "cuda":
+        raise ValueError("--cuda-graphs needs --device cuda")
+    on_gpu = args.device == "cuda"
+    batches = args.batch or ([1, 8, 64, 256] if on_gpu else [1] if args.quick else [1, 8])
+    sparsities = args.sparsity or ([0.5, 0.9] if args.quick else [0.5, 0.7, 0.9])
+    backends = args.backends or (["torch", "triton"] if on_gpu and triton_common.available() else ["torch"])
+    dtype = latency.DTYPES[args.dtype]
+    model = _build(args)
+    size = _image_size(model)
+    skipped: list[str] = []
+    common = dict(formats=args.formats, backends=backends, sparsities=sparsities, batches=batches, dtype=dtype,
+                  device=args.device, skipped=skipped)
+    rows = latency.bench_e2e(model, args.model, size, compile_=args.compile, cuda_graphs=args.cuda_graphs,
+                             reps=args.reps, **common)
+    if args.layers:
+        tokens = (size // 16) ** 2 + 1
+        rows += latency.bench_layers(latency.linear_shapes(model), args.model, tokens, reps=max(args.reps, 10), **common)
+    paths = latency.write_latency(rows, args.out)
+    print(latency.markdown(rows))
+    for line in dict.fromkeys(skipped):
+        print(f"skipped: {line}")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def _norm(value: str) -> float | str:
     return value if value == "fro" else float(value)
 
@@ -258,6 +289,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     rp.set_defaults(func=cmd_report)
 
     from sparse_prune.bench.accuracy import DEFAULT_METHODS
+    from sparse_prune.bench.latency import DTYPES
+
+    be = sub.add_parser("bench", help="latency of converted ViTs vs the dense model (JSON, Markdown, PNG)")
+    _model_args(be)
+    be.add_argument("--formats", nargs="+", default=list(CONVERT_FORMATS), choices=CONVERT_FORMATS)
+    be.add_argument("--backends", nargs="+", default=None, choices=BACKENDS,
+                    help="default: torch (+ triton on a GPU)")
+    be.add_argument("--sparsity", type=float, nargs="+", default=None, help="default 0.5 0.7 0.9 (2:4 is 0.5)")
+    be.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 8 (CPU), 1 8 64 256 (GPU)")
+    be.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    be.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    be.add_argument("--compile", action="store_true", help="torch.compile dense and sparse alike")
+    be.add_argument("--cuda-graphs", action="store_true", help="replay dense and sparse from CUDA graphs")
+    be.add_argument("--layers", action="store_true", help="also time each Linear shape of the model alone")
+    be.add_argument("--reps", type=int, default=5, help="timed rounds (median reported)")
+    be.add_argument("--quick", action="store_true", help="batch 1, sparsity 0.5 and 0.9: minutes on 2 CPU cores")
+    be.add_argument("--out", default="results/bench")
+    be.set_defaults(func=cmd_bench)
 
     ac = sub.add_parser("accuracy", help="accuracy vs pruning ratio per method (+ finetuning), as the seed")
     ac.add_argument("--model", default="digits-vit", choices=["digits-vit", *sp.models.ARCHS],
@@ -282,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"sparse-prune {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -141,6 +141,12 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
         raise ValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "triton":
+        from sparse_prune.kernels import triton_common
+
+        reason = triton_common.unavailable_reason()
+        if reason:
+            raise ValueError(f"backend 'triton' cannot run here: {reason}")
     if backend == "triton" and format == "bsr":
         reason = _triton_block_reason(tuple(format_kw.get("block", (32, 32))))
         if reason:  # fail before any work, not layer by layer
