@@ -1,6 +1,7 @@
 # make test  : create .venv if missing, install torch + the project (compiles csrc/ where a
 #              CUDA toolkit exists), run ruff and the test suite.
-# make demo  : same set-up, then the main job (`sparse-prune demo`, then the quick accuracy study).
+# make demo  : same set-up, then the main job (`sparse-prune demo`: pruning, latency vs dense,
+#              the quick accuracy study; results/demo/report.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -31,7 +32,6 @@ test: setup lint
 
 demo: setup
 	$(BIN)/sparse-prune demo --out results/demo
-	$(BIN)/sparse-prune accuracy --quick --out results/demo/accuracy
 
 clean:
 	rm -rf build *.egg-info sparse_prune/_C*.so

@@ -67,9 +67,12 @@ def test_sensitivity_rows_and_restore(hf_vit, images):
 
 
 def test_cli_demo_quick(tmp_path, capsys):
-    rc = cli.main(["demo", "--model", "vit_tiny_patch16_224", "--depth", "1", "--out", str(tmp_path)])
+    rc = cli.main(["demo", "--model", "vit_tiny_patch16_224", "--depth", "1", "--skip-accuracy",
+                   "--out", str(tmp_path)])
     assert rc == 0
     report = (tmp_path / "report.md").read_text()
+    assert "## Latency against the dense model" in report and "| 1 | csr | torch | 0.90 |" in report
+    assert (tmp_path / "latency" / "latency.json").exists()
     for label, _, _ in cli.DEMO_RECIPES:
         assert label in report
     data = json.loads((tmp_path / "sparsity.json").read_text())
