@@ -1,5 +1,6 @@
 # make test  : create .venv if missing, install torch + the project (compiles csrc/ where a
 #              CUDA toolkit exists), run ruff and the test suite.
+# make gpu   : GPU machine only: build in place with its torch, tests, benchmarks (benchmarks/gpu.sh).
 # make demo  : same set-up, then the main job (`sparse-prune demo`: pruning, latency vs dense,
 #              the quick accuracy study; results/demo/report.md).
 PYTHON ?= python3
@@ -12,7 +13,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo lint clean gpu
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ test: setup lint
 
 demo: setup
 	$(BIN)/sparse-prune demo --out results/demo
+
+# On a GPU machine with torch already installed (no venv, no network): build, test, benchmark.
+gpu:
+	bash benchmarks/gpu.sh
 
 clean:
 	rm -rf build *.egg-info sparse_prune/_C*.so

@@ -1,0 +1,129 @@
+"""Per-kernel GPU timings (issue 4): our Triton kernels against cuBLAS and torch's sparse paths.
+
+ViT-B/16 shapes M = batch·197, (K, N) ∈ {(768, 2304), (768, 768), (768, 3072), (3072, 768)},
+batch ∈ {1, 8, 64, 256}, bf16 by default. For each shape: dense ``F.linear`` (cuBLAS), our
+``csr``/``bsr`` at 90% and ``2:4``, and torch's peers (CSR and BSR ``torch.sparse.mm``,
+``to_sparse_semi_structured``) where this torch runs them. Every variant is checked against
+the masked dense product first; medians from ``triton.testing.do_bench``.
+
+Usage (GPU only): ``python benchmarks/gpu_kernels.py [--dtype bfloat16] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+import sparse_prune as sp
+from sparse_prune import formats as fm
+from sparse_prune.bench.latency import block_masks
+from sparse_prune.bench.timing import describe_device, git_commit
+
+SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (K, N)
+BATCHES = [1, 8, 64, 256]
+TOKENS = 197
+
+
+def _variants(w: torch.Tensor, x: torch.Tensor):
+    """name -> (callable, reference output, format bytes); each prepared once per shape."""
+    import sparse_prune.kernels.triton_ops  # noqa: F401
+
+    ops = torch.ops.sparse_prune
+    n, k = w.shape
+    out = {}
+    holder = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False).to(w))
+    holder[0].weight.data.copy_(w)
+    m90 = sp.prune(holder, "l1_unstructured", amount=0.9)["0.weight"]
+    m24 = sp.prune(holder, "nm")["0.weight"]
+    mblk = block_masks(holder, 0.9, (32, 32))["0.weight"]
+    w90, w24, wblk = w * m90, w * m24, w * mblk
+    csr = fm.CSR.from_dense(w, m90)
+    bsr = fm.BSR.from_dense(w, mblk, block=(32, 32))
+    s24 = fm.SemiStructured.from_dense(w, m24)
+    out["csr90/triton"] = (lambda: ops.csr_linear_triton(x, csr.values, csr.crow_indices, csr.col_indices, n, None),
+                           w90, csr.nbytes)
+    out["bsr90/triton"] = (lambda: ops.bsr_linear_triton(x, bsr.values, bsr.crow_indices, bsr.col_indices, n, None),
+                           wblk, bsr.nbytes)
+    out["2:4/triton"] = (lambda: ops.semi24_linear_triton(x, s24.values, s24.meta, None), w24, s24.nbytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            t_csr = w90.to_sparse_csr()
+            out["csr90/torch.sparse"] = (lambda: torch.sparse.mm(t_csr, x.t()).t(), w90, None)
+        except RuntimeError:
+            pass
+        try:
+            t_bsr = wblk.to_sparse_bsr((32, 32))
+            out["bsr90/torch.sparse"] = (lambda: torch.sparse.mm(t_bsr, x.t()).t(), wblk, None)
+        except RuntimeError:
+            pass
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            t24 = to_sparse_semi_structured(w24)
+            out["2:4/torch semi-structured"] = (lambda: F.linear(x, t24), w24, None)
+        except (RuntimeError, ValueError, ImportError):
+            pass
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_kernels.py needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    device = describe_device("cuda")
+    common = {"kind": "layer", "model": "vit_base_patch16_224 shapes", "device": device, "dtype": args.dtype,
+              "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit()}
+    rows, failures = [], []
+    for k, n in SHAPES:
+        torch.manual_seed(k * 31 + n)
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+        for batch in BATCHES:
+            x = torch.randn(batch * TOKENS, k, device="cuda", dtype=dtype)
+            dense_ms = do_bench(lambda x=x, w=w: F.linear(x, w), return_mode="median")
+            for name, (fn, wref, nbytes) in _variants(w, x).items():
+                try:
+                    got = fn().float()
+                    want = F.linear(x.float(), wref.float())
+                    err = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+                    if err > 5e-2:
+                        raise RuntimeError(f"wrong result (max rel err {err:.3g})")
+                    ms = do_bench(fn, return_mode="median")
+                except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                    failures.append(f"{name} {n}x{k} b{batch}: {type(exc).__name__}: {str(exc)[:160]}")
+                    continue
+                flops = 2 * batch * TOKENS * n * k
+                rows.append({**common, "shape": [n, k], "batch": batch, "format": name.split("/")[0],
+                             "backend": name.split("/")[1], "sparsity": 0.5 if name.startswith("2:4") else 0.9,
+                             "dense_ms": dense_ms, "sparse_ms": ms, "speedup": dense_ms / ms,
+                             "dense_tflops": flops / dense_ms / 1e9, "bytes": nbytes,
+                             "dense_bytes": n * k * w.element_size()})
+            print(f"done {n}x{k} batch {batch}", flush=True)
+    lines = [f"{device}, {args.dtype}, torch {torch.__version__}, triton {triton.__version__}, "
+             f"commit {common['commit']}; do_bench medians.", "",
+             "| N x K | batch | variant | dense ms | sparse ms | speedup |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape'][0]}x{r['shape'][1]} | {r['batch']} | {r['format']}/{r['backend']} | "
+              f"{r['dense_ms']:.4f} | {r['sparse_ms']:.4f} | {r['speedup']:.2f}x |" for r in rows]
+    lines += ["", *(f"failed: {f}" for f in failures)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernels.json").write_text(json.dumps({"rows": rows, "failures": failures}, indent=1))
+        (out / "kernels.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
