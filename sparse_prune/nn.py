@@ -122,7 +122,8 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str = "auto",
-            inplace: bool = False, **format_kw: Any) -> nn.Module:
+            inplace: bool = False, example_inputs: Any = None, cache: str | None = None,
+            **format_kw: Any) -> nn.Module:
     """Swap every masked ``nn.Linear`` for a :class:`SparseLinear` holding ``format``.
 
     Formats: ``CONVERT_FORMATS`` ("dense" = masked dense baseline, "shrink", "2:4", "csr",
@@ -136,9 +137,16 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     from every layer of their group (see :mod:`sparse_prune.shrink`; the attention modules'
     head counts follow); whatever mask is left on a cut layer goes through the generic
     gather/scatter ``Shrunk`` format. ``round_to`` applies to both.
+
+    ``format="auto"`` times, per layer on ``example_inputs`` (required), every format and
+    backend that fits its mask against the masked dense layer and keeps the fastest, dense
+    included (:mod:`sparse_prune.auto`; ``cache=`` a JSON path to reuse decisions); ``report()``
+    shows each choice and its measured ratio. ``backend`` limits the candidates when not "auto".
     """
+    if format == "auto":
+        return _convert_auto(model, masks, backend, inplace, example_inputs, cache)
     if format not in CONVERT_FORMATS:
-        raise ValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
+        raise ValueError(f"unknown format {format!r}; allowed: auto, {', '.join(CONVERT_FORMATS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "triton":
@@ -188,6 +196,38 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     return model
 
 
+def _convert_auto(model: nn.Module, masks: MaskSet, backend: str, inplace: bool, example_inputs: Any,
+                  cache: str | None) -> nn.Module:
+    from sparse_prune.auto import AUTO_ATTR, choose
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if not isinstance(masks, MaskSet):
+        raise TypeError(f"masks must be a sparse_prune.MaskSet, got {type(masks).__name__}")
+    masks.validate(model)
+    decisions = choose(model, masks, example_inputs, None if backend == "auto" else [backend], cache)
+    model = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            module_name, _, param = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            weight = getattr(module, param)
+            mask = mask.to(weight.device)
+            choice = decisions.get(name)
+            if choice is None or choice["format"] == "dense":
+                weight.mul_(mask.to(weight.dtype))
+                if choice is not None:
+                    setattr(module, AUTO_ATTR, choice)
+                continue
+            kw = {k: tuple(v) for k, v in choice["kw"].items()}
+            fmt = F.FORMATS[choice["format"]].from_dense(weight.detach(), mask, **kw)
+            layer = SparseLinear(fmt, module.bias, choice["backend"])
+            setattr(layer, AUTO_ATTR, choice)
+            parent, child = _parent(model, module_name)
+            setattr(parent, child, layer)
+    return model
+
+
 def _flops_per_row(fmt: F._Format) -> int:
     """Multiply-adds ×2 that the format's kernel performs per input row."""
     n, k = fmt.shape
@@ -202,9 +242,18 @@ def _flops_per_row(fmt: F._Format) -> int:
     return 2 * n * k
 
 
+def _auto_fields(row: dict[str, Any], module: nn.Module) -> None:
+    """Rows of layers placed by format='auto' say so, with the measured dense/chosen ratio."""
+    choice = getattr(module, "sparse_prune_auto", None)
+    if choice is not None:
+        row["format"] = f"auto:{row['format'] if choice['format'] != 'dense' else 'dense'}"
+        row["auto_speedup"] = choice["ratio"]
+
+
 def report(model: nn.Module) -> list[dict[str, Any]]:
     """One row per Linear-like module: name, format, backend, shape, density, bytes,
-    dense_bytes, flops (per input row). ``format_report(rows)`` prints them."""
+    dense_bytes, flops (per input row); layers placed by ``format="auto"`` show ``auto:<choice>``
+    and ``auto_speedup`` (measured dense ms / chosen ms). ``format_report(rows)`` prints them."""
     rows = []
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
@@ -213,6 +262,7 @@ def report(model: nn.Module) -> list[dict[str, Any]]:
             rows.append({"name": name, "format": module.format_name, "backend": module.backend,
                          "shape": list(fmt.shape), "density": fmt.density, "bytes": fmt.nbytes,
                          "dense_bytes": fmt.shape[0] * fmt.shape[1] * elem, "flops": _flops_per_row(fmt)})
+            _auto_fields(rows[-1], module)
         elif isinstance(module, nn.Linear):
             w = module.weight
             # a Linear cut by dependency-aware shrinking remembers its shape before the cut
@@ -222,16 +272,20 @@ def report(model: nn.Module) -> list[dict[str, Any]]:
                          "shape": [n, k], "density": float((w != 0).sum()) / (n * k) if n * k else 1.0,
                          "bytes": w.numel() * w.element_size(), "dense_bytes": n * k * w.element_size(),
                          "flops": 2 * w.numel()})
+            _auto_fields(rows[-1], module)
     return rows
 
 
 def format_report(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of :func:`report` rows with totals."""
-    head = ("name", "format", "backend", "shape", "density", "bytes", "dense_bytes", "flops")
+    auto = any("auto_speedup" in r for r in rows)
+    head = ("name", "format", "backend", "shape", "density", "bytes", "dense_bytes", "flops") + (
+        ("auto_speedup",) if auto else ())
     cells = [[str(r["name"]), r["format"], r["backend"], "x".join(map(str, r["shape"])), f"{r['density']:.3f}",
-              str(r["bytes"]), str(r["dense_bytes"]), str(r["flops"])] for r in rows]
+              str(r["bytes"]), str(r["dense_bytes"]), str(r["flops"])]
+             + ([f"{r['auto_speedup']:.2f}x" if "auto_speedup" in r else ""] if auto else []) for r in rows]
     cells.append(["total", "", "", "", "", str(sum(r["bytes"] for r in rows)),
-                  str(sum(r["dense_bytes"] for r in rows)), str(sum(r["flops"] for r in rows))])
+                  str(sum(r["dense_bytes"] for r in rows)), str(sum(r["flops"] for r in rows))] + ([""] if auto else []))
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]

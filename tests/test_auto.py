@@ -1,0 +1,60 @@
+"""convert(format="auto"): per-layer choice by measurement, dense included, cached."""
+
+import copy
+
+import pytest
+import torch
+
+import sparse_prune as sp
+from sparse_prune import auto
+
+
+def _fake_timer(winner):
+    calls = []
+
+    def timer(fns, device="cpu", warmup=2, reps=5):
+        calls.append(sorted(fns))
+        return {name: (0.5 if name.startswith(winner) else 1.0) for name in fns}
+
+    return timer, calls
+
+
+@pytest.mark.parametrize("winner,expect", [("csr", "auto:csr"), ("dense", "auto:dense"), ("2:4", "auto:2:4")])
+def test_auto_keeps_the_fastest(hf_vit, images, monkeypatch, winner, expect):
+    timer, calls = _fake_timer(winner)
+    monkeypatch.setattr(auto, "time_interleaved", timer)
+    masks = sp.prune(hf_vit, "nm")  # 2:4 masks fit 2:4, csr, bsr
+    fast = sp.convert(hf_vit, masks, format="auto", example_inputs=images)
+    rows = {r["name"]: r for r in sp.report(fast)}
+    assert rows["vit.layers.0.mlp.fc1"]["format"] == expect
+    assert rows["vit.layers.0.mlp.fc1"]["auto_speedup"] == pytest.approx(1.0 if winner == "dense" else 2.0)
+    assert all("dense" in c and any(n.startswith("2:4") for n in c) for c in calls)
+    expected = masks.apply(copy.deepcopy(hf_vit))(images).logits
+    torch.testing.assert_close(fast(images).logits, expected, rtol=1e-5, atol=1e-5)
+    assert "auto_speedup" in sp.format_report(sp.report(fast))
+
+
+def test_auto_measures_for_real_and_caches(hf_vit, images, tmp_path, monkeypatch):
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.8)
+    cache = tmp_path / "auto.json"
+    fast = sp.convert(hf_vit, masks, format="auto", example_inputs=images, cache=str(cache))
+    assert cache.exists()
+    expected = masks.apply(copy.deepcopy(hf_vit))(images).logits
+    torch.testing.assert_close(fast(images).logits, expected, rtol=1e-5, atol=1e-5)
+    for r in sp.report(fast):
+        assert r["format"].startswith("auto:") and r["auto_speedup"] > 0
+        # 80% unstructured: 2:4 cannot take it
+        assert r["format"] != "auto:2:4"
+    timer, calls = _fake_timer("dense")
+    monkeypatch.setattr(auto, "time_interleaved", timer)
+    again = sp.convert(hf_vit, masks, format="auto", example_inputs=images, cache=str(cache))
+    assert calls == []  # every decision came from the cache
+    assert [r["format"] for r in sp.report(again)] == [r["format"] for r in sp.report(fast)]
+
+
+def test_auto_needs_example_inputs(hf_vit):
+    masks = sp.prune(hf_vit, "nm")
+    with pytest.raises(ValueError, match="example_inputs"):
+        sp.convert(hf_vit, masks, format="auto")
+    with pytest.raises(ValueError, match="unknown format 'coo'; allowed: auto"):
+        sp.convert(hf_vit, masks, format="coo")
