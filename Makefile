@@ -13,7 +13,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: setup test demo lint clean gpu
+.PHONY: setup test demo lint clean gpu micro
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: setup lint
 
 demo: setup
 	$(BIN)/sparse-prune demo --out results/demo
+
+# CPU micro-benchmarks (pytest-benchmark), not part of `make test`.
+micro: setup
+	$(BIN)/python -m pytest benchmarks/test_micro.py --benchmark-only --benchmark-columns=median,iqr,rounds -q
 
 # On a GPU machine with torch already installed (no venv, no network): build, test, benchmark.
 gpu:
