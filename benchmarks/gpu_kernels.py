@@ -2,7 +2,7 @@
 
 ViT-B/16 shapes M = batch·197, (K, N) ∈ {(768, 2304), (768, 768), (768, 3072), (3072, 768)},
 batch ∈ {1, 8, 64, 256}, bf16 by default. For each shape: dense ``F.linear`` (cuBLAS), our
-``csr``/``bsr`` at 90% and ``2:4``, and torch's peers (CSR and BSR ``torch.sparse.mm``,
+Triton ``csr``/``bsr`` at 90% and ``2:4``, our CUDA ``csr`` and ``2:4`` (mma.sp), and torch's peers (CSR and BSR ``torch.sparse.mm``,
 ``to_sparse_semi_structured``) where this torch runs them. Every variant is checked against
 the masked dense product first; medians from ``triton.testing.do_bench``.
 
@@ -52,6 +52,11 @@ def _variants(w: torch.Tensor, x: torch.Tensor):
     out["bsr90/triton"] = (lambda: ops.bsr_linear_triton(x, bsr.values, bsr.crow_indices, bsr.col_indices, n, None),
                            wblk, bsr.nbytes)
     out["2:4/triton"] = (lambda: ops.semi24_linear_triton(x, s24.values, s24.meta, None), w24, s24.nbytes)
+    if sp.has_cuda_extension():
+        out["csr90/cuda"] = (lambda: ops.csr_linear_cuda(x, csr.values, csr.crow_indices, csr.col_indices, n, None),
+                             w90, csr.nbytes)
+        if k % 16 == 0:
+            out["2:4/cuda"] = (lambda: ops.semi24_linear_cuda(x, s24.values, s24.meta, None), w24, s24.nbytes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -11,6 +11,7 @@
 
 #include <cuda_runtime.h>
 
+#include <optional>
 #include <tuple>
 
 namespace sparse_prune {
@@ -52,10 +53,109 @@ std::tuple<at::Tensor, at::Tensor> compress_2to4_cuda(const at::Tensor& weight,
   return {values, meta};
 }
 
+cudaError_t semi24_gemm_launch(const void* x, const void* values, const int16_t* meta,
+                               const void* bias, void* y, int64_t M, int64_t N, int64_t K,
+                               int dtype, cudaStream_t stream);
+cudaError_t csr_spmm_launch(const void* xt, const void* values, const int32_t* crow,
+                            const void* col, bool col16, const int32_t* order, const void* bias,
+                            void* yt, int64_t M, int64_t N, int dtype, cudaStream_t stream);
+
+namespace {
+
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
+                  const std::optional<at::Tensor>& bias, int64_t out_features) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(values.device() == x.device(), op, ": values must be on x's device (", x.device(),
+              "), got ", values.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.dim(), "-D");
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": values dtype ",
+              values.scalar_type(), " must equal x dtype ", x.scalar_type());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on x's device");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype must equal x dtype");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must be [",
+                out_features, "], got ", bias->sizes());
+  }
+}
+
+int dtype_code(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return 0;
+    case at::kBFloat16: return 1;
+    default: return 2;
+  }
+}
+
+}  // namespace
+
+// Y = X · Wᵀ (+ b) with W in 2:4 layout, on sparse tensor cores (sm_80+; fp16/bf16).
+at::Tensor semi24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                              const std::optional<at::Tensor>& bias) {
+  const char* op = "semi24_linear_cuda";
+  TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D [N, K/2], got ", values.sizes());
+  check_common(op, x, values, bias, values.size(0));
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": dtype must be float16 or bfloat16 (sparse tensor cores), got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
+  TORCH_CHECK(K % 16 == 0 && K > 0, op, ": K = ", K,
+              " must be a positive multiple of 16 (one mma.sp K step); use the triton or torch backend");
+  TORCH_CHECK(values.size(1) * 2 == K, op, ": values must be [N, K/2] = [", N, ", ", K / 2,
+              "], got ", values.sizes());
+  TORCH_CHECK(meta.device() == x.device() && meta.scalar_type() == at::kShort && meta.dim() == 2 &&
+                  meta.size(0) == N && meta.size(1) == K / 16,
+              op, ": meta must be int16 [", N, ", ", K / 16, "] on x's device, got ",
+              meta.scalar_type(), " ", meta.sizes());
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), vc = values.contiguous(), mc = meta.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, x.options());
+  C10_CUDA_CHECK(semi24_gemm_launch(xc.data_ptr(), vc.data_ptr(), mc.data_ptr<int16_t>(),
+                                    bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(), M, N, K,
+                                    dtype_code(xc), c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+// Y = X · Wᵀ (+ b) with W in CSR (int32 crow, int32/int16 col), fp16/bf16/fp32.
+at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
+                           const at::Tensor& col, int64_t out_features,
+                           const std::optional<at::Tensor>& bias) {
+  const char* op = "csr_linear_cuda";
+  check_common(op, x, values, bias, out_features);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op,
+              ": dtype must be float16, bfloat16 or float32, got ", dt);
+  TORCH_CHECK(crow.device() == x.device() && col.device() == x.device(), op,
+              ": crow_indices and col_indices must be on x's device");
+  TORCH_CHECK(crow.scalar_type() == at::kInt && crow.dim() == 1 && crow.size(0) == out_features + 1,
+              op, ": crow_indices must be int32 [out_features + 1 = ", out_features + 1, "], got ",
+              crow.scalar_type(), " ", crow.sizes());
+  TORCH_CHECK((col.scalar_type() == at::kInt || col.scalar_type() == at::kShort) && col.dim() == 1,
+              op, ": col_indices must be 1-D int32 or int16, got ", col.scalar_type());
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == col.size(0), op,
+              ": values and col_indices must both hold nnz entries, got ", values.sizes(), " and ",
+              col.sizes());
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), N = out_features;
+  const at::Tensor xt = x.t().contiguous();  // [K, M]: each stored weight reads a contiguous run
+  const at::Tensor crow_c = crow.contiguous();
+  const at::Tensor lengths = crow_c.slice(0, 1, N + 1).sub(crow_c.slice(0, 0, N));
+  const at::Tensor order = lengths.argsort(/*stable=*/true, /*dim=*/0, /*descending=*/true).to(at::kInt);
+  const at::Tensor vc = values.contiguous(), cc = col.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor yt = at::empty({N, M}, x.options());
+  C10_CUDA_CHECK(csr_spmm_launch(xt.data_ptr(), vc.data_ptr(), crow_c.data_ptr<int32_t>(),
+                                 cc.data_ptr(), cc.scalar_type() == at::kShort,
+                                 order.data_ptr<int32_t>(), bc.defined() ? bc.data_ptr() : nullptr,
+                                 yt.data_ptr(), M, N, dtype_code(x), c10::cuda::getCurrentCUDAStream()));
+  return yt.t().contiguous();
+}
+
 }  // namespace sparse_prune
 
 TORCH_LIBRARY_IMPL(sparse_prune, CUDA, m) {
   m.impl("compress_2to4", &sparse_prune::compress_2to4_cuda);
+  m.impl("semi24_linear_cuda", &sparse_prune::semi24_linear_cuda);
+  m.impl("csr_linear_cuda", &sparse_prune::csr_linear_cuda);
 }
 
 // A plain Python module: importing sparse_prune._C runs the registrations above.

@@ -118,16 +118,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_backends() -> list[str]:
+    """Every backend that can run on this GPU machine."""
+    from sparse_prune.kernels import triton_common
+
+    return ["torch"] + (["triton"] if triton_common.available() else []) + (
+        ["cuda"] if sp.has_cuda_extension() else [])
+
+
 def _demo_latency(model: nn.Module, args: argparse.Namespace, out: Path) -> str:
     """Every format against dense on this machine: CPU batch 1, or the full grid on a GPU."""
     from sparse_prune.bench import latency
-    from sparse_prune.kernels import triton_common
 
     gpu = torch.cuda.is_available()
     kw = dict(formats=list(CONVERT_FORMATS), sparsities=[0.5, 0.9] if not gpu else [0.5, 0.7, 0.9],
               batches=[1] if not gpu else [1, 8, 64, 256], device="cuda" if gpu else "cpu",
               dtype=torch.bfloat16 if gpu else torch.float32,
-              backends=["torch", "triton"] if gpu and triton_common.available() else ["torch"])
+              backends=_gpu_backends() if gpu else ["torch"])
     print(f"\nlatency vs dense on {kw['device']} ({kw['dtype']}, batch {kw['batches']}):")
     rows = latency.bench_e2e(model, args.model, _image_size(model), reps=5 if not gpu else 20, **kw)
     latency.write_latency(rows, out)
@@ -255,7 +262,6 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from sparse_prune.bench import latency
-    from sparse_prune.kernels import triton_common
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here")
@@ -264,7 +270,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     on_gpu = args.device == "cuda"
     batches = args.batch or ([1, 8, 64, 256] if on_gpu else [1] if args.quick else [1, 8])
     sparsities = args.sparsity or ([0.5, 0.9] if args.quick else [0.5, 0.7, 0.9])
-    backends = args.backends or (["torch", "triton"] if on_gpu and triton_common.available() else ["torch"])
+    backends = args.backends or _gpu_backends() if on_gpu else (args.backends or ["torch"])
     dtype = latency.DTYPES[args.dtype]
     model = _build(args)
     size = _image_size(model)

@@ -15,7 +15,8 @@ from sparse_prune.masks import MaskSet
 from sparse_prune.shrink import DENSE_SHAPE_ATTR, shrink_groups
 
 CONVERT_FORMATS = tuple(F.FORMATS)
-BACKENDS = ("auto", "torch", "triton")  # cuda arrives with its kernels (issue 5)
+BACKENDS = ("auto", "torch", "triton", "cuda")
+CUDA_FORMATS = ("2:4", "csr")  # formats with a csrc/ kernel
 
 
 # format name -> (op in torch.ops.sparse_prune, format fields passed in order, takes out_features)
@@ -49,8 +50,8 @@ class SparseLinear(nn.Module):
             self.register_buffer(name, getattr(fmt, name))
         # Bound once here so forward only gathers buffers and calls the op.
         self._op_name, self._op_fields, self._op_takes_n = _OPS[self.format_name]
-        if self.backend == "triton" and self.format_name != "dense":  # dense is cuBLAS/MKL everywhere
-            self._op_name += "_triton"
+        if self.backend in ("triton", "cuda") and self.format_name != "dense":  # dense: cuBLAS/MKL
+            self._op_name += f"_{self.backend}"
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @property
@@ -95,10 +96,29 @@ def _triton_fits(format_name: str, fmt: F._Format | None) -> str | None:
     return None
 
 
-def resolve_backend(backend: str, format_name: str, fmt: F._Format | None = None) -> str:
-    """The backend a layer runs on: ``auto`` picks triton for CUDA weights it fits, else torch.
+def _cuda_fits(format_name: str, fmt: F._Format | None) -> str | None:
+    """Why the csrc/ kernel cannot take this weight, or None."""
+    from sparse_prune import ops
 
-    ``ValueError`` for an unknown backend, or ``triton`` where it cannot run or fit.
+    if not ops.has_cuda_extension():
+        return f"the CUDA extension is not loaded ({ops.extension_error()})"
+    if format_name == "dense":
+        return None
+    if format_name not in CUDA_FORMATS:
+        return f"no CUDA kernel for format {format_name!r} (kernels: {', '.join(CUDA_FORMATS)}; try 'triton')"
+    if format_name == "2:4" and fmt is not None:
+        if fmt.shape[1] % 16:
+            return f"in_features = {fmt.shape[1]} is not a multiple of 16 (one mma.sp K step)"
+        if fmt.dtype not in (torch.float16, torch.bfloat16):
+            return f"dtype {fmt.dtype}: sparse tensor cores take float16/bfloat16"
+    return None
+
+
+def resolve_backend(backend: str, format_name: str, fmt: F._Format | None = None) -> str:
+    """The backend a layer runs on. ``auto``: for CUDA weights, cuda where our csrc/ kernel fits,
+    else triton where it fits, else torch; torch on the CPU.
+
+    ``ValueError`` for an unknown backend, or ``triton``/``cuda`` where it cannot run or fit.
     """
     from sparse_prune.kernels import triton_common
 
@@ -106,8 +126,16 @@ def resolve_backend(backend: str, format_name: str, fmt: F._Format | None = None
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
         on_cuda = fmt is not None and fmt.device.type == "cuda"
-        fits = _triton_fits(format_name, fmt) is None
-        backend = "triton" if on_cuda and fits and triton_common.available() else "torch"
+        if on_cuda and format_name != "dense" and _cuda_fits(format_name, fmt) is None:
+            backend = "cuda"
+        elif on_cuda and _triton_fits(format_name, fmt) is None and triton_common.available():
+            backend = "triton"
+        else:
+            backend = "torch"
+    if backend == "cuda":
+        reason = _cuda_fits(format_name, fmt)
+        if reason is not None:
+            raise ValueError(f"backend 'cuda' cannot run format {format_name!r}: {reason}")
     if backend == "triton":
         reason = triton_common.unavailable_reason() or _triton_fits(format_name, fmt)
         if reason is not None:
@@ -155,6 +183,10 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
         reason = triton_common.unavailable_reason()
         if reason:
             raise ValueError(f"backend 'triton' cannot run here: {reason}")
+    if backend == "cuda":
+        reason = _cuda_fits(format, None)
+        if reason:  # fail before any work, not layer by layer
+            raise ValueError(f"backend 'cuda' cannot run format {format!r}: {reason}")
     if backend == "triton" and format == "bsr":
         reason = _triton_block_reason(tuple(format_kw.get("block", (32, 32))))
         if reason:  # fail before any work, not layer by layer

@@ -55,6 +55,24 @@ for _name in ("dense_linear", "csr_linear", "bsr_linear", "semi24_linear", "shru
     _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 
 
+# CUDA-only kernels of csrc/ (backend="cuda"): no reference registered, so calling them on a
+# CPU tensor fails loudly instead of silently running something else.
+_lib.define("semi24_linear_cuda(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor")
+_lib.define("csr_linear_cuda(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+            "int out_features, Tensor? bias) -> Tensor")
+
+
+def _cuda_only(name: str):
+    def refuse(x: torch.Tensor, *args, **kwargs):
+        raise ValueError(f"sparse_prune::{name} (backend='cuda') runs on CUDA tensors, got x on {x.device}; "
+                         "move the model with .to('cuda') or convert with backend='torch'")
+    return refuse
+
+
+for _name in ("semi24_linear_cuda", "csr_linear_cuda"):
+    _lib.impl(_name, _cuda_only(_name), "CPU")
+
+
 def _linear_fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
     torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
     return x.new_empty((x.shape[0], out_features))
@@ -70,6 +88,10 @@ torch.library.register_fake("sparse_prune::semi24_linear")(
     lambda x, values, meta, bias: _linear_fake(x, values.shape[0]))
 torch.library.register_fake("sparse_prune::shrunk_linear")(
     lambda x, values, out_index, in_index, out_features, bias: _linear_fake(x, out_features))
+torch.library.register_fake("sparse_prune::semi24_linear_cuda")(
+    lambda x, values, meta, bias: _linear_fake(x, values.shape[0]))
+torch.library.register_fake("sparse_prune::csr_linear_cuda")(
+    lambda x, values, crow, col, out_features, bias: _linear_fake(x, out_features))
 
 
 # ---------------------------------------------------------------------------------------
