@@ -184,6 +184,7 @@ RECIPES = {
 
 @pytest.mark.parametrize("fmt_name", FORMATS)
 def test_hf_vit_end_to_end(fmt_name, hf_vit, images):
+    hf_vit, images = hf_vit.to(DEVICE), images.to(DEVICE)
     method, kw, fkw = RECIPES[fmt_name]
     masks = sp.prune(hf_vit, method, **kw)
     expected = masks.apply(copy.deepcopy(hf_vit))(images).logits
@@ -195,10 +196,11 @@ def test_hf_vit_end_to_end(fmt_name, hf_vit, images):
 
 
 def test_compile_fullgraph(hf_vit, images):
+    hf_vit, images = hf_vit.to(DEVICE), images.to(DEVICE)
     masks = sp.prune(hf_vit, "l1_unstructured", amount=0.8)
     fast = sp.convert(hf_vit, masks, format="csr", backend="triton")
     lin = next(m for m in fast.modules() if isinstance(m, sp.SparseLinear))
-    x = torch.randn(2, 7, lin.in_features)  # 3-D input through the drop-in module
+    x = torch.randn(2, 7, lin.in_features, device=DEVICE)  # 3-D input through the drop-in module
     compiled = torch.compile(lin, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), lin(x))
     whole = torch.compile(fast, fullgraph=True, backend="eager")
@@ -212,6 +214,7 @@ def test_bsr_block_refused_up_front(hf_vit):
 
 
 def test_save_load_keeps_triton_backend(hf_vit, images, tmp_path):
+    hf_vit, images = hf_vit.to(DEVICE), images.to(DEVICE)
     masks = sp.prune(hf_vit, "nm")
     fast = sp.convert(hf_vit, masks, format="2:4", backend="triton")
     sp.save(fast, tmp_path)
