@@ -22,11 +22,11 @@ $PY -m pytest -q tests > "$RES/tests.txt" 2>&1 || status=1
 tail -40 "$RES/tests.txt"
 
 timeout 150 $PY benchmarks/gpu_kernels.py --dtype bfloat16 --out "$RES" || status=1
-timeout 240 $PY -m sparse_prune.cli bench --device cuda --dtype bfloat16 --batch 1 8 64 256 \
+timeout -s INT 240 $PY -m sparse_prune.cli bench --device cuda --dtype bfloat16 --batch 1 8 64 256 \
     --sparsity 0.5 0.7 0.9 --reps 20 --out "$RES/e2e" || status=1
-timeout 90 $PY -m sparse_prune.cli bench --device cuda --dtype bfloat16 --batch 1 8 --sparsity 0.9 \
+timeout -s INT 90 $PY -m sparse_prune.cli bench --device cuda --dtype bfloat16 --batch 1 8 --sparsity 0.9 \
     --cuda-graphs --reps 20 --out "$RES/graphs" || status=1
-timeout 120 $PY -m sparse_prune.cli bench --device cuda --dtype bfloat16 --batch 64 --sparsity 0.9 \
+timeout -s INT 120 $PY -m sparse_prune.cli bench --device cuda --dtype bfloat16 --batch 64 --sparsity 0.9 \
     --formats dense shrink 2:4 bsr --compile --reps 20 --out "$RES/compiled" || status=1
 
 $PY benchmarks/summarize.py "$RES" | tee "$RES/summary.md"

@@ -159,41 +159,53 @@ def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Se
     masks_cache: dict[tuple[str, float], MaskSet] = {}
     converted: dict[tuple[str, str, float], nn.Module] = {}
     bar = tqdm(total=len(grid) * len(batches), desc="bench e2e", disable=not progress)
-    for batch in batches:
-        x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(batch))
-        x = x.to(device=dev, dtype=dtype)
-        dense_run = _runner(model, x, compile_, cuda_graphs)
-        for fmt, backend, s in grid:
-            bar.update()
-            key = (fmt, 0.5 if fmt == "2:4" else s)
-            if key not in masks_cache:
-                masks_cache[key] = natural_masks(model, fmt, key[1])
-            masks = masks_cache[key]
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # layers left dense are visible in the bytes
-                    sparse = converted.get((fmt, backend, s)) or convert(
-                        model, masks, format=fmt, backend=backend, **({"block": BSR_BLOCK} if fmt == "bsr" else {}))
-            except ValueError as exc:  # e.g. triton where it cannot run
-                if skipped is not None:
-                    skipped.append(f"{fmt}/{backend}: {exc}")
-                continue
-            converted[(fmt, backend, s)] = sparse
-            with torch.inference_mode():
-                want = _logits(masks.apply(copy.deepcopy(model))(x))
-                _check_close(_logits(sparse(x)), want, dtype, f"{fmt}/{backend}/{s}")
-            try:
-                ms = time_interleaved({"dense": dense_run, "sparse": _runner(sparse, x, compile_, cuda_graphs)},
-                                      dev, warmup=warmup, reps=reps)
-            except RuntimeError as exc:  # e.g. a host sync inside CUDA-graph capture (torch backend)
-                if skipped is not None:
-                    skipped.append(f"{fmt}/{backend}/{s} batch {batch}: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            used = sorted({m.backend for m in sparse.modules() if isinstance(m, SparseLinear)}) or ["torch"]
-            rows.append({"kind": "e2e", **common, "batch": batch, "format": fmt, "backend": "+".join(used),
-                         "sparsity": masks.sparsity(), "dense_ms": ms["dense"], "sparse_ms": ms["sparse"],
-                         "speedup": ms["dense"] / ms["sparse"], "bytes": _weight_bytes(sparse),
-                         "dense_bytes": dense_bytes, "compile": compile_, "cuda_graphs": cuda_graphs})
+    try:  # Ctrl-C (or `timeout -s INT`) keeps the rows measured so far
+        for batch in batches:
+            x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(batch))
+            x = x.to(device=dev, dtype=dtype)
+            dense_run = _runner(model, x, compile_, cuda_graphs)
+            for fmt, backend, s in grid:
+                bar.update()
+                key = (fmt, 0.5 if fmt == "2:4" else s)
+                if key not in masks_cache:
+                    masks_cache[key] = natural_masks(model, fmt, key[1])
+                masks = masks_cache[key]
+                sparse = converted.get((fmt, backend, s))
+                try:
+                    if sparse is None:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")  # layers left dense are visible in the bytes
+                            sparse = convert(model, masks, format=fmt, backend=backend,
+                                             **({"block": BSR_BLOCK} if fmt == "bsr" else {}))
+                except ValueError as exc:  # e.g. triton where it cannot run
+                    if skipped is not None:
+                        skipped.append(f"{fmt}/{backend}: {exc}")
+                    continue
+                converted[(fmt, backend, s)] = sparse
+                try:
+                    with torch.inference_mode():
+                        want = _logits(masks.apply(copy.deepcopy(model))(x))
+                        _check_close(_logits(sparse(x)), want, dtype, f"{fmt}/{backend}/{s} batch {batch}")
+                except RuntimeError as exc:  # a wrong kernel is reported, never timed
+                    if skipped is None:
+                        raise
+                    skipped.append(f"WRONG RESULT, not timed: {exc}")
+                    continue
+                try:
+                    ms = time_interleaved({"dense": dense_run, "sparse": _runner(sparse, x, compile_, cuda_graphs)},
+                                          dev, warmup=warmup, reps=reps)
+                except RuntimeError as exc:  # e.g. a host sync inside CUDA-graph capture (torch backend)
+                    if skipped is not None:
+                        skipped.append(f"{fmt}/{backend}/{s} batch {batch}: {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                used = sorted({m.backend for m in sparse.modules() if isinstance(m, SparseLinear)}) or ["torch"]
+                rows.append({"kind": "e2e", **common, "batch": batch, "format": fmt, "backend": "+".join(used),
+                             "sparsity": masks.sparsity(), "dense_ms": ms["dense"], "sparse_ms": ms["sparse"],
+                             "speedup": ms["dense"] / ms["sparse"], "bytes": _weight_bytes(sparse),
+                             "dense_bytes": dense_bytes, "compile": compile_, "cuda_graphs": cuda_graphs})
+    except KeyboardInterrupt:
+        if skipped is not None:
+            skipped.append("interrupted: the rows above are partial")
     bar.close()
     return rows
 
@@ -217,35 +229,45 @@ def bench_layers(shapes: Sequence[tuple[int, int]], model_name: str, tokens: int
     grid = points(formats, backends, sparsities)
     rows = []
     bar = tqdm(total=len(shapes) * len(grid) * len(batches), desc="bench layers", disable=not progress)
-    for n, k in shapes:
-        torch.manual_seed(n * 7 + k)
-        dense = nn.Linear(k, n).to(device=dev, dtype=dtype).eval()
-        holder = nn.Sequential(dense)
-        for batch in batches:
-            x = torch.randn(batch * tokens, k, device=dev, dtype=dtype)
-            for fmt, backend, s in grid:
-                bar.update()
-                masks = natural_masks(holder, fmt, s, exclude=())
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        layer = convert(holder, masks, format=fmt, backend=backend,
-                                        **({"block": BSR_BLOCK} if fmt == "bsr" else {}))[0]
-                except ValueError as exc:
-                    if skipped is not None:
-                        skipped.append(f"layer {n}x{k} {fmt}/{backend}: {exc}")
-                    continue
-                with torch.inference_mode():
-                    want = masks.apply(copy.deepcopy(holder))(x)
-                    _check_close(layer(x), want, dtype, f"layer {n}x{k} {fmt}/{backend}")
-                ms = time_interleaved({"dense": lambda d=dense, x=x: d(x), "sparse": lambda s=layer, x=x: s(x)},
-                                      dev, warmup=warmup, reps=reps)
-                fmt_bytes = sum(r["bytes"] for r in report(nn.Sequential(layer)))
-                rows.append({"kind": "layer", **common, "shape": [n, k], "batch": batch, "format": fmt,
-                             "backend": getattr(layer, "backend", "torch"), "sparsity": masks.sparsity(),
-                             "dense_ms": ms["dense"], "sparse_ms": ms["sparse"],
-                             "speedup": ms["dense"] / ms["sparse"], "bytes": fmt_bytes,
-                             "dense_bytes": n * k * dense.weight.element_size()})
+    try:  # Ctrl-C (or `timeout -s INT`) keeps the rows measured so far
+        for n, k in shapes:
+            torch.manual_seed(n * 7 + k)
+            dense = nn.Linear(k, n).to(device=dev, dtype=dtype).eval()
+            holder = nn.Sequential(dense)
+            for batch in batches:
+                x = torch.randn(batch * tokens, k, device=dev, dtype=dtype)
+                for fmt, backend, s in grid:
+                    bar.update()
+                    masks = natural_masks(holder, fmt, s, exclude=())
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            layer = convert(holder, masks, format=fmt, backend=backend,
+                                            **({"block": BSR_BLOCK} if fmt == "bsr" else {}))[0]
+                    except ValueError as exc:
+                        if skipped is not None:
+                            skipped.append(f"layer {n}x{k} {fmt}/{backend}: {exc}")
+                        continue
+                    try:
+                        with torch.inference_mode():
+                            want = masks.apply(copy.deepcopy(holder))(x)
+                            _check_close(layer(x), want, dtype, f"layer {n}x{k} {fmt}/{backend}")
+                    except RuntimeError as exc:  # a wrong kernel is reported, never timed
+                        if skipped is None:
+                            raise
+                        skipped.append(f"WRONG RESULT, not timed: {exc}")
+                        continue
+                    ms = time_interleaved({"dense": lambda d=dense, x=x: d(x), "sparse": lambda s=layer, x=x: s(x)},
+                                          dev, warmup=warmup, reps=reps)
+                    fmt_bytes = sum(r["bytes"] for r in report(nn.Sequential(layer)))
+                    rows.append({"kind": "layer", **common, "shape": [n, k], "batch": batch, "format": fmt,
+                                 "backend": getattr(layer, "backend", "torch"), "sparsity": masks.sparsity(),
+                                 "dense_ms": ms["dense"], "sparse_ms": ms["sparse"],
+                                 "speedup": ms["dense"] / ms["sparse"], "bytes": fmt_bytes,
+                                 "dense_bytes": n * k * dense.weight.element_size()})
+    except KeyboardInterrupt:
+        if skipped is not None:
+            skipped.append("interrupted: the rows above are partial")
     bar.close()
     return rows
 
