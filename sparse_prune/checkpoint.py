@@ -24,7 +24,7 @@ from torch import nn
 
 from sparse_prune import formats as F
 from sparse_prune.nn import BACKENDS, SparseLinear, _parent
-from sparse_prune.shrink import DENSE_SHAPE_ATTR, apply_keep
+from sparse_prune.shrink import DENSE_SHAPE_ATTR, apply_keep, open_mha_out_proj
 from sparse_prune.structure import find_groups
 
 FORMAT_VERSION = 1
@@ -104,6 +104,7 @@ def _cut_groups(skeleton: nn.Module, saved: list[dict[str, Any]]) -> None:
 
 
 def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    open_mha_out_proj(skeleton, [f"{name}.weight" for name in entries])  # as convert() did
     for name, entry in entries.items():
         try:
             cls = F.FORMATS[entry["format"]]

@@ -12,7 +12,7 @@ from torch import nn
 
 from sparse_prune import formats as F
 from sparse_prune.masks import MaskSet
-from sparse_prune.shrink import DENSE_SHAPE_ATTR, shrink_groups
+from sparse_prune.shrink import DENSE_SHAPE_ATTR, open_mha_out_proj, shrink_groups
 
 CONVERT_FORMATS = tuple(F.FORMATS)
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -198,6 +198,7 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     cls = F.FORMATS[format]
     left_dense: list[str] = []
     todo: dict[str, torch.Tensor] = dict(masks.items())
+    open_mha_out_proj(model, todo)  # torchvision: lets MHA out_proj become a SparseLinear
     coupled = format_kw.pop("coupled", True) if format == "shrink" else False
     if coupled:
         # Whole neurons/heads first: smaller plain GEMMs, no gather/scatter (sparse_prune.shrink).

@@ -15,6 +15,7 @@ Supported: transformers ViT 4.x/5.x, timm ``Attention``/``Mlp`` and torchvision
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -138,16 +139,42 @@ def _mlp_blocker(module: nn.Module) -> str | None:
     return None
 
 
+def _replace_mha(model: nn.Module, name: str, heads: int) -> HeadPrunedAttention:
+    """Swap the ``nn.MultiheadAttention`` at ``name`` for a HeadPrunedAttention sharing its params."""
+    mha = model.get_submodule(name)
+    new = HeadPrunedAttention.from_mha(mha, heads)
+    new.in_proj_weight, new.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
+    new.out_proj.weight, new.out_proj.bias = mha.out_proj.weight, mha.out_proj.bias
+    new.train(mha.training)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return new
+
+
+def open_mha_out_proj(model: nn.Module, param_names: Iterable[str]) -> list[str]:
+    """Make the out_proj of each ``nn.MultiheadAttention`` named in ``param_names`` swappable.
+
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly inside
+    ``F.multi_head_attention_forward``, so its out_proj cannot become a SparseLinear; this
+    replaces such modules (packed q/k/v, no bias_k/zero-attn) by the equivalent
+    :class:`HeadPrunedAttention`, which calls ``self.out_proj``. Same parameter names and
+    function. Returns the names of the replaced modules.
+    """
+    wanted = {n.removesuffix(".out_proj.weight") for n in param_names if n.endswith(".out_proj.weight")}
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if (name in wanted and isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+                and module.bias_k is None and not module.add_zero_attn):
+            _replace_mha(model, name, module.num_heads)
+            replaced.append(name)
+    return replaced
+
+
 def _set_heads(model: nn.Module, group: Group, kept: int) -> None:
     """Update the attention module's head count after its members were cut to ``kept`` heads."""
     module = model.get_submodule(group.name)
     if isinstance(module, nn.MultiheadAttention):
-        new = HeadPrunedAttention.from_mha(module, kept)
-        new.in_proj_weight, new.in_proj_bias = module.in_proj_weight, module.in_proj_bias
-        new.out_proj.weight, new.out_proj.bias = module.out_proj.weight, module.out_proj.bias
-        new.train(module.training)
-        parent_name, _, child = group.name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        _replace_mha(model, group.name, kept)
         return
     if hasattr(module, "num_attention_heads"):  # transformers 5.x
         module.num_attention_heads = kept

@@ -131,3 +131,18 @@ def test_head_pruned_attention_matches_mha(batch_first, need_weights, masks):
         torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-5)
     else:
         assert w is None
+
+
+@pytest.mark.parametrize("fmt,method,kw", [("csr", "l1_unstructured", {"amount": 0.9}), ("2:4", "nm", {}),
+                                           ("bsr", "l1_unstructured", {"amount": 0.7, "block": (16, 16)})])
+def test_torchvision_out_proj_is_converted(tv_vit, images, fmt, method, kw):
+    fkw = {k: v for k, v in kw.items() if k == "block"}
+    masks = sp.prune(tv_vit, method, **{k: v for k, v in kw.items() if k != "block"})
+    expected = masks.apply(copy.deepcopy(tv_vit))(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = sp.convert(tv_vit, masks, format=fmt, **fkw)
+    attn = fast.encoder.layers[0].self_attention
+    assert isinstance(attn, HeadPrunedAttention) and attn.num_heads == 4
+    assert isinstance(attn.out_proj, sp.SparseLinear)
+    torch.testing.assert_close(fast(images), expected, rtol=1e-5, atol=1e-5)
