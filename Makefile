@@ -39,8 +39,9 @@ micro: setup
 	$(BIN)/python -m pytest benchmarks/test_micro.py --benchmark-only --benchmark-columns=median,iqr,rounds -q
 
 # On a GPU machine with torch already installed (no venv, no network): build, test, benchmark.
+GPU_STAGES ?= build test kernels e2e extra
 gpu:
-	bash benchmarks/gpu.sh
+	GPU_STAGES="$(GPU_STAGES)" bash benchmarks/gpu.sh
 
 clean:
 	rm -rf build *.egg-info sparse_prune/_C*.so

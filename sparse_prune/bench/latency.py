@@ -134,7 +134,8 @@ def points(formats: Sequence[str], backends: Sequence[str], sparsities: Sequence
     for fmt in formats:
         if fmt not in CONVERT_FORMATS:
             raise ValueError(f"formats: unknown {fmt!r}; allowed: {', '.join(CONVERT_FORMATS)}")
-        for backend in (["torch"] if fmt == "dense" else backends):  # dense runs torch's GEMM anyway
+        # dense runs torch's GEMM under every backend, and coupled shrink leaves plain Linears
+        for backend in (["torch"] if fmt in ("dense", "shrink") else backends):
             if backend not in BACKENDS:
                 raise ValueError(f"backends: unknown {backend!r}; allowed: {', '.join(BACKENDS)}")
             for s in ([0.5] if fmt == "2:4" else sparsities):

@@ -60,5 +60,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def configs(full: list, interpreter: list) -> list:
-    """Autotune configs: the interpreter runs each candidate on numpy, so it gets one."""
-    return interpreter if interpreting() else full
+    """Autotune configs: the interpreter runs each candidate on numpy, so it gets one; so do
+    GPU test runs with ``SPARSE_PRUNE_TUNE=0`` (read at import; they check results, not speed)."""
+    return interpreter if interpreting() or os.environ.get("SPARSE_PRUNE_TUNE") == "0" else full
