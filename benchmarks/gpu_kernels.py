@@ -45,15 +45,16 @@ def _variants(w: torch.Tensor, x: torch.Tensor):
     mblk = block_masks(holder, 0.9, (32, 32))["0.weight"]
     w90, w24, wblk = w * m90, w * m24, w * mblk
     csr = fm.CSR.from_dense(w, m90)
+    order = csr.row_order()
     bsr = fm.BSR.from_dense(w, mblk, block=(32, 32))
     s24 = fm.SemiStructured.from_dense(w, m24)
-    out["csr90/triton"] = (lambda: ops.csr_linear_triton(x, csr.values, csr.crow_indices, csr.col_indices, n, None),
+    out["csr90/triton"] = (lambda: ops.csr_linear_triton(x, csr.values, csr.crow_indices, csr.col_indices, order, n, None),
                            w90, csr.nbytes)
     out["bsr90/triton"] = (lambda: ops.bsr_linear_triton(x, bsr.values, bsr.crow_indices, bsr.col_indices, n, None),
                            wblk, bsr.nbytes)
     out["2:4/triton"] = (lambda: ops.semi24_linear_triton(x, s24.values, s24.meta, None), w24, s24.nbytes)
     if sp.has_cuda_extension():
-        out["csr90/cuda"] = (lambda: ops.csr_linear_cuda(x, csr.values, csr.crow_indices, csr.col_indices, n, None),
+        out["csr90/cuda"] = (lambda: ops.csr_linear_cuda(x, csr.values, csr.crow_indices, csr.col_indices, order, n, None),
                              w90, csr.nbytes)
         if k % 16 == 0:
             out["2:4/cuda"] = (lambda: ops.semi24_linear_cuda(x, s24.values, s24.meta, None), w24, s24.nbytes)

@@ -116,8 +116,9 @@ at::Tensor semi24_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
 }
 
 // Y = X · Wᵀ (+ b) with W in CSR (int32 crow, int32/int16 col), fp16/bf16/fp32.
+// row_order: rows longest-first, int32 [N] (formats.CSR.row_order), computed once per layer.
 at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
-                           const at::Tensor& col, int64_t out_features,
+                           const at::Tensor& col, const at::Tensor& row_order, int64_t out_features,
                            const std::optional<at::Tensor>& bias) {
   const char* op = "csr_linear_cuda";
   check_common(op, x, values, bias, out_features);
@@ -137,9 +138,12 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = out_features;
   const at::Tensor xt = x.t().contiguous();  // [K, M]: each stored weight reads a contiguous run
+  TORCH_CHECK(row_order.device() == x.device() && row_order.scalar_type() == at::kInt &&
+                  row_order.dim() == 1 && row_order.size(0) == N,
+              op, ": row_order must be int32 [", N, "] on x's device (formats.CSR.row_order), got ",
+              row_order.scalar_type(), " ", row_order.sizes());
   const at::Tensor crow_c = crow.contiguous();
-  const at::Tensor lengths = crow_c.slice(0, 1, N + 1).sub(crow_c.slice(0, 0, N));
-  const at::Tensor order = lengths.argsort(/*stable=*/true, /*dim=*/0, /*descending=*/true).to(at::kInt);
+  const at::Tensor order = row_order.contiguous();
   const at::Tensor vc = values.contiguous(), cc = col.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor yt = at::empty({N, M}, x.options());

@@ -193,6 +193,12 @@ class CSR(_Format):
     col_indices: torch.Tensor
     shape: tuple[int, int]
 
+    def row_order(self) -> torch.Tensor:
+        """Rows longest-first (int32 ``[N]``, stable): the schedule of the GPU CSR kernels,
+        computed once when a layer is built, never per call."""
+        lengths = self.crow_indices[1:] - self.crow_indices[:-1]
+        return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
                    index_dtype: torch.dtype = torch.int32) -> CSR:

@@ -52,6 +52,11 @@ class SparseLinear(nn.Module):
         self._op_name, self._op_fields, self._op_takes_n = _OPS[self.format_name]
         if self.backend in ("triton", "cuda") and self.format_name != "dense":  # dense: cuBLAS/MKL
             self._op_name += f"_{self.backend}"
+        if self._op_name in ("csr_linear_triton", "csr_linear_cuda"):
+            # The GPU CSR kernels' row schedule, once here instead of an argsort per call; not
+            # persistent: state_dict holds the format only, and load rebuilds it.
+            self.register_buffer("row_order", fmt.row_order(), persistent=False)
+            self._op_fields = (*self._op_fields, "row_order")
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @property

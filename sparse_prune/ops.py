@@ -59,7 +59,7 @@ for _name in ("dense_linear", "csr_linear", "bsr_linear", "semi24_linear", "shru
 # CPU tensor fails loudly instead of silently running something else.
 _lib.define("semi24_linear_cuda(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor")
 _lib.define("csr_linear_cuda(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-            "int out_features, Tensor? bias) -> Tensor")
+            "Tensor row_order, int out_features, Tensor? bias) -> Tensor")
 
 
 def _cuda_only(name: str):
@@ -91,7 +91,7 @@ torch.library.register_fake("sparse_prune::shrunk_linear")(
 torch.library.register_fake("sparse_prune::semi24_linear_cuda")(
     lambda x, values, meta, bias: _linear_fake(x, values.shape[0]))
 torch.library.register_fake("sparse_prune::csr_linear_cuda")(
-    lambda x, values, crow, col, out_features, bias: _linear_fake(x, out_features))
+    lambda x, values, crow, col, row_order, out_features, bias: _linear_fake(x, out_features))
 
 
 # ---------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_csr_cuda_matches_reference(dtype, m, n, k, index_dtype, bias):
     w, mask, fmt = _csr(n, k, dtype, seed=m + k, device="cuda", index_dtype=index_dtype)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-    y = torch.ops.sparse_prune.csr_linear_cuda(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, b)
+    y = torch.ops.sparse_prune.csr_linear_cuda(x, fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), n, b)
     want = _expect(x, w, mask, b)
     torch.testing.assert_close(y.float(), want, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, want.abs().max().item()))
 
@@ -79,7 +79,8 @@ def test_csr_cuda_nnz_zero_gives_bias():
     assert fmt.nnz == 0
     b = torch.randn(16, device="cuda", dtype=torch.float16)
     y = torch.ops.sparse_prune.csr_linear_cuda(torch.randn(5, 32, device="cuda", dtype=torch.float16),
-                                               fmt.values, fmt.crow_indices, fmt.col_indices, 16, b)
+                                               fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(),
+                                               16, b)
     torch.testing.assert_close(y, b.expand(5, 16))
 
 
@@ -91,7 +92,7 @@ def test_cuda_ops_side_stream_graph_and_opcheck():
     calls = {
         "2:4": lambda: torch.ops.sparse_prune.semi24_linear_cuda(x, s24.values, s24.meta, None),
         "csr": lambda: torch.ops.sparse_prune.csr_linear_cuda(x, csr.values, csr.crow_indices, csr.col_indices,
-                                                              64, None),
+                                                              csr.row_order(), 64, None),
     }
     for name, fn in calls.items():
         want = fn()
@@ -109,7 +110,7 @@ def test_cuda_ops_side_stream_graph_and_opcheck():
         torch.testing.assert_close(out, want, rtol=0, atol=0, msg=f"{name}: CUDA graph replay differs")
     torch.library.opcheck(torch.ops.sparse_prune.semi24_linear_cuda.default, (x, s24.values, s24.meta, None))
     torch.library.opcheck(torch.ops.sparse_prune.csr_linear_cuda.default,
-                          (x, csr.values, csr.crow_indices, csr.col_indices, 64, None))
+                          (x, csr.values, csr.crow_indices, csr.col_indices, csr.row_order(), 64, None))
 
 
 @pytest.mark.gpu

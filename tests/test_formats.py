@@ -224,3 +224,9 @@ def test_shrunk_and_semistructured_malformed():
         replace(ss, meta=torch.zeros_like(ss.meta)).validate()  # index pair (0, 0) is invalid
     with pytest.raises(ValueError, match="values"):
         replace(ss, values=ss.values[:, :4]).validate()
+
+
+def test_csr_row_order_is_longest_first_and_stable():
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    order = CSR.from_dense(torch.randn(5, 4), mask).row_order()
+    assert order.dtype == torch.int32 and order.tolist() == [1, 4, 3, 0, 2]

@@ -47,7 +47,7 @@ def _call(fmt_name, x, fmt, bias):
     ops = torch.ops.sparse_prune
     n = fmt.shape[0]
     if fmt_name == "csr":
-        return ops.csr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
+        return ops.csr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), n, bias)
     if fmt_name == "bsr":
         return ops.bsr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
     if fmt_name == "2:4":
@@ -131,16 +131,16 @@ def test_bad_inputs():
     fmt = F.CSR.from_dense(w, mask)
     ops = torch.ops.sparse_prune
     with pytest.raises(ValueError, match="x must be 2-D"):
-        ops.csr_linear_triton(torch.randn(2, 3, 48), fmt.values, fmt.crow_indices, fmt.col_indices, 32, None)
+        ops.csr_linear_triton(torch.randn(2, 3, 48), fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), 32, None)
     with pytest.raises(ValueError, match="values dtype"):
-        ops.csr_linear_triton(torch.randn(2, 48).half(), fmt.values, fmt.crow_indices, fmt.col_indices, 32, None)
+        ops.csr_linear_triton(torch.randn(2, 48).half(), fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), 32, None)
     with pytest.raises(ValueError, match="bias must be"):
-        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, 32, torch.randn(5))
+        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), 32, torch.randn(5))
     with pytest.raises(ValueError, match="crow_indices"):
-        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, 31, None)
+        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order()[:31], 31, None)
     with pytest.raises(ValueError, match="dtype must be one of"):
         ops.csr_linear_triton(torch.randn(2, 48).double(), fmt.values.double(), fmt.crow_indices,
-                              fmt.col_indices, 32, None)
+                              fmt.col_indices, fmt.row_order(), 32, None)
     b8 = F.BSR.from_dense(w, mask, block=(8, 8))
     with pytest.raises(ValueError, match="block"):
         ops.bsr_linear_triton(torch.randn(2, 48), b8.values, b8.crow_indices, b8.col_indices, 32, None)
@@ -162,7 +162,8 @@ def test_opcheck(fmt_name):
     op = {"csr": torch.ops.sparse_prune.csr_linear_triton, "bsr": torch.ops.sparse_prune.bsr_linear_triton,
           "2:4": torch.ops.sparse_prune.semi24_linear_triton,
           "shrink": torch.ops.sparse_prune.shrunk_linear_triton}[fmt_name]
-    args = {"csr": (x, fmt.values, getattr(fmt, "crow_indices", None), getattr(fmt, "col_indices", None), 32, b)}
+    args = {"csr": (x, fmt.values, getattr(fmt, "crow_indices", None), getattr(fmt, "col_indices", None),
+                    fmt.row_order() if fmt_name == "csr" else None, 32, b)}
     if fmt_name == "bsr":
         args = (x, fmt.values, fmt.crow_indices, fmt.col_indices, 32, b)
     elif fmt_name == "2:4":

@@ -3,8 +3,9 @@
 One program computes one weight row for a tile of ``BLOCK_M`` inputs. X is read transposed
 (``Xᵀ [K, M]``, one copy per call) so the ``BLOCK_NNZ`` gathered columns of a chunk are each a
 contiguous, coalesced run of ``BLOCK_M`` values; the result is written as ``Yᵀ`` (coalesced) and
-transposed back. Load balance: programs take rows longest-first (an argsort of the row lengths
-per call, O(N)), so a long row starts early instead of stalling the tail of the grid.
+transposed back. Load balance: programs take rows longest-first (``row_order``, computed once
+by ``formats.CSR.row_order`` when the layer is built), so a long row starts early instead of
+stalling the tail of the grid.
 Accumulation in fp32; empty rows and nnz = 0 give the bias (or 0).
 """
 
@@ -46,21 +47,23 @@ def _csr_kernel(xt_ptr, val_ptr, crow_ptr, col_ptr, order_ptr, bias_ptr, yt_ptr,
 
 
 def csr_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-               out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+               row_order: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     x = check_linear_inputs("csr_linear_triton", x, values, bias, out_features)
     if crow.numel() != out_features + 1:
         raise ValueError(f"csr_linear_triton: crow_indices must hold out_features + 1 = {out_features + 1} "
                          f"entries, got {crow.numel()}")
+    if row_order.dtype != torch.int32 or tuple(row_order.shape) != (out_features,):
+        raise ValueError(f"csr_linear_triton: row_order must be int32 [{out_features}] (formats.CSR.row_order), "
+                         f"got {row_order.dtype} {tuple(row_order.shape)}")
     m = x.shape[0]
     yt = torch.empty((out_features, m), dtype=x.dtype, device=x.device)
     if m == 0 or out_features == 0:
         return yt.t().contiguous()
-    order = torch.argsort(crow[1:] - crow[:-1], descending=True, stable=True).to(torch.int32)
     xt = x.t().contiguous()
 
     def grid(meta):
         return (out_features, triton.cdiv(m, meta["BLOCK_M"]))
 
-    _csr_kernel[grid](xt, values, crow, col.contiguous(), order, bias if bias is not None else values,
+    _csr_kernel[grid](xt, values, crow, col.contiguous(), row_order, bias if bias is not None else values,
                       yt, m, out_features, HAS_BIAS=bias is not None)
     return yt.t().contiguous()

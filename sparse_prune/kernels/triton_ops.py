@@ -21,12 +21,13 @@ def _fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
 
 @torch.library.custom_op("sparse_prune::csr_linear_triton", mutates_args=())
 def csr_linear_triton(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
-                      col_indices: torch.Tensor, out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
-    return triton_csr.csr_linear(x, values, crow_indices, col_indices, out_features, bias)
+                      col_indices: torch.Tensor, row_order: torch.Tensor, out_features: int,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    return triton_csr.csr_linear(x, values, crow_indices, col_indices, row_order, out_features, bias)
 
 
 @csr_linear_triton.register_fake
-def _(x, values, crow_indices, col_indices, out_features, bias):
+def _(x, values, crow_indices, col_indices, row_order, out_features, bias):
     return _fake(x, out_features)
 
 
