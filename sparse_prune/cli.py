@@ -39,13 +39,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
 
 
+def _depth_override(args: argparse.Namespace) -> dict[str, int]:
+    """``--depth`` as the source's own constructor keyword."""
+    if args.depth is None:
+        return {}
+    key = {"transformers": "num_hidden_layers", "timm": "depth", "torchvision": "num_layers"}[args.source]
+    return {key: args.depth}
+
+
 def _build(args: argparse.Namespace) -> nn.Module:
-    overrides = {}
-    if args.depth is not None:
-        key = {"transformers": "num_hidden_layers", "timm": "depth", "torchvision": "num_layers"}[args.source]
-        overrides[key] = args.depth
     torch.manual_seed(0)
-    return sp.models.vit(args.model, source=args.source, weights=args.weights, **overrides)
+    return sp.models.vit(args.model, source=args.source, weights=args.weights, **_depth_override(args))
 
 
 def _image_size(model: nn.Module) -> int:
@@ -245,11 +249,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
             raise ValueError("--data digits goes with --model digits-vit (8x8 one-channel images)")
         image = sp.models.ARCHS[args.model][-1]
         train_data, test_data, classes, _ = load_data(args.data, image)
-        overrides = {}
-        if args.depth is not None:
-            key = {"transformers": "num_hidden_layers", "timm": "depth", "torchvision": "num_layers"}[args.source]
-            overrides[key] = args.depth
-        model = sp.models.vit(args.model, source=args.source, weights=args.weights, num_classes=classes, **overrides)
+        model = sp.models.vit(args.model, source=args.source, weights=args.weights, num_classes=classes,
+                              **_depth_override(args))
     t0 = time.perf_counter()
     rows = study.run_study(model, train_data, test_data, model_name=args.model, data_name=args.data,
                            methods=args.methods, amounts=amounts, scope=args.scope, finetune_epochs=epochs,

@@ -13,6 +13,7 @@ from torch import nn
 from sparse_prune import formats as F
 from sparse_prune.masks import MaskSet
 from sparse_prune.shrink import DENSE_SHAPE_ATTR, open_mha_out_proj, shrink_groups
+from sparse_prune.structure import resolve_param
 
 CONVERT_FORMATS = tuple(F.FORMATS)
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -85,12 +86,11 @@ class SparseLinear(nn.Module):
                 f"format={self.format_name}, density={fmt.density:.3f}, backend={self.backend}")
 
 
-_TRITON_BLOCK_SIDES = (16, 32, 64)  # tl.dot needs >= 16; kernels/triton_bsr.py checks the same
-
-
 def _triton_block_reason(block: tuple[int, ...]) -> str | None:
-    if any(side not in _TRITON_BLOCK_SIDES for side in block):
-        return f"block {block} (each side must be one of {_TRITON_BLOCK_SIDES})"
+    from sparse_prune.kernels.triton_common import BSR_BLOCK_SIDES
+
+    if any(side not in BSR_BLOCK_SIDES for side in block):
+        return f"block {block} (each side must be one of {BSR_BLOCK_SIDES})"
     return None
 
 
@@ -176,29 +176,22 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     included (:mod:`sparse_prune.auto`; ``cache=`` a JSON path to reuse decisions); ``report()``
     shows each choice and its measured ratio. ``backend`` limits the candidates when not "auto".
     """
-    if format == "auto":
-        return _convert_auto(model, masks, backend, inplace, example_inputs, cache)
-    if format not in CONVERT_FORMATS:
+    if format != "auto" and format not in CONVERT_FORMATS:
         raise ValueError(f"unknown format {format!r}; allowed: auto, {', '.join(CONVERT_FORMATS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "triton":
-        from sparse_prune.kernels import triton_common
-
-        reason = triton_common.unavailable_reason()
-        if reason:
-            raise ValueError(f"backend 'triton' cannot run here: {reason}")
-    if backend == "cuda":
-        reason = _cuda_fits(format, None)
-        if reason:  # fail before any work, not layer by layer
-            raise ValueError(f"backend 'cuda' cannot run format {format!r}: {reason}")
-    if backend == "triton" and format == "bsr":
-        reason = _triton_block_reason(tuple(format_kw.get("block", (32, 32))))
-        if reason:  # fail before any work, not layer by layer
-            raise ValueError(f"backend 'triton' cannot run format 'bsr' with {reason}")
     if not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a sparse_prune.MaskSet, got {type(masks).__name__}")
     masks.validate(model)
+    if format == "auto":
+        return _convert_auto(model, masks, backend, inplace, example_inputs, cache)
+    # Fail before any work, not layer by layer: the per-layer checks without a weight.
+    if backend in ("triton", "cuda"):
+        resolve_backend(backend, format)
+    if backend == "triton" and format == "bsr":
+        reason = _triton_block_reason(tuple(format_kw.get("block", (32, 32))))
+        if reason:
+            raise ValueError(f"backend 'triton' cannot run format 'bsr' with {reason}")
     model = model if inplace else copy.deepcopy(model)
     cls = F.FORMATS[format]
     left_dense: list[str] = []
@@ -212,8 +205,7 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
         todo = {name: m for name, m in todo.items() if not bool(m.all())}
     with torch.no_grad():
         for name, mask in todo.items():
-            module_name, _, param = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
+            module_name, module, param = resolve_param(model, name)
             weight = getattr(module, param)
             mask = mask.to(weight.device)
             if type(module) is nn.Linear and param == "weight":
@@ -238,17 +230,11 @@ def _convert_auto(model: nn.Module, masks: MaskSet, backend: str, inplace: bool,
                   cache: str | None) -> nn.Module:
     from sparse_prune.auto import AUTO_ATTR, choose
 
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if not isinstance(masks, MaskSet):
-        raise TypeError(f"masks must be a sparse_prune.MaskSet, got {type(masks).__name__}")
-    masks.validate(model)
     decisions = choose(model, masks, example_inputs, None if backend == "auto" else [backend], cache)
     model = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for name, mask in masks.items():
-            module_name, _, param = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
+            module_name, module, param = resolve_param(model, name)
             weight = getattr(module, param)
             mask = mask.to(weight.device)
             choice = decisions.get(name)

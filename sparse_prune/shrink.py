@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_prune.structure import Group, find_groups
+from sparse_prune.structure import Group, find_groups, resolve_param
 
 DENSE_SHAPE_ATTR = "sparse_prune_dense_shape"
 
@@ -113,11 +113,6 @@ def _merge_masks(attn_mask, key_padding_mask, q):
             m = m.unflatten(0, (-1, q.shape[1]))  # [B·H, L, S] -> [B, H, L, S]
         merged = m if merged is None else merged + m
     return merged
-
-
-def _resolve(model: nn.Module, param: str) -> tuple[nn.Module, str]:
-    module_name, _, attr = param.rpartition(".")
-    return (model.get_submodule(module_name) if module_name else model), attr
 
 
 def _bias_name(attr: str) -> str:
@@ -216,7 +211,7 @@ def apply_keep(model: nn.Module, group: Group, keep: torch.Tensor) -> dict[str, 
         raise ValueError(f"cannot remove units of {group.name!r}: {why}")
     cuts = _member_indices(group, keep)
     for param, (dim, idx) in cuts.items():
-        module, attr = _resolve(model, param)
+        _, module, attr = resolve_param(model, param)
         old = getattr(module, attr)
         setattr(module, attr, nn.Parameter(old.detach().index_select(dim, idx.to(old.device)),
                                            requires_grad=old.requires_grad))

@@ -117,6 +117,12 @@ def _mlp_group(name: str, module: nn.Module) -> Group | None:
     return None
 
 
+def resolve_param(model: nn.Module, name: str) -> tuple[str, nn.Module, str]:
+    """``"a.b.weight"`` -> (``"a.b"``, the module ``a.b``, ``"weight"``)."""
+    module_name, _, attr = name.rpartition(".")
+    return module_name, (model.get_submodule(module_name) if module_name else model), attr
+
+
 def find_groups(model: nn.Module) -> list[Group]:
     """All MLP-neuron and attention-head groups of ``model``, in module order.
 

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparse_prune.bench.timing import describe_device, git_commit, time_interleaved
+from sparse_prune.bench.train import logits_of
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import (
     BACKENDS,
@@ -31,7 +32,7 @@ from sparse_prune.nn import (
     report,
     resolve_backend,
 )
-from sparse_prune.pruning import prune
+from sparse_prune.pruning import collect_targets, prune
 
 ROW_KEYS = ("kind", "model", "device", "dtype", "batch", "format", "backend", "sparsity", "dense_ms",
             "sparse_ms", "speedup", "bytes", "dense_bytes", "torch", "triton", "commit")
@@ -44,12 +45,10 @@ def block_masks(model: nn.Module, sparsity: float, block: tuple[int, int] = BSR_
                 exclude: Sequence[str] = ()) -> MaskSet:
     """Block-aligned magnitude masks: per Linear, keep the ``1 - sparsity`` share of
     ``block`` tiles (zero-padded at the edges) with the largest L1 norm, whole."""
-    base = prune(model, "l1_unstructured", amount=0.0, exclude=tuple(exclude))
-    params = dict(model.named_parameters())
     bm, bk = block
     out = {}
-    for name in base:
-        w = params[name].detach()
+    for target in collect_targets(model, exclude=tuple(exclude)):
+        name, w = target.param, target.weight
         n, k = w.shape
         padded = torch.nn.functional.pad(w.abs().float(), (0, -k % bk, 0, -n % bm))
         norms = padded.reshape(padded.shape[0] // bm, bm, -1, bk).sum((1, 3))
@@ -72,10 +71,6 @@ def natural_masks(model: nn.Module, fmt: str, sparsity: float, exclude: Sequence
     if fmt == "bsr":
         return block_masks(model, sparsity, BSR_BLOCK, exclude)
     return prune(model, "l1_unstructured", amount=sparsity, exclude=tuple(exclude))
-
-
-def _logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
 
 
 def _weight_bytes(model: nn.Module) -> int:
@@ -185,8 +180,8 @@ def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Se
                 converted[(fmt, backend, s)] = sparse
                 try:
                     with torch.inference_mode():
-                        want = _logits(masks.apply(copy.deepcopy(model))(x))
-                        _check_close(_logits(sparse(x)), want, dtype, f"{fmt}/{backend}/{s} batch {batch}")
+                        want = logits_of(masks.apply(copy.deepcopy(model))(x))
+                        _check_close(logits_of(sparse(x)), want, dtype, f"{fmt}/{backend}/{s} batch {batch}")
                 except RuntimeError as exc:  # a wrong kernel is reported, never timed
                     if skipped is None:
                         raise

@@ -12,9 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_prune.kernels.triton_common import BSR_BLOCK_SIDES as BLOCK_SIDES
 from sparse_prune.kernels.triton_common import check_linear_inputs, configs, dot_precision
-
-BLOCK_SIDES = (16, 32, 64)
 
 
 @triton.autotune(

@@ -12,6 +12,7 @@ import os
 import torch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+BSR_BLOCK_SIDES = (16, 32, 64)  # tl.dot needs every side >= 16
 
 
 def interpreting() -> bool:
