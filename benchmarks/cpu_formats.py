@@ -20,7 +20,7 @@ from torch import nn
 
 import sparse_prune as sp
 from sparse_prune.bench import describe_device, time_interleaved
-from sparse_prune.bench.timing import git_commit
+from sparse_prune.timing import git_commit
 
 VARIANTS = {  # label -> (method, prune kwargs, format, sparsity)
     "shrink": ("ln_structured", {"amount": 0.5, "coupled": True, "exclude": [r"classifier"]}, "shrink", 0.5),

@@ -24,7 +24,7 @@ from triton.testing import do_bench
 import sparse_prune as sp
 from sparse_prune import formats as fm
 from sparse_prune.bench.latency import block_masks
-from sparse_prune.bench.timing import describe_device, git_commit
+from sparse_prune.timing import describe_device, git_commit
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (K, N)
 BATCHES = [1, 8, 64, 256]

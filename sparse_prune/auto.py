@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from sparse_prune import formats as F
-from sparse_prune.bench.timing import time_interleaved
 from sparse_prune.masks import MaskSet
+from sparse_prune.timing import time_interleaved
 
 AUTO_ATTR = "sparse_prune_auto"  # the decision, kept on the chosen module for report()
 SPARSE_FORMATS = ("2:4", "csr", "bsr", "shrink")

@@ -14,7 +14,7 @@ from sparse_prune.bench import latency, time_interleaved
 def test_time_interleaved_runs_each_in_turn():
     calls = []
     ms = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, reps=3)
-    assert calls == ["a", "b"] * 4 and set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"] and set(ms) == {"a", "b"}
     with pytest.raises(ValueError, match="reps"):
         time_interleaved({"a": lambda: None}, reps=0)
 

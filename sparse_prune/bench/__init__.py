@@ -1,5 +1,5 @@
 """Benchmark harness: interleaved timing of dense and sparse variants in one process."""
 
-from sparse_prune.bench.timing import describe_device, time_interleaved
+from sparse_prune.timing import describe_device, time_interleaved
 
 __all__ = ["describe_device", "time_interleaved"]

@@ -2,7 +2,7 @@
 
 For each point (batch, format, backend, sparsity) the model is pruned with the method natural
 for the format, converted, **checked against the masked dense model**, then timed against the
-dense model interleaved in one process (:func:`~sparse_prune.bench.timing.time_interleaved`).
+dense model interleaved in one process (:func:`~sparse_prune.timing.time_interleaved`).
 ``kind="layer"`` rows time single ``Linear`` shapes of the model the same way.
 """
 
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparse_prune.bench.timing import describe_device, git_commit, time_interleaved
 from sparse_prune.bench.train import logits_of
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import (
@@ -33,6 +32,7 @@ from sparse_prune.nn import (
     resolve_backend,
 )
 from sparse_prune.pruning import collect_targets, prune
+from sparse_prune.timing import describe_device, git_commit, time_interleaved
 
 ROW_KEYS = ("kind", "model", "device", "dtype", "batch", "format", "backend", "sparsity", "dense_ms",
             "sparse_ms", "speedup", "bytes", "dense_bytes", "torch", "triton", "commit")

@@ -1,0 +1,47 @@
+"""The shared "matches masked dense" rule."""
+
+import pytest
+import torch
+
+from sparse_prune.agreement import Mismatch, allowed_error, check_matches, relative_error
+from sparse_prune.timing import spread, time_samples
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_same_dtype_gemm_passes_and_scaled_error_fails(dtype):
+    torch.manual_seed(0)
+    x, w = torch.randn(37, 123, dtype=torch.float64), torch.randn(45, 123, dtype=torch.float64)
+    ref = x @ w.t()
+    base = (x.to(dtype) @ w.to(dtype).t())
+    # a kernel with another accumulation order but the same precision passes
+    other = (x.to(dtype).float() @ w.to(dtype).float().t()).to(dtype)
+    info = check_matches(other, ref, base, "gemm")
+    assert info["error"] <= info["allowed"]
+    # a small output-proportional error (2% of every entry) fails in every dtype: no flat 1.0 floor
+    with pytest.raises(Mismatch, match="gemm"):
+        check_matches((ref * 1.02).to(dtype), ref, base, "gemm")
+
+
+def test_wrong_results_fail_loudly():
+    ref = torch.randn(8, 16, dtype=torch.float64)
+    base = ref.float()
+    for bad in (torch.full_like(base, float("nan")), torch.zeros_like(base), base[:, :8], base + 1e-3):
+        with pytest.raises(Mismatch):
+            check_matches(bad, ref, base)
+    assert relative_error(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert allowed_error(torch.bfloat16, 0.0) == torch.finfo(torch.bfloat16).eps
+    with pytest.raises(TypeError, match="dtype"):
+        allowed_error(torch.int32, 0.0)
+
+
+def test_time_samples_rotate_order_and_spread():
+    calls = []
+    samples = time_samples({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, reps=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
+    s = spread([4.0, 1.0, 3.0, 2.0])
+    assert (s["min"], s["q1"], s["median"], s["q3"], s["max"]) == (1.0, 1.75, 2.5, 3.25, 4.0)
+    with pytest.raises(ValueError, match="reps"):
+        time_samples({"a": lambda: None}, reps=0)
+    with pytest.raises(ValueError, match="fns"):
+        time_samples({})
