@@ -3,7 +3,7 @@
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -91,7 +91,7 @@ int dtype_code(const at::Tensor& x) {
 // Y = X · Wᵀ (+ b) with W in 2:4 layout, on sparse tensor cores (sm_80+; fp16/bf16).
 at::Tensor semi24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                               const std::optional<at::Tensor>& bias) {
-  const char* op = "semi24_linear_cuda";
+  const char* op = "semi24_linear (CUDA, mma.sp)";
   TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D [N, K/2], got ", values.sizes());
   check_common(op, x, values, bias, values.size(0));
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
@@ -118,9 +118,10 @@ at::Tensor semi24_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
 // Y = X · Wᵀ (+ b) with W in CSR (int32 crow, int32/int16 col), fp16/bf16/fp32.
 // row_order: rows longest-first, int32 [N] (formats.CSR.row_order), computed once per layer.
 at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
-                           const at::Tensor& col, const at::Tensor& row_order, int64_t out_features,
-                           const std::optional<at::Tensor>& bias) {
-  const char* op = "csr_linear_cuda";
+                           const at::Tensor& col, int64_t out_features,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& row_order) {
+  const char* op = "csr_linear (CUDA)";
   check_common(op, x, values, bias, out_features);
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op,
@@ -138,12 +139,18 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = out_features;
   const at::Tensor xt = x.t().contiguous();  // [K, M]: each stored weight reads a contiguous run
-  TORCH_CHECK(row_order.device() == x.device() && row_order.scalar_type() == at::kInt &&
-                  row_order.dim() == 1 && row_order.size(0) == N,
-              op, ": row_order must be int32 [", N, "] on x's device (formats.CSR.row_order), got ",
-              row_order.scalar_type(), " ", row_order.sizes());
   const at::Tensor crow_c = crow.contiguous();
-  const at::Tensor order = row_order.contiguous();
+  at::Tensor order;
+  if (row_order.has_value()) {
+    TORCH_CHECK(row_order->device() == x.device() && row_order->scalar_type() == at::kInt &&
+                    row_order->dim() == 1 && row_order->size(0) == N,
+                op, ": row_order must be int32 [", N, "] on x's device (formats.CSR.row_order), got ",
+                row_order->scalar_type(), " ", row_order->sizes());
+    order = row_order->contiguous();
+  } else {  // rows longest-first, as formats.CSR.row_order (SparseLinear passes it precomputed)
+    const at::Tensor lengths = crow_c.slice(0, 1) - crow_c.slice(0, 0, N);
+    order = std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).to(at::kInt);
+  }
   const at::Tensor vc = values.contiguous(), cc = col.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor yt = at::empty({N, M}, x.options());
@@ -158,8 +165,9 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
 
 TORCH_LIBRARY_IMPL(sparse_prune, CUDA, m) {
   m.impl("compress_2to4", &sparse_prune::compress_2to4_cuda);
-  m.impl("semi24_linear_cuda", &sparse_prune::semi24_linear_cuda);
-  m.impl("csr_linear_cuda", &sparse_prune::csr_linear_cuda);
+  // The public ops' CUDA kernels (schemas in sparse_prune/ops.py).
+  m.impl("semi24_linear", &sparse_prune::semi24_linear_cuda);
+  m.impl("csr_linear", &sparse_prune::csr_linear_cuda);
 }
 
 // A plain Python module: importing sparse_prune._C runs the registrations above.

@@ -6,10 +6,12 @@ Public API (see README): ``prune`` -> ``MaskSet``; ``sensitivity``; ``models.vit
 
 from sparse_prune import formats, models, ops
 from sparse_prune.checkpoint import load, save
+from sparse_prune.convert import convert
 from sparse_prune.masks import MaskSet
-from sparse_prune.nn import SparseLinear, convert, format_report, report
+from sparse_prune.nn import SparseLinear
 from sparse_prune.ops import extension_error, has_cuda_extension
 from sparse_prune.pruning import METHODS, prune
+from sparse_prune.report import format_report, report
 from sparse_prune.sensitivity import sensitivity
 from sparse_prune.structure import find_groups
 

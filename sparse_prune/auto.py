@@ -2,10 +2,14 @@
 
 Each masked Linear's input is recorded on ``example_inputs`` (one forward of the masked dense
 model); every candidate (format × backend) that can take the layer's mask is built, checked
-against the masked dense layer, and timed against it on that input with the benchmark
-harness (interleaved medians). A layer where no sparse candidate beats dense stays a masked
-``nn.Linear``. Decisions are cached by (device, dtype, rows, shape, density, fitting
-candidates) in an optional JSON file so a second conversion skips the timing.
+against the masked dense layer with the shared rule (:mod:`sparse_prune.agreement`: float64
+reference, at most 2× the same-dtype dense error), and timed against it on that input
+(:mod:`sparse_prune.timing`, rotating interleaved rounds). Candidates are only kernels that do
+not rebuild the weight per call (:func:`sparse_prune.backends.candidates`): on a GPU the
+reference path is never timed, dense cuBLAS is the baseline to beat. A layer where no sparse
+candidate beats dense stays a masked ``nn.Linear``. Decisions are cached in an optional JSON
+file by (device name, torch/Triton/CUDA versions, dtype, rows, shape, density, fitting
+candidates), so a second conversion skips the timing — and another GPU or library re-measures.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparse_prune import backends
 from sparse_prune import formats as F
+from sparse_prune.agreement import Mismatch, check_matches, reference_dtype
 from sparse_prune.masks import MaskSet
-from sparse_prune.timing import time_interleaved
+from sparse_prune.nn import SparseLinear
+from sparse_prune.timing import describe_device, time_interleaved
 
-AUTO_ATTR = "sparse_prune_auto"  # the decision, kept on the chosen module for report()
 SPARSE_FORMATS = ("2:4", "csr", "bsr", "shrink")
 BSR_BLOCKS = ((32, 32), (16, 16))
 
@@ -48,9 +54,11 @@ def _record_inputs(model: nn.Module, masks: MaskSet, example_inputs: Any) -> dic
     return seen
 
 
-def _candidates(weight: torch.Tensor, mask: torch.Tensor, backends: list[str]) -> list[tuple[str, str, Any, dict]]:
-    from sparse_prune.nn import resolve_backend
-
+def _candidates(weight: torch.Tensor, mask: torch.Tensor, backends_: list[str] | None
+                ) -> list[tuple[str, str, Any, dict]]:
+    """(format, backend, built format, kw) for every format that takes ``mask`` and every
+    backend that runs it on ``weight``'s device without a per-call rebuild (or, when the user
+    limited the backends, those of them that can run it)."""
     out = []
     for fmt_name in SPARSE_FORMATS:
         variants = [{"block": b} for b in BSR_BLOCKS] if fmt_name == "bsr" else [{}]
@@ -59,13 +67,24 @@ def _candidates(weight: torch.Tensor, mask: torch.Tensor, backends: list[str]) -
                 fmt = F.FORMATS[fmt_name].from_dense(weight, mask, **kw)
             except ValueError:
                 continue  # this mask does not fit the format
-            for backend in backends:
-                try:
-                    resolve_backend(backend, fmt_name, fmt)
-                except ValueError:
+            runnable = backends.candidates(fmt_name, fmt, weight.device)
+            for backend in (runnable if backends_ is None else backends_):
+                if backends_ is not None and backends.reason(fmt_name, backend, fmt, weight.device) is not None:
                     continue
                 out.append((fmt_name, backend, fmt, kw))
     return out
+
+
+def _versions(device: torch.device) -> str:
+    """Device name and the library versions a measurement depends on: part of the cache key."""
+    import importlib.util
+
+    triton = "none"
+    if importlib.util.find_spec("triton") is not None:
+        import triton as _triton
+
+        triton = _triton.__version__
+    return f"{describe_device(device)}|torch {torch.__version__}|triton {triton}|cuda {torch.version.cuda}"
 
 
 def _load_cache(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -79,21 +98,18 @@ def _load_cache(path: str | os.PathLike | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends: list[str] | None = None,
+def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: list[str] | None = None,
            cache: str | os.PathLike | None = None, reps: int = 7) -> dict[str, dict[str, Any]]:
-    """Per masked Linear weight name: ``{"format", "backend", "kw", "ratio", "ms"}`` of the
-    fastest choice (``format`` is ``"dense"`` where dense wins; ``ratio`` = dense ms / chosen ms)."""
-    from sparse_prune.kernels import triton_common
-    from sparse_prune.nn import SparseLinear
-
+    """Per masked Linear weight name: ``{"format", "backend", "kw", "ratio", "ms", "rejected"}``
+    of the fastest choice (``format`` is ``"dense"`` where dense wins; ``ratio`` = dense ms /
+    chosen ms; ``rejected`` lists candidates whose output failed the agreement check)."""
     if example_inputs is None:
         raise ValueError("format='auto' needs example_inputs (a batch like the ones you will run)")
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
-    if backends is None:
-        backends = ["torch"] + (["triton"] if device.type == "cuda" and triton_common.available() else [])
     inputs = _record_inputs(model, masks, example_inputs)
     store = _load_cache(cache)
+    versions = _versions(device)
     decisions: dict[str, dict[str, Any]] = {}
     for name, mask in masks.items():
         layer_name = name.rpartition(".")[0]
@@ -102,8 +118,8 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends: list
         module = model.get_submodule(layer_name)
         weight, x = params[name].detach(), inputs[layer_name]
         mask = mask.to(weight.device)
-        cands = _candidates(weight, mask, backends)
-        key = "|".join([str(device), str(weight.dtype), str(x.shape[0]), "x".join(map(str, weight.shape)),
+        cands = _candidates(weight, mask, backends_)
+        key = "|".join([versions, str(device), str(weight.dtype), str(x.shape[0]), "x".join(map(str, weight.shape)),
                         f"{float(mask.float().mean()):.2f}", ",".join(sorted({f"{c[0]}/{c[1]}" for c in cands}))])
         if key in store:
             decisions[name] = store[key]
@@ -115,22 +131,28 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends: list
                 dense.bias.copy_(module.bias)
         fns = {"dense": lambda d=dense, x=x: d(x)}
         meta = {"dense": ("dense", "torch", {})}
+        rejected = []
         with torch.inference_mode():
-            want = dense(x)
+            baseline = dense(x)
+            high = reference_dtype(device)
+            reference = torch.nn.functional.linear(x.to(high), dense.weight.to(high),
+                                                   None if dense.bias is None else dense.bias.to(high))
         for fmt_name, backend, fmt, kw in cands:
-            layer = SparseLinear(fmt, module.bias, backend)
-            with torch.inference_mode():
-                got = layer(x)
-            if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2 * max(1.0, want.abs().max().item())):
-                continue  # never pick a candidate that disagrees with the masked layer
             label = f"{fmt_name}/{backend}" + (f"/{kw['block'][0]}x{kw['block'][1]}" if kw else "")
+            try:
+                layer = SparseLinear(fmt, module.bias, backend)
+                with torch.inference_mode():
+                    check_matches(layer(x), reference, baseline, f"{name} {label}")
+            except (Mismatch, ValueError, RuntimeError) as exc:
+                rejected.append(f"{label}: {exc}")  # never pick a candidate that disagrees or fails
+                continue
             fns[label] = lambda layer=layer, x=x: layer(x)
             meta[label] = (fmt_name, backend, kw)
         ms = time_interleaved(fns, device, warmup=2, reps=reps)
         best = min(ms, key=ms.get)
         fmt_name, backend, kw = meta[best]
         decisions[name] = {"format": fmt_name, "backend": backend, "kw": {k: list(v) for k, v in kw.items()},
-                           "ratio": ms["dense"] / ms[best], "ms": ms}
+                           "ratio": ms["dense"] / ms[best], "ms": ms, "rejected": rejected}
         store[key] = decisions[name]
     if cache is not None:
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)

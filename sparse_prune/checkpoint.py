@@ -6,7 +6,9 @@ plain parameters and every SparseLinear's format arrays) and ``manifest.json``:
 * ``format_version`` — :data:`FORMAT_VERSION`; a newer one is refused with a clear error;
 * ``groups`` — every MLP/head group with its current unit count, so ``load`` can cut a
   freshly built dense skeleton to the same shapes (dependency-aware shrink);
-* ``sparse_linear`` — per SparseLinear: format name, shape, static fields, backend;
+* ``sparse_linear`` — per SparseLinear: format name, shape, static fields, the backend that
+  was asked for (``requested_backend``, re-resolved for the loading machine's device) and the
+  one that ran when saved (``backend``, for the record);
 * ``dense_shapes`` — shapes before the cut of Linears cut by shrinking (for ``report``).
 
 ``load`` needs no original weights: the skeleton only supplies the architecture.
@@ -14,16 +16,21 @@ plain parameters and every SparseLinear's format arrays) and ``manifest.json``:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sparse_prune import backends
 from sparse_prune import formats as F
-from sparse_prune.nn import BACKENDS, SparseLinear, _parent
+from sparse_prune.constants import BACKENDS
+from sparse_prune.convert import PLAN_ATTR, parent_of
+from sparse_prune.nn import SparseLinear
 from sparse_prune.shrink import DENSE_SHAPE_ATTR, apply_keep, open_mha_out_proj
 from sparse_prune.structure import find_groups
 
@@ -40,8 +47,10 @@ def _manifest(model: nn.Module) -> dict[str, Any]:
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
             static = {k: list(v) if isinstance(v, tuple) else v for k, v in module._static.items()}
-            sparse[name] = {"format": module.format_name, "backend": module.backend, "static": static,
-                            "fields": list(module._tensor_fields), "bias": module.bias is not None}
+            sparse[name] = {"format": module.format_name, "requested_backend": module.requested_backend,
+                            "backend": module.backend, "static": static,
+                            "fields": list(module._tensor_fields), "bias": module.bias is not None,
+                            "plan": module.__dict__.get(PLAN_ATTR)}
         elif isinstance(module, nn.Linear) and hasattr(module, DENSE_SHAPE_ATTR):
             dense_shapes[name] = list(getattr(module, DENSE_SHAPE_ATTR))
     groups = [{"name": g.name, "kind": g.kind, "units": g.units} for g in find_groups(model)]
@@ -103,20 +112,50 @@ def _cut_groups(skeleton: nn.Module, saved: list[dict[str, Any]]) -> None:
             apply_keep(skeleton, group, torch.arange(units))
 
 
-def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    open_mha_out_proj(skeleton, [f"{name}.weight" for name in entries])  # as convert() did
+def _layer_backend(entry: dict[str, Any], name: str) -> str:
+    """The backend to ask for: the saved request (older manifests: the backend that ran)."""
+    backend = entry.get("requested_backend", entry["backend"])
+    if backend not in BACKENDS:
+        raise ValueError(f"{name!r} was saved with backend {backend!r}; this build allows {BACKENDS}")
+    return backend
+
+
+def _check_entries(entries: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Every SparseLinear entry complete, with a known format and backend and its arrays in the
+    file — checked before anything is built or the skeleton touched."""
     for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"checkpoint entry for {name!r} is not an object")
         try:
-            cls = F.FORMATS[entry["format"]]
-            static = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["static"].items()}
-            arrays = {f: tensors[f"{name}.{f}"] for f in entry["fields"]}
-            bias = tensors[f"{name}.bias"] if entry["bias"] else None
-            backend = entry["backend"]
+            if entry["format"] not in F.FORMATS:
+                raise ValueError(f"{name!r} has unknown format {entry['format']!r}; allowed: {', '.join(F.FORMATS)}")
+            _layer_backend(entry, name)
+            missing = [f"{name}.{f}" for f in entry["fields"] if f"{name}.{f}" not in tensors]
+            if entry["bias"] and f"{name}.bias" not in tensors:
+                missing.append(f"{name}.bias")
+            if not isinstance(entry["static"], dict):
+                raise ValueError(f"{name!r}: 'static' must be an object")
         except KeyError as exc:
             raise ValueError(f"checkpoint entry for {name!r} is incomplete: missing {exc}") from exc
-        if backend not in BACKENDS:
-            raise ValueError(f"{name!r} was saved with backend {backend!r}; this build allows {BACKENDS}")
-        fmt = cls(**arrays, **static)
+        if missing:
+            raise ValueError(f"checkpoint arrays missing for {name!r}: {', '.join(missing)}")
+
+
+def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Rebuild every SparseLinear; return the layers whose saved backend cannot run here (they
+    run on this device's ``auto`` backend instead)."""
+    open_mha_out_proj(skeleton, [f"{name}.weight" for name in entries])  # as convert() did
+    moved = []
+    for name, entry in entries.items():
+        cls = F.FORMATS[entry["format"]]
+        static = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["static"].items()}
+        arrays = {f: tensors[f"{name}.{f}"] for f in entry["fields"]}
+        bias = tensors[f"{name}.bias"] if entry["bias"] else None
+        backend = _layer_backend(entry, name)
+        try:
+            fmt = cls(**arrays, **static)
+        except TypeError as exc:
+            raise ValueError(f"checkpoint entry for {name!r} does not fit format {entry['format']!r}: {exc}") from exc
         fmt.validate()
         try:
             target = skeleton.get_submodule(name)
@@ -124,8 +163,18 @@ def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str
             raise ValueError(f"skeleton has no module {name!r}: not the saved architecture") from exc
         if not isinstance(target, nn.Linear | SparseLinear) or (target.out_features, target.in_features) != fmt.shape:
             raise ValueError(f"skeleton module {name!r} is not a Linear of shape {fmt.shape}")
-        parent, child = _parent(skeleton, name)
-        setattr(parent, child, SparseLinear(fmt, bias, backend))
+        try:
+            if not backends.runs_on(backend, fmt.device):
+                raise ValueError(f"it cannot run on {fmt.device}")
+            layer = SparseLinear(fmt, bias, backend)
+        except ValueError as exc:  # e.g. saved with backend="cuda", loaded on a CPU machine
+            moved.append(f"{name} ({backend}: {exc})")
+            layer = SparseLinear(fmt, bias, "auto")
+        if isinstance(entry.get("plan"), dict):
+            layer.__dict__[PLAN_ATTR] = entry["plan"]
+        parent, child = parent_of(skeleton, name)
+        setattr(parent, child, layer)
+    return moved
 
 
 def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -134,6 +183,10 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     Groups are cut to the saved unit counts, SparseLinears rebuilt from the stored arrays
     (validated), and every tensor assigned from the file (its dtype), on the skeleton's device.
+    Each layer asks for the backend it was saved with, re-resolved for this device; one saved
+    with ``backend="cuda"``/``"triton"`` that cannot run here (a CPU machine) gets ``"auto"``,
+    and one warning lists them. All-or-nothing: the whole manifest and file are checked and the
+    model is rebuilt on a copy, so the skeleton is only modified when everything fits.
     Errors: ``FileNotFoundError`` (no manifest), ``ValueError`` (newer or broken manifest,
     a skeleton of another architecture, malformed format arrays).
     """
@@ -143,12 +196,21 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
     params = next(iter(skeleton.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
     tensors = load_file(os.path.join(directory, WEIGHTS), device=str(device))
-    _cut_groups(skeleton, manifest["groups"])
-    _swap_sparse(skeleton, manifest["sparse_linear"], tensors)
+    _check_entries(manifest["sparse_linear"], tensors)
+    work = copy.deepcopy(skeleton)
+    _cut_groups(work, manifest["groups"])
+    moved = _swap_sparse(work, manifest["sparse_linear"], tensors)
     try:
-        skeleton.load_state_dict(tensors, strict=True, assign=True)
+        work.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"checkpoint does not fit the skeleton: {exc}") from exc
     for name, shape in manifest["dense_shapes"].items():
-        skeleton.get_submodule(name).__dict__[DENSE_SHAPE_ATTR] = tuple(shape)
+        try:
+            work.get_submodule(name).__dict__[DENSE_SHAPE_ATTR] = tuple(shape)
+        except AttributeError as exc:
+            raise ValueError(f"skeleton has no module {name!r}: not the saved architecture") from exc
+    if moved:
+        warnings.warn(f"{len(moved)} layer(s) were saved with a backend that cannot run here and use "
+                      "backend='auto' instead: " + "; ".join(moved), stacklevel=2)
+    skeleton.__dict__.update(work.__dict__)  # everything fitted: take the rebuilt state
     return skeleton

@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sparse_prune as sp
-from sparse_prune.nn import BACKENDS, CONVERT_FORMATS
+from sparse_prune.constants import BACKENDS
+from sparse_prune.convert import CONVERT_FORMATS
 
 # (label, method, keyword arguments) — the seed's four methods, then what we add.
 DEMO_RECIPES: list[tuple[str, str, dict[str, Any]]] = [

@@ -4,7 +4,8 @@ Every format holds one ``[N, K]`` weight (``N`` = out_features, ``K`` = in_featu
 ``from_dense(weight, mask, ...)``, ``to_dense()`` (exact: the masked weight, ``+0.0`` where
 pruned), ``nbytes`` (every stored array: values, indices, metadata, padding), ``validate()``
 (``ValueError`` naming the bad field) and ``to(device=None, dtype=None)`` (dtype changes the
-values only). Formats know nothing about kernels; ``sparse_prune.ops`` does.
+values only). Formats know nothing about kernels (they import no op); ``sparse_prune.ops`` and
+``sparse_prune.backends`` do.
 """
 
 from __future__ import annotations
@@ -14,14 +15,23 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from sparse_prune import ops
+from sparse_prune.checks import check_nm_mask, check_weight_and_mask
+from sparse_prune.constants import DEFAULT_BSR_BLOCK, FORMAT_DTYPES
 from sparse_prune.kernels import reference
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = FORMAT_DTYPES
 
 
 def _check_pair(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return ops.check_weight_and_mask(weight, mask, _FLOATS)
+    return check_weight_and_mask(weight, mask, _FLOATS)
+
+
+def _checked_nm(mask: torch.Tensor) -> torch.Tensor:
+    """The mask of a 2:4 weight: K a multiple of 4, at most two kept of every four columns."""
+    if mask.shape[1] % 4:
+        raise ValueError(f"weight.shape[1] (K = {mask.shape[1]}) must be a multiple of 4 for 2:4")
+    check_nm_mask(mask, 2, 4)
+    return mask
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -39,7 +49,7 @@ def _check_index(t: torch.Tensor, field: str, dtypes: tuple[torch.dtype, ...]) -
     _need(t.dim() == 1, field, f"must be 1-D, got shape {tuple(t.shape)}")
 
 
-class _Format:
+class WeightFormat:
     """Shared behaviour of the dataclass formats below."""
 
     shape: tuple[int, int]
@@ -76,7 +86,7 @@ class _Format:
 
 
 @dataclass(frozen=True)
-class Dense(_Format):
+class Dense(WeightFormat):
     """The masked weight stored densely: the honest baseline every sparse format must beat."""
 
     values: torch.Tensor
@@ -95,7 +105,7 @@ class Dense(_Format):
 
 
 @dataclass(frozen=True)
-class Shrunk(_Format):
+class Shrunk(WeightFormat):
     """The weight restricted to its kept output rows and input columns.
 
     ``values [len(out_index), len(in_index)]``; ``y[..., out_index] = x[..., in_index] @ values.T``
@@ -153,7 +163,7 @@ def _pad_to(keep: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SemiStructured(_Format):
+class SemiStructured(WeightFormat):
     """2:4 weight: ``values [N, K/2]`` + ``meta int16 [N, ceil(K/16)]`` (docs/semi_structured_layout.md)."""
 
     values: torch.Tensor
@@ -164,11 +174,11 @@ class SemiStructured(_Format):
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> SemiStructured:
         """``ValueError`` naming the first group (row, columns) that keeps more than 2 of 4."""
         mask = _check_pair(weight, mask)
-        values, meta = ops.compress_2to4(weight, mask)
+        values, meta = reference.compress_2to4(weight, _checked_nm(mask))
         return cls(values, meta, tuple(weight.shape))
 
     def to_dense(self) -> torch.Tensor:
-        return ops.decompress_2to4(self.values, self.meta, self.shape[1])
+        return reference.decompress_2to4(self.values, self.meta, self.shape[1])
 
     def validate(self) -> None:
         n, k = self.shape
@@ -181,7 +191,7 @@ class SemiStructured(_Format):
 
 
 @dataclass(frozen=True)
-class CSR(_Format):
+class CSR(WeightFormat):
     """Compressed sparse rows: ``values [nnz]``, ``crow_indices [N+1]``, ``col_indices [nnz]``.
 
     Columns sorted within each row; empty rows allowed. Indices are int32 (``col_indices``
@@ -244,7 +254,7 @@ class CSR(_Format):
 
 
 @dataclass(frozen=True)
-class BSR(_Format):
+class BSR(WeightFormat):
     """Block sparse rows with blocks ``(bm, bk)``: ``values [nblocks, bm, bk]``,
     ``crow_indices [ceil(N/bm) + 1]``, ``col_indices [nblocks]`` (block columns, sorted).
 
@@ -261,7 +271,7 @@ class BSR(_Format):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
-                   block: tuple[int, int] = (32, 32)) -> BSR:
+                   block: tuple[int, int] = DEFAULT_BSR_BLOCK) -> BSR:
         mask = _check_pair(weight, mask)
         bm, bk = _check_block(block)
         n, k = weight.shape
@@ -319,3 +329,12 @@ def _check_block(block) -> tuple[int, int]:
 
 
 FORMATS = {"dense": Dense, "shrink": Shrunk, "2:4": SemiStructured, "csr": CSR, "bsr": BSR}
+
+
+def format_name(fmt: WeightFormat) -> str:
+    """The :data:`FORMATS` key of a format object (``TypeError`` for anything else)."""
+    for name, cls in FORMATS.items():
+        if type(fmt) is cls:
+            return name
+    raise TypeError(f"expected one of the formats {', '.join(c.__name__ for c in FORMATS.values())}, "
+                    f"got {type(fmt).__name__}")

@@ -1,10 +1,22 @@
-"""Every custom op of sparse_prune: schema, fake kernel, reference and dispatch.
+"""Every custom op of sparse_prune: schema, fake kernel and per-device implementation.
 
-Schemas are defined here with ``torch.library``; the reference in
-``sparse_prune.kernels.reference`` is registered as the ``CompositeExplicitAutograd`` kernel
-(it runs on any device), and ``csrc/`` registers faster CUDA kernels for the same schemas
-with ``TORCH_LIBRARY_IMPL(sparse_prune, CUDA, ...)``, which take precedence on CUDA tensors.
-The compiled library is loaded at the bottom of this module, after the schemas exist.
+One op per format (pytorch/extension-cpp's pattern): ``dense_linear``, ``csr_linear``,
+``bsr_linear``, ``semi24_linear``, ``shrunk_linear`` compute ``Y [M, N] = X [M, K]·Wᵀ (+ bias)``
+with W held in that format, plus ``compress_2to4``/``decompress_2to4``.
+
+* **CPU**: the pure-PyTorch reference (:mod:`sparse_prune.kernels.reference`).
+* **CUDA**: our fastest kernel for the format — the csrc/ kernels (``TORCH_LIBRARY_IMPL(
+  sparse_prune, CUDA)``: ``semi24_linear`` on sparse tensor cores, ``csr_linear``,
+  ``compress_2to4``) when the compiled library is loaded, otherwise the Triton kernels
+  registered below. There is **no** dense-rebuild fallback on CUDA: an input no kernel takes
+  (e.g. 2:4 in float32 for ``mma.sp``) raises a clear error. The dense rebuild on a GPU exists
+  only when asked for (``backend="torch"``, :mod:`sparse_prune.backends`).
+* ``dense_linear`` is ``F.linear`` everywhere (cuBLAS on CUDA, MKL on the CPU).
+
+Fake kernels (``register_fake``) live here too, including those of the Triton custom ops
+(:mod:`sparse_prune.kernels.triton_ops`), so ``torch.compile`` and ``opcheck`` see one set.
+Forcing a backend (bench, tests) goes through :mod:`sparse_prune.backends`' table, never by
+op-name arithmetic.
 """
 
 from __future__ import annotations
@@ -13,15 +25,62 @@ import importlib
 
 import torch
 
+from sparse_prune.checks import check_nm_mask, check_weight_and_mask
+from sparse_prune.constants import FLOAT_DTYPES
 from sparse_prune.kernels import reference
 
 _lib = torch.library.Library("sparse_prune", "DEF")  # noqa: TOR901 (long-lived on purpose)
 
 _lib.define("compress_2to4(Tensor weight, Tensor mask) -> (Tensor values, Tensor meta)")
 _lib.define("decompress_2to4(Tensor values, Tensor meta, int cols) -> Tensor")
-
+# Pure data movement, vectorised: the reference serves every device; csrc/ overrides
+# compress_2to4 on CUDA with its own kernel.
 _lib.impl("compress_2to4", reference.compress_2to4, "CompositeExplicitAutograd")
 _lib.impl("decompress_2to4", reference.decompress_2to4, "CompositeExplicitAutograd")
+
+# Linear ops: Y [M, N] = X [M, K] · Wᵀ (+ bias), W in a format. Modules flatten leading dims.
+LINEAR_OPS = {
+    "dense": "dense_linear",
+    "csr": "csr_linear",
+    "bsr": "bsr_linear",
+    "2:4": "semi24_linear",
+    "shrink": "shrunk_linear",
+}
+_lib.define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+# row_order: the rows longest-first (formats.CSR.row_order), computed once by SparseLinear for
+# the GPU kernels' load balance; None lets a kernel compute it (the reference ignores it).
+_lib.define("csr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+            "int out_features, Tensor? bias, Tensor? row_order=None) -> Tensor")
+_lib.define("bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+            "int out_features, Tensor? bias) -> Tensor")
+_lib.define("semi24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor")
+_lib.define("shrunk_linear(Tensor x, Tensor values, Tensor out_index, Tensor in_index, "
+            "int out_features, Tensor? bias) -> Tensor")
+
+
+def _reference_impl(name: str):
+    """The CPU kernel of op ``name``: ``reference.<name>``, looked up at call time so the kernel
+    tests can make the reference raise (a kernel silently swapped for it then fails)."""
+    def run(x, *args):
+        if name == "csr_linear":
+            args = args[:5]  # row_order: a GPU schedule, not an input of the reference
+        return getattr(reference, name)(x, *args)
+    return run
+
+
+for _name in LINEAR_OPS.values():
+    _lib.impl(_name, _reference_impl(_name), "CPU")
+_lib.impl("dense_linear", reference.dense_linear, "CUDA")  # F.linear: cuBLAS
+
+
+# ---------------------------------------------------------------------------------------
+# Fake kernels: one shape rule for every linear op, ours and the Triton custom ops.
+
+
+def linear_fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The output of any linear op: ``[M, out_features]`` like ``x [M, K]``."""
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
+    return x.new_empty((x.shape[0], out_features))
 
 
 @torch.library.register_fake("sparse_prune::compress_2to4")
@@ -42,101 +101,20 @@ def _decompress_2to4_fake(values: torch.Tensor, meta: torch.Tensor, cols: int):
     return values.new_empty((values.shape[0], cols))
 
 
-# Linear ops: Y [M, N] = X [M, K] · Wᵀ (+ bias), W in a format. Modules flatten leading dims.
-_lib.define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_lib.define("csr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-            "int out_features, Tensor? bias) -> Tensor")
-_lib.define("bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-            "int out_features, Tensor? bias) -> Tensor")
-_lib.define("semi24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor")
-_lib.define("shrunk_linear(Tensor x, Tensor values, Tensor out_index, Tensor in_index, "
-            "int out_features, Tensor? bias) -> Tensor")
-for _name in ("dense_linear", "csr_linear", "bsr_linear", "semi24_linear", "shrunk_linear"):
-    _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
-
-
-# CUDA-only kernels of csrc/ (backend="cuda"): no reference registered, so calling them on a
-# CPU tensor fails loudly instead of silently running something else.
-_lib.define("semi24_linear_cuda(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor")
-_lib.define("csr_linear_cuda(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-            "Tensor row_order, int out_features, Tensor? bias) -> Tensor")
-
-
-def _cuda_only(name: str):
-    def refuse(x: torch.Tensor, *args, **kwargs):
-        raise ValueError(f"sparse_prune::{name} (backend='cuda') runs on CUDA tensors, got x on {x.device}; "
-                         "move the model with .to('cuda') or convert with backend='torch'")
-    return refuse
-
-
-for _name in ("semi24_linear_cuda", "csr_linear_cuda"):
-    _lib.impl(_name, _cuda_only(_name), "CPU")
-
-
-def _linear_fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
-    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
-    return x.new_empty((x.shape[0], out_features))
-
-
 torch.library.register_fake("sparse_prune::dense_linear")(
-    lambda x, weight, bias: _linear_fake(x, weight.shape[0]))
+    lambda x, weight, bias: linear_fake(x, weight.shape[0]))
 torch.library.register_fake("sparse_prune::csr_linear")(
-    lambda x, values, crow, col, out_features, bias: _linear_fake(x, out_features))
+    lambda x, values, crow, col, out_features, bias, row_order=None: linear_fake(x, out_features))
 torch.library.register_fake("sparse_prune::bsr_linear")(
-    lambda x, values, crow, col, out_features, bias: _linear_fake(x, out_features))
+    lambda x, values, crow, col, out_features, bias: linear_fake(x, out_features))
 torch.library.register_fake("sparse_prune::semi24_linear")(
-    lambda x, values, meta, bias: _linear_fake(x, values.shape[0]))
+    lambda x, values, meta, bias: linear_fake(x, values.shape[0]))
 torch.library.register_fake("sparse_prune::shrunk_linear")(
-    lambda x, values, out_index, in_index, out_features, bias: _linear_fake(x, out_features))
-torch.library.register_fake("sparse_prune::semi24_linear_cuda")(
-    lambda x, values, meta, bias: _linear_fake(x, values.shape[0]))
-torch.library.register_fake("sparse_prune::csr_linear_cuda")(
-    lambda x, values, crow, col, row_order, out_features, bias: _linear_fake(x, out_features))
+    lambda x, values, out_index, in_index, out_features, bias: linear_fake(x, out_features))
 
 
 # ---------------------------------------------------------------------------------------
 # Public wrappers: argument checks with clear errors, then the op.
-
-BACKENDS = ("auto", "torch", "cuda")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def check_nm_mask(mask: torch.Tensor, n: int = 2, m: int = 4, *, name: str = "mask") -> None:
-    """Raise ``ValueError`` naming the first group of ``m`` columns keeping more than ``n``."""
-    if mask.shape[-1] % m:
-        raise ValueError(f"{name}: the last dimension ({mask.shape[-1]}) must be a multiple of {m}")
-    counts = mask.reshape(-1, mask.shape[-1] // m, m).sum(-1)
-    bad = (counts > n).nonzero()
-    if bad.numel():
-        row, group = (int(v) for v in bad[0])
-        raise ValueError(
-            f"{name} is not {n}:{m}: row {row}, columns {group * m}..{group * m + m - 1} keep "
-            f"{int(counts[row, group])} of {m} (at most {n} allowed)"
-        )
-
-
-def check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor | None,
-                          dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-    """Check a 2-D weight of one of ``dtypes`` and its bool mask; return the mask.
-
-    Without ``mask``, the nonzeros of ``weight`` are kept. ``TypeError`` for non-tensors and
-    wrong dtypes, ``ValueError`` for wrong dims, shapes and mixed devices.
-    """
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    if weight.dtype not in dtypes:
-        raise TypeError(f"weight dtype must be one of {dtypes}, got {weight.dtype}")
-    if mask is None:
-        return weight != 0
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError("mask must be a torch.bool tensor")
-    if mask.shape != weight.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
-    if mask.device != weight.device:
-        raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}")
-    return mask
 
 
 def compress_2to4(
@@ -145,16 +123,18 @@ def compress_2to4(
     """Compress a 2:4-sparse weight ``[N, K]`` into ``(values [N, K/2], meta int16 [N, ceil(K/16)])``.
 
     ``mask`` (bool, same shape) says which weights are kept; without it the nonzeros of
-    ``weight`` are. The layout is documented in ``docs/semi_structured_layout.md``.
-    ``backend``: "auto" (CUDA kernel for CUDA tensors when compiled, else the reference),
-    "torch" (the reference), "cuda" (the compiled kernel; error when absent).
+    ``weight`` are (−0.0 counts as zero). The layout is documented in
+    ``docs/semi_structured_layout.md``. ``backend``: "auto" (the op: CUDA kernel for CUDA
+    tensors when compiled, else the reference), "torch" (the reference), "cuda" (the compiled
+    kernel; error when absent).
 
     Raises ``TypeError`` for non-tensors or wrong dtypes and ``ValueError`` for wrong shapes,
     mixed devices, K not a multiple of 4, or a mask that is not 2:4 (naming the first bad group).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    mask = check_weight_and_mask(weight, mask, _FLOAT_DTYPES)
+    allowed = ("auto", "torch", "cuda")
+    if backend not in allowed:
+        raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
+    mask = check_weight_and_mask(weight, mask, FLOAT_DTYPES)
     if weight.shape[1] % 4:
         raise ValueError(f"weight.shape[1] (K = {weight.shape[1]}) must be a multiple of 4 for 2:4")
     check_nm_mask(mask, 2, 4)
@@ -209,4 +189,34 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
+def has_cuda_kernel(op: str) -> bool:
+    """Whether ``sparse_prune::<op>`` has a kernel registered for CUDA tensors."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_prune::{op}", "CUDA")
+
+
 _load_extension()
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA kernels for the ops csrc/ did not register: the Triton kernels (imported on first
+# call, so importing sparse_prune never needs Triton). No reference fallback: see above.
+
+
+def _triton_cuda(format_name: str):
+    def run(x: torch.Tensor, *args):
+        from sparse_prune.kernels import triton_common
+
+        reason = triton_common.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"sparse_prune::{LINEAR_OPS[format_name]} on CUDA runs the Triton kernel, which "
+                             f"cannot run here: {reason}; convert with backend='torch' to rebuild the "
+                             "weight densely instead")
+        from sparse_prune.kernels import triton_ops
+
+        return triton_ops.KERNELS[format_name](x, *args)
+    return run
+
+
+for _fmt, _name in LINEAR_OPS.items():
+    if _fmt != "dense" and not has_cuda_kernel(_name):
+        _lib.impl(_name, _triton_cuda(_fmt), "CUDA")

@@ -53,3 +53,23 @@ def tv_vit():
 @pytest.fixture
 def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+REFERENCE_LINEARS = ("csr_linear", "bsr_linear", "semi24_linear", "shrunk_linear")
+
+
+@pytest.fixture
+def no_reference(monkeypatch):
+    """Make the reference linear ops raise: a Triton/CUDA kernel test whose kernel body was
+    silently swapped for the reference (or an op that fell back to it) then fails. Oracles in
+    those tests use ``F.linear`` on the masked dense weight instead."""
+    from sparse_prune.kernels import reference
+
+    def refuse(name):
+        def run(*args, **kwargs):
+            raise AssertionError(f"reference.{name} ran inside a kernel test: the kernel under test "
+                                 "fell back to the pure-PyTorch reference")
+        return run
+
+    for name in REFERENCE_LINEARS:
+        monkeypatch.setattr(reference, name, refuse(name))

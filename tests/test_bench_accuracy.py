@@ -57,8 +57,7 @@ def test_gradients_are_masked(digits_small):
 def test_finetune_keeps_pruned_weights_zero(digits_small):
     model, train_data, test_data = digits_small
     masks = sp.prune(model, "random_unstructured", amount=0.6)
-    seconds = train(model, train_data, epochs=2, masks=masks)
-    assert seconds > 0
+    train(model, train_data, epochs=2, masks=masks)
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         assert (params[name][~mask] == 0).all()

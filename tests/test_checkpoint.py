@@ -116,3 +116,36 @@ def test_malformed_arrays_refused(saved, hf_vit):
 def test_save_rejects_non_module(tmp_path):
     with pytest.raises(TypeError, match="model"):
         sp.save({"a": torch.zeros(1)}, tmp_path)
+
+
+@pytest.mark.skipif(not sp.has_cuda_extension(), reason="needs the compiled extension")
+def test_checkpoint_saved_for_cuda_loads_on_a_cpu_machine(hf_vit, images, tmp_path):
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.9)
+    fast = sp.convert(hf_vit, masks, format="csr", backend="cuda")  # fits; would run after .to("cuda")
+    assert {m.requested_backend for m in fast.modules() if isinstance(m, sp.SparseLinear)} == {"cuda"}
+    sp.save(fast, tmp_path)
+    with pytest.warns(UserWarning, match="cannot run here and use backend='auto'"):
+        loaded = sp.load(_fresh(hf_vit), tmp_path)
+    assert {m.backend for m in loaded.modules() if isinstance(m, sp.SparseLinear)} == {"torch"}
+    expected = masks.apply(copy.deepcopy(hf_vit))(images).logits
+    torch.testing.assert_close(loaded(images).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_entry_late_in_the_manifest_leaves_the_skeleton_untouched(hf_vit, tmp_path):
+    masks = sp.prune(hf_vit, "ln_structured", amount=0.5, coupled=True)
+    sp.save(sp.convert(hf_vit, masks, format="shrink"), tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    last = list(manifest["sparse_linear"])[-1] if manifest["sparse_linear"] else None
+    manifest["dense_shapes"]["vit.no_such_module"] = [4, 4]  # found only after the groups were cut
+    if last:
+        manifest["sparse_linear"][last]["static"]["shape"] = [1, 1]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    skeleton = _fresh(hf_vit)
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    modules_before = [(n, type(m)) for n, m in skeleton.named_modules()]
+    with pytest.raises(ValueError):
+        sp.load(skeleton, tmp_path)
+    after = skeleton.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert [(n, type(m)) for n, m in skeleton.named_modules()] == modules_before
+    assert skeleton.vit.layers[0].attention.q_proj.out_features == 32  # not cut

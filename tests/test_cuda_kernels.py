@@ -13,8 +13,10 @@ import torch.nn.functional as Fn
 import sparse_prune as sp
 from sparse_prune import formats as F
 from sparse_prune import ops
+from sparse_prune.agreement import check_matches
 
 HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.usefixtures("no_reference")
 needs_ext = pytest.mark.skipif(not ops.has_cuda_extension(), reason="CUDA extension not built")
 
 
@@ -52,7 +54,7 @@ def test_semi24_cuda_matches_reference(dtype, m, n, k, bias):
     w, mask, fmt = _two_four(n, k, dtype, seed=m + n, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-    y = torch.ops.sparse_prune.semi24_linear_cuda(x, fmt.values, fmt.meta, b)
+    y = torch.ops.sparse_prune.semi24_linear(x, fmt.values, fmt.meta, b)
     want = _expect(x, w, mask, b)
     assert y.shape == (m, n) and y.dtype == dtype
     torch.testing.assert_close(y.float(), want, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, want.abs().max().item()))
@@ -68,7 +70,7 @@ def test_csr_cuda_matches_reference(dtype, m, n, k, index_dtype, bias):
     w, mask, fmt = _csr(n, k, dtype, seed=m + k, device="cuda", index_dtype=index_dtype)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-    y = torch.ops.sparse_prune.csr_linear_cuda(x, fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), n, b)
+    y = torch.ops.sparse_prune.csr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, b, fmt.row_order())
     want = _expect(x, w, mask, b)
     torch.testing.assert_close(y.float(), want, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, want.abs().max().item()))
 
@@ -78,9 +80,8 @@ def test_csr_cuda_nnz_zero_gives_bias():
     w, mask, fmt = _csr(16, 32, torch.float16, density=0.0, device="cuda")
     assert fmt.nnz == 0
     b = torch.randn(16, device="cuda", dtype=torch.float16)
-    y = torch.ops.sparse_prune.csr_linear_cuda(torch.randn(5, 32, device="cuda", dtype=torch.float16),
-                                               fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(),
-                                               16, b)
+    y = torch.ops.sparse_prune.csr_linear(torch.randn(5, 32, device="cuda", dtype=torch.float16),
+                                          fmt.values, fmt.crow_indices, fmt.col_indices, 16, b, None)
     torch.testing.assert_close(y, b.expand(5, 16))
 
 
@@ -90,9 +91,9 @@ def test_cuda_ops_side_stream_graph_and_opcheck():
     _, _, csr = _csr(64, 128, torch.float16, device="cuda")
     x = torch.randn(197, 128, device="cuda", dtype=torch.float16)
     calls = {
-        "2:4": lambda: torch.ops.sparse_prune.semi24_linear_cuda(x, s24.values, s24.meta, None),
-        "csr": lambda: torch.ops.sparse_prune.csr_linear_cuda(x, csr.values, csr.crow_indices, csr.col_indices,
-                                                              csr.row_order(), 64, None),
+        "2:4": lambda: torch.ops.sparse_prune.semi24_linear(x, s24.values, s24.meta, None),
+        "csr": lambda: torch.ops.sparse_prune.csr_linear(x, csr.values, csr.crow_indices, csr.col_indices,
+                                                         64, None, csr.row_order()),
     }
     for name, fn in calls.items():
         want = fn()
@@ -108,21 +109,23 @@ def test_cuda_ops_side_stream_graph_and_opcheck():
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, want, rtol=0, atol=0, msg=f"{name}: CUDA graph replay differs")
-    torch.library.opcheck(torch.ops.sparse_prune.semi24_linear_cuda.default, (x, s24.values, s24.meta, None))
-    torch.library.opcheck(torch.ops.sparse_prune.csr_linear_cuda.default,
-                          (x, csr.values, csr.crow_indices, csr.col_indices, csr.row_order(), 64, None))
+    torch.library.opcheck(torch.ops.sparse_prune.semi24_linear.default, (x, s24.values, s24.meta, None))
+    torch.library.opcheck(torch.ops.sparse_prune.csr_linear.default,
+                          (x, csr.values, csr.crow_indices, csr.col_indices, 64, None, csr.row_order()))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,method", [("2:4", "nm"), ("csr", "l1_unstructured")])
 def test_hf_vit_end_to_end_cuda(fmt, method, hf_vit, images):
-    model = hf_vit.to("cuda", torch.float16)
+    hf_vit = hf_vit.to("cuda")
+    model = copy.deepcopy(hf_vit).half()
     x = images.to("cuda", torch.float16)
     masks = sp.prune(model, method, **({} if fmt == "2:4" else {"amount": 0.9}))
-    expected = masks.apply(copy.deepcopy(model))(x).logits.float()
+    baseline = masks.apply(copy.deepcopy(model))(x).logits
+    reference = masks.apply(copy.deepcopy(hf_vit).double())(images.to("cuda", torch.float64)).logits
     fast = sp.convert(model, masks, format=fmt, backend="cuda")
     assert {m.backend for m in fast.modules() if isinstance(m, sp.SparseLinear)} == {"cuda"}
-    torch.testing.assert_close(fast(x).logits.float(), expected, rtol=2e-2, atol=2e-2)
+    check_matches(fast(x).logits, reference, baseline, f"{fmt} cuda")  # relative to the logits' norm
     auto = sp.convert(model, masks, format=fmt, backend="auto")
     assert {m.backend for m in auto.modules() if isinstance(m, sp.SparseLinear)} == {"cuda"}
 
@@ -131,14 +134,31 @@ def test_hf_vit_end_to_end_cuda(fmt, method, hf_vit, images):
 def test_semi24_cuda_shape_and_dtype_errors():
     _, _, fmt = _two_four(32, 40, torch.float16, device="cuda")  # K = 40: not a multiple of 16
     with pytest.raises(RuntimeError, match="multiple of 16"):
-        torch.ops.sparse_prune.semi24_linear_cuda(torch.randn(3, 40, device="cuda", dtype=torch.float16),
+        torch.ops.sparse_prune.semi24_linear(torch.randn(3, 40, device="cuda", dtype=torch.float16),
                                                   fmt.values, fmt.meta, None)
     _, _, f32 = _two_four(32, 64, torch.float32, device="cuda")
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        torch.ops.sparse_prune.semi24_linear_cuda(torch.randn(3, 64, device="cuda"), f32.values, f32.meta, None)
+        torch.ops.sparse_prune.semi24_linear(torch.randn(3, 64, device="cuda"), f32.values, f32.meta, None)
 
 
 # --- on any machine -----------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_explicit_torch_backend_on_cuda_warns(hf_vit):
+    model = hf_vit.to("cuda")
+    with pytest.warns(UserWarning, match="rebuilds the dense weight on every call"):
+        sp.convert(model, sp.prune(model, "l1_unstructured", amount=0.9), format="csr", backend="torch")
+
+
+@pytest.mark.gpu
+def test_cpu_converted_model_moved_to_cuda_runs_our_kernels(hf_vit, images):
+    masks = sp.prune(hf_vit, "nm")
+    fast = sp.convert(hf_vit.half(), masks, format="2:4")  # auto on the CPU: the reference
+    assert {m.backend for m in fast.modules() if isinstance(m, sp.SparseLinear)} == {"torch"}
+    fast.to("cuda")
+    assert {m.backend for m in fast.modules() if isinstance(m, sp.SparseLinear)} == {"cuda"}
+    assert fast(images.to("cuda", torch.float16)).logits.isfinite().all()
 
 
 @needs_ext

@@ -122,10 +122,27 @@ def test_report_rows(hf_vit):
     nnz = int(masks["vit.layers.0.mlp.fc1.weight"].sum())
     assert fc1["format"] == "csr" and fc1["shape"] == [64, 32]
     assert fc1["bytes"] == nnz * 4 + 65 * 4 + nnz * 4
-    assert fc1["dense_bytes"] == 64 * 32 * 4 and fc1["flops"] == 2 * nnz
+    # the CPU reference may rebuild the weight: FLOPs count the dense product it can run
+    assert fc1["dense_bytes"] == 64 * 32 * 4 and fc1["flops"] == 2 * 64 * 32
+    assert fc1["backend"] == "torch" and fc1["kernel"] == "torch:mkl-sparse|rebuild" and fc1["why"]
     assert fc1["density"] == pytest.approx(nnz / (64 * 32))
     text = sp.format_report(rows)
     assert "vit.layers.0.mlp.fc1" in text and text.splitlines()[-1].startswith("total")
+
+
+@pytest.mark.parametrize(("fmt", "method", "kw", "sparse_flops"), [
+    ("csr", "l1_unstructured", {"amount": 0.9}, lambda f: 2 * f.nnz),
+    ("bsr", "l1_unstructured", {"amount": 0.9}, lambda f: 2 * f.values.numel()),
+    ("2:4", "nm", {}, lambda f: 2 * f.shape[0] * f.shape[1]),  # the Triton 2:4 kernel expands to a dense tl.dot
+])
+def test_report_flops_count_what_runs(fmt, method, kw, sparse_flops, hf_vit):
+    masks = sp.prune(hf_vit, method, **kw)
+    fkw = {"block": (16, 16)} if fmt == "bsr" else {}
+    row = next(r for r in sp.report(sp.convert(hf_vit, masks, format=fmt, backend="triton", **fkw))
+               if r["name"] == "vit.layers.0.mlp.fc1")
+    layer = sp.convert(hf_vit, masks, format=fmt, backend="triton", **fkw).get_submodule("vit.layers.0.mlp.fc1")
+    assert row["backend"] == "triton" and row["kernel"].startswith("triton:")
+    assert row["flops"] == sparse_flops(layer.weight_format)
 
 
 

@@ -60,10 +60,3 @@ def test_int16_columns_take_the_sparse_branch(monkeypatch):
     monkeypatch.setattr(reference, "_cpu_sparse_wins", lambda x, d: True)
     y = reference.csr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices, 40, None)
     torch.testing.assert_close(y, x @ (w * mask).t(), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("m,density,expected", [(8, 0.4, True), (64, 0.6, False), (197, 0.1, True),
-                                                 (197, 0.2, False), (1576, 0.05, True), (1576, 0.1, False)])
-def test_cpu_rule_follows_measurements(m, density, expected):
-    assert reference._cpu_sparse_wins(torch.empty(m, 4), density) is expected
-    assert reference._cpu_sparse_wins(torch.empty(m, 4, dtype=torch.float16), density) is False

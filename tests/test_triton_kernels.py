@@ -14,7 +14,8 @@ import sparse_prune as sp
 from sparse_prune import formats as F
 from sparse_prune.kernels import triton_common
 
-pytestmark = pytest.mark.skipif(not triton_common.available(), reason=str(triton_common.unavailable_reason()))
+pytestmark = [pytest.mark.skipif(not triton_common.available(), reason=str(triton_common.unavailable_reason())),
+              pytest.mark.usefixtures("no_reference")]
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -47,7 +48,7 @@ def _call(fmt_name, x, fmt, bias):
     ops = torch.ops.sparse_prune
     n = fmt.shape[0]
     if fmt_name == "csr":
-        return ops.csr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), n, bias)
+        return ops.csr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias, fmt.row_order())
     if fmt_name == "bsr":
         return ops.bsr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
     if fmt_name == "2:4":
@@ -115,6 +116,51 @@ def test_shrunk_all_rows_kept_and_nothing_kept():
         torch.testing.assert_close(_call("shrink", x, fmt, b), _expect(x, w, mask, b).to(DEVICE), rtol=2e-5, atol=2e-5)
 
 
+def test_csr_long_rows_loop_over_many_chunks():
+    """K = 768 at density 0.5: rows of ~384 non-zeros, the chunk loop runs a dozen times."""
+    import sparse_prune.kernels.triton_ops  # noqa: F401
+
+    w, mask = _weight(8, 768, torch.float32, density=0.5, seed=4)
+    fmt = F.CSR.from_dense(w, mask).to(DEVICE)
+    assert int((fmt.crow_indices[1:] - fmt.crow_indices[:-1]).max()) > 300
+    x, b = torch.randn(3, 768, device=DEVICE), torch.randn(8, device=DEVICE)
+    torch.testing.assert_close(_call("csr", x, fmt, b), _expect(x, w, mask, b).to(DEVICE), rtol=1e-5, atol=1e-4)
+
+
+def test_index_tensors_on_another_device_are_named():
+    # the wrappers the custom ops call (a meta tensor would send the op itself to its fake)
+    from sparse_prune.kernels import triton_csr, triton_semi24
+
+    w, mask = _weight(32, 48, torch.float32)
+    fmt = F.CSR.from_dense(w, mask)
+    with pytest.raises(ValueError, match="crow_indices on meta"):
+        triton_csr.csr_linear(torch.randn(2, 48), fmt.values, fmt.crow_indices.to("meta"), fmt.col_indices,
+                              None, 32, None)
+    s = F.SemiStructured.from_dense(*_weight(32, 48, torch.float32, kind="2:4"))
+    with pytest.raises(ValueError, match="meta on meta"):
+        triton_semi24.semi24_linear(torch.randn(2, 48), s.values, s.meta.to("meta"), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_every_autotune_config_is_correct(fmt_name):
+    """Tests run with one config (SPARSE_PRUNE_TUNE=0); here each config of the full list runs alone."""
+    from sparse_prune.kernels import triton_bsr, triton_csr, triton_semi24, triton_shrunk
+
+    module, kernel = {"csr": (triton_csr, triton_csr._csr_kernel), "bsr": (triton_bsr, triton_bsr._bsr_kernel),
+                      "2:4": (triton_semi24, triton_semi24._semi24_kernel),
+                      "shrink": (triton_shrunk, triton_shrunk._shrunk_kernel)}[fmt_name]
+    saved = kernel.configs
+    try:
+        for cfg in module.FULL_CONFIGS:
+            kernel.configs = [cfg]
+            kernel.cache.clear()
+            _check(fmt_name, 394, 96, 128, torch.bfloat16, bias=True)
+    finally:
+        kernel.configs = saved
+        kernel.cache.clear()
+
+
 def test_noncontiguous_input_is_handled():
     import sparse_prune.kernels.triton_ops  # noqa: F401
 
@@ -131,16 +177,16 @@ def test_bad_inputs():
     fmt = F.CSR.from_dense(w, mask)
     ops = torch.ops.sparse_prune
     with pytest.raises(ValueError, match="x must be 2-D"):
-        ops.csr_linear_triton(torch.randn(2, 3, 48), fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), 32, None)
+        ops.csr_linear_triton(torch.randn(2, 3, 48), fmt.values, fmt.crow_indices, fmt.col_indices, 32, None, fmt.row_order())
     with pytest.raises(ValueError, match="values dtype"):
-        ops.csr_linear_triton(torch.randn(2, 48).half(), fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), 32, None)
+        ops.csr_linear_triton(torch.randn(2, 48).half(), fmt.values, fmt.crow_indices, fmt.col_indices, 32, None, fmt.row_order())
     with pytest.raises(ValueError, match="bias must be"):
-        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order(), 32, torch.randn(5))
+        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, 32, torch.randn(5), fmt.row_order())
     with pytest.raises(ValueError, match="crow_indices"):
-        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, fmt.row_order()[:31], 31, None)
+        ops.csr_linear_triton(torch.randn(2, 48), fmt.values, fmt.crow_indices, fmt.col_indices, 31, None, fmt.row_order()[:31])
     with pytest.raises(ValueError, match="dtype must be one of"):
         ops.csr_linear_triton(torch.randn(2, 48).double(), fmt.values.double(), fmt.crow_indices,
-                              fmt.col_indices, fmt.row_order(), 32, None)
+                              fmt.col_indices, 32, None, fmt.row_order())
     b8 = F.BSR.from_dense(w, mask, block=(8, 8))
     with pytest.raises(ValueError, match="block"):
         ops.bsr_linear_triton(torch.randn(2, 48), b8.values, b8.crow_indices, b8.col_indices, 32, None)
@@ -163,7 +209,7 @@ def test_opcheck(fmt_name):
           "2:4": torch.ops.sparse_prune.semi24_linear_triton,
           "shrink": torch.ops.sparse_prune.shrunk_linear_triton}[fmt_name]
     args = {"csr": (x, fmt.values, getattr(fmt, "crow_indices", None), getattr(fmt, "col_indices", None),
-                    fmt.row_order() if fmt_name == "csr" else None, 32, b)}
+                    32, b, fmt.row_order() if fmt_name == "csr" else None)}
     if fmt_name == "bsr":
         args = (x, fmt.values, fmt.crow_indices, fmt.col_indices, 32, b)
     elif fmt_name == "2:4":
@@ -191,9 +237,20 @@ def test_hf_vit_end_to_end(fmt_name, hf_vit, images):
     expected = masks.apply(copy.deepcopy(hf_vit))(images).logits
     fast = sp.convert(hf_vit, masks, format=fmt_name, backend="triton", **fkw)
     layers = [m for m in fast.modules() if isinstance(m, sp.SparseLinear)]
-    assert layers and all(m.backend == "triton" and m._op_name.endswith("_triton") for m in layers)
+    assert layers and all(m.backend == "triton" and m.kernel_name.startswith("triton:") for m in layers)
     torch.testing.assert_close(fast(images).logits, expected, rtol=1e-4, atol=1e-4)
     assert "backend=triton" in repr(layers[0])
+
+
+def test_compile_inductor_on_cpu(images, hf_vit):
+    """The custom ops and their fakes through Inductor (not only the eager backend)."""
+    hf_vit, images = hf_vit.to(DEVICE), images.to(DEVICE)
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.8)
+    fast = sp.convert(hf_vit, masks, format="csr", backend="triton")
+    lin = fast.get_submodule("vit.layers.0.mlp.fc1")
+    x = torch.randn(2, 7, lin.in_features, device=DEVICE)
+    compiled = torch.compile(lin, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x), lin(x))
 
 
 def test_compile_fullgraph(hf_vit, images):

@@ -21,23 +21,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparse_prune.backends import resolve_backend
 from sparse_prune.bench.train import logits_of
+from sparse_prune.constants import BACKENDS, DEFAULT_BSR_BLOCK
+from sparse_prune.convert import CONVERT_FORMATS, convert
 from sparse_prune.masks import MaskSet
-from sparse_prune.nn import (
-    BACKENDS,
-    CONVERT_FORMATS,
-    SparseLinear,
-    convert,
-    report,
-    resolve_backend,
-)
+from sparse_prune.nn import SparseLinear
 from sparse_prune.pruning import collect_targets, prune
+from sparse_prune.report import report
 from sparse_prune.timing import describe_device, git_commit, time_interleaved
 
 ROW_KEYS = ("kind", "model", "device", "dtype", "batch", "format", "backend", "sparsity", "dense_ms",
             "sparse_ms", "speedup", "bytes", "dense_bytes", "torch", "triton", "commit")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BSR_BLOCK = (32, 32)
+BSR_BLOCK = DEFAULT_BSR_BLOCK
 CLASSIFIER = r"(^|\.)(classifier|head|heads)(\.|$)"
 
 

@@ -12,13 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_prune.kernels.triton_common import BSR_BLOCK_SIDES as BLOCK_SIDES
+from sparse_prune.constants import BSR_BLOCK_SIDES as BLOCK_SIDES
 from sparse_prune.kernels.triton_common import check_linear_inputs, configs, dot_precision
+
+# Every config is checked for correctness on a GPU (tests/test_triton_kernels.py).
+FULL_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in ((32, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3))]
 
 
 @triton.autotune(
-    configs=configs([triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-                     for bm, w, s in ((32, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3))],
+    configs=configs(FULL_CONFIGS,
                     [triton.Config({"BLOCK_M": 64})]),
     key=["M", "N", "K", "BM", "BK"],
 )
@@ -49,7 +51,8 @@ def _bsr_kernel(x_ptr, val_ptr, crow_ptr, col_ptr, bias_ptr, y_ptr, M, N, K,
 
 def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
                out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    x = check_linear_inputs("bsr_linear_triton", x, values, bias, out_features)
+    x = check_linear_inputs("bsr_linear_triton", x, values, bias, out_features, crow_indices=crow,
+                            col_indices=col)
     if values.dim() != 3:
         raise ValueError(f"bsr_linear_triton: values must be [blocks, bm, bk], got {tuple(values.shape)}")
     bm, bk = values.shape[1:]

@@ -11,8 +11,12 @@ import os
 
 import torch
 
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-BSR_BLOCK_SIDES = (16, 32, 64)  # tl.dot needs every side >= 16
+from sparse_prune.checks import check_same_device
+from sparse_prune.constants import BSR_BLOCK_SIDES, FLOAT_DTYPES
+
+FLOATS = FLOAT_DTYPES
+__all__ = ["BSR_BLOCK_SIDES", "FLOATS", "available", "check_linear_inputs", "configs", "dot_precision",
+           "interpreting", "unavailable_reason"]
 
 
 def interpreting() -> bool:
@@ -33,10 +37,12 @@ def unavailable_reason() -> str | None:
 
 
 def check_linear_inputs(op: str, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-                        out_features: int) -> torch.Tensor:
+                        out_features: int, **indices: torch.Tensor | None) -> torch.Tensor:
     """Shared checks of ``Y = X·Wᵀ + b`` kernels; returns ``x`` made contiguous.
 
-    Raises ``ValueError`` for wrong dims/dtypes/shapes and mixed devices, naming the argument.
+    ``indices`` are the format's other tensors (crow_indices, meta, ...), checked to be on
+    ``x``'s device too. Raises ``ValueError`` for wrong dims/dtypes/shapes and mixed devices,
+    naming the argument.
     """
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
@@ -44,9 +50,7 @@ def check_linear_inputs(op: str, x: torch.Tensor, values: torch.Tensor, bias: to
         raise ValueError(f"{op}: x dtype must be one of {FLOATS}, got {x.dtype}")
     if values.dtype != x.dtype:
         raise ValueError(f"{op}: values dtype {values.dtype} must equal x dtype {x.dtype}")
-    devices = {t.device for t in (x, values, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"{op}: x, values and bias must be on one device, got {sorted(map(str, devices))}")
+    check_same_device(op, x=x, values=values, bias=bias, **indices)
     if x.device.type == "cpu" and not interpreting():
         raise ValueError(f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (out_features,)):

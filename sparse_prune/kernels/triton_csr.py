@@ -17,11 +17,13 @@ import triton.language as tl
 
 from sparse_prune.kernels.triton_common import check_linear_inputs, configs
 
+# Every config is checked for correctness on a GPU (tests/test_triton_kernels.py).
+FULL_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_NNZ": bn}, num_warps=w) for bm, bn, w in ((32, 32, 4), (64, 16, 4), (128, 16, 4), (64, 64, 8), (256, 8, 8))]
+
 
 @triton.autotune(
     configs=configs(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_NNZ": bn}, num_warps=w)
-         for bm, bn, w in ((32, 32, 4), (64, 16, 4), (128, 16, 4), (64, 64, 8), (256, 8, 8))],
+        FULL_CONFIGS,
         [triton.Config({"BLOCK_M": 128, "BLOCK_NNZ": 32})]),
     key=["M", "N"],
 )
@@ -47,11 +49,16 @@ def _csr_kernel(xt_ptr, val_ptr, crow_ptr, col_ptr, order_ptr, bias_ptr, yt_ptr,
 
 
 def csr_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-               row_order: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    x = check_linear_inputs("csr_linear_triton", x, values, bias, out_features)
+               row_order: torch.Tensor | None, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``row_order``: rows longest-first (int32 ``[out_features]``); ``None`` computes it here
+    (an argsort per call: SparseLinear passes the one it computed at construction)."""
+    x = check_linear_inputs("csr_linear_triton", x, values, bias, out_features, crow_indices=crow,
+                            col_indices=col, row_order=row_order)
     if crow.numel() != out_features + 1:
         raise ValueError(f"csr_linear_triton: crow_indices must hold out_features + 1 = {out_features + 1} "
                          f"entries, got {crow.numel()}")
+    if row_order is None:
+        row_order = (crow[1:] - crow[:-1]).argsort(descending=True, stable=True).to(torch.int32)
     if row_order.dtype != torch.int32 or tuple(row_order.shape) != (out_features,):
         raise ValueError(f"csr_linear_triton: row_order must be int32 [{out_features}] (formats.CSR.row_order), "
                          f"got {row_order.dtype} {tuple(row_order.shape)}")

@@ -1,10 +1,12 @@
-"""The ``triton`` backend: one ``torch.library.custom_op`` per format, each with a fake kernel.
+"""The ``triton`` backend: one ``torch.library.custom_op`` per format (``<op>_triton``), with the
+public op's arguments in the same order, and its fake from :func:`sparse_prune.ops.linear_fake`.
 
-Imported on first use (``backend="triton"``), so ``import sparse_prune`` never needs Triton.
+Imported on first use, so ``import sparse_prune`` never needs Triton. These ops are what
+``backend="triton"`` forces (and what the interpreter tests run on the CPU); on CUDA the public
+ops of :mod:`sparse_prune.ops` call them through :data:`KERNELS` where csrc/ has no kernel.
 Annotations are real ``Optional[...]`` objects (no ``from __future__ import annotations``):
-older torch (2.11 on the GPU machines) infers custom-op schemas from them.
-Op names are the torch backend's with a ``_triton`` suffix and the same arguments. Not
-``triton_op``: that wrapper does not run under the Triton interpreter, which the CPU tests use.
+older torch (2.11 on the GPU machines) infers custom-op schemas from them. Not ``triton_op``:
+that wrapper does not run under the Triton interpreter, which the CPU tests use.
 """
 
 from typing import Optional
@@ -12,23 +14,19 @@ from typing import Optional
 import torch
 
 from sparse_prune.kernels import triton_bsr, triton_csr, triton_semi24, triton_shrunk
-
-
-def _fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
-    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
-    return x.new_empty((x.shape[0], out_features))
+from sparse_prune.ops import linear_fake
 
 
 @torch.library.custom_op("sparse_prune::csr_linear_triton", mutates_args=())
 def csr_linear_triton(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
-                      col_indices: torch.Tensor, row_order: torch.Tensor, out_features: int,
-                      bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+                      col_indices: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],  # noqa: UP045
+                      row_order: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
     return triton_csr.csr_linear(x, values, crow_indices, col_indices, row_order, out_features, bias)
 
 
 @csr_linear_triton.register_fake
-def _(x, values, crow_indices, col_indices, row_order, out_features, bias):
-    return _fake(x, out_features)
+def _(x, values, crow_indices, col_indices, out_features, bias, row_order=None):
+    return linear_fake(x, out_features)
 
 
 @torch.library.custom_op("sparse_prune::bsr_linear_triton", mutates_args=())
@@ -39,7 +37,7 @@ def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, crow_indices: torch
 
 @bsr_linear_triton.register_fake
 def _(x, values, crow_indices, col_indices, out_features, bias):
-    return _fake(x, out_features)
+    return linear_fake(x, out_features)
 
 
 @torch.library.custom_op("sparse_prune::semi24_linear_triton", mutates_args=())
@@ -50,7 +48,7 @@ def semi24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
 
 @semi24_linear_triton.register_fake
 def _(x, values, meta, bias):
-    return _fake(x, values.shape[0])
+    return linear_fake(x, values.shape[0])
 
 
 @torch.library.custom_op("sparse_prune::shrunk_linear_triton", mutates_args=())
@@ -61,4 +59,13 @@ def shrunk_linear_triton(x: torch.Tensor, values: torch.Tensor, out_index: torch
 
 @shrunk_linear_triton.register_fake
 def _(x, values, out_index, in_index, out_features, bias):
-    return _fake(x, out_features)
+    return linear_fake(x, out_features)
+
+
+# format name -> the Triton op, called with the public op's arguments
+KERNELS = {
+    "csr": csr_linear_triton,
+    "bsr": bsr_linear_triton,
+    "2:4": semi24_linear_triton,
+    "shrink": shrunk_linear_triton,
+}

@@ -15,11 +15,12 @@ import triton.language as tl
 
 from sparse_prune.kernels.triton_common import check_linear_inputs, configs, dot_precision
 
+# Every config is checked for correctness on a GPU (tests/test_triton_kernels.py).
+FULL_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3))]
+
 
 @triton.autotune(
-    configs=configs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                     for bm, bn, bk, w, s in ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3),
-                                              (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3))],
+    configs=configs(FULL_CONFIGS,
                     [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]),
     key=["M", "N", "K"],
 )
@@ -55,7 +56,7 @@ def _semi24_kernel(x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, META_W,
 def semi24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     n = values.shape[0]
-    x = check_linear_inputs("semi24_linear_triton", x, values, bias, n)
+    x = check_linear_inputs("semi24_linear_triton", x, values, bias, n, meta=meta)
     m, k = x.shape
     if k % 4 or values.shape[1] * 2 != k:
         raise ValueError(f"semi24_linear_triton: x has K={k}; values must be [N, K/2] with K % 4 == 0, "

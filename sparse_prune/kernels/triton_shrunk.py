@@ -15,11 +15,12 @@ import triton.language as tl
 
 from sparse_prune.kernels.triton_common import check_linear_inputs, configs, dot_precision
 
+# Every config is checked for correctness on a GPU (tests/test_triton_kernels.py).
+FULL_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in ((32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3))]
+
 
 @triton.autotune(
-    configs=configs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                     for bm, bn, bk, w, s in ((32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3),
-                                              (128, 64, 32, 4, 4), (64, 128, 64, 4, 3))],
+    configs=configs(FULL_CONFIGS,
                     [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]),
     key=["M", "NK", "KK"],
 )
@@ -48,7 +49,8 @@ def _shrunk_kernel(x_ptr, val_ptr, out_idx_ptr, in_idx_ptr, bias_ptr, y_ptr, M, 
 
 def shrunk_linear(x: torch.Tensor, values: torch.Tensor, out_index: torch.Tensor, in_index: torch.Tensor,
                   out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    x = check_linear_inputs("shrunk_linear_triton", x, values, bias, out_features)
+    x = check_linear_inputs("shrunk_linear_triton", x, values, bias, out_features, out_index=out_index,
+                            in_index=in_index)
     nk, kk = len(out_index), len(in_index)
     if values.dim() != 2 or tuple(values.shape) != (nk, kk):
         raise ValueError(f"shrunk_linear_triton: values must be [len(out_index), len(in_index)] = [{nk}, {kk}], "

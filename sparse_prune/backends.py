@@ -1,0 +1,261 @@
+"""Which kernel runs a layer: backend resolution per device, the candidates ``format="auto"``
+may time, and the one table ``(format, backend) -> kernel``.
+
+Backends a user asks for (:data:`~sparse_prune.constants.BACKENDS`):
+
+* ``"auto"`` — on the CPU, ``torch`` (the reference: MKL ``torch.sparse`` for very sparse
+  CSR/BSR, otherwise rebuild + ``F.linear``); on CUDA, our csrc/ kernel where it fits, else
+  our Triton kernel where it fits, else ``dense``: the masked weight materialized once and run
+  by cuBLAS. ``auto`` never rebuilds the weight per call on a GPU.
+* ``"torch"`` — the reference. On CUDA it rebuilds the dense weight on every call; that is
+  only ever done when asked for, and warns once.
+* ``"triton"`` / ``"cuda"`` — our Triton / csrc/ kernel; ``ValueError`` naming the reason
+  where it cannot run or cannot take the weight.
+
+A resolved backend is one of :data:`~sparse_prune.constants.RESOLVED_BACKENDS`. Kernels are
+plain functions ``(x [M, K], layer) -> y [M, N]`` reading the layer's buffers, so modules can be
+deep-copied, pickled and compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sparse_prune import ops
+from sparse_prune.constants import BACKENDS, BSR_BLOCK_SIDES, CUDA_FORMATS, MMA_SP_K_STEP
+from sparse_prune.kernels import reference, triton_common
+
+TORCH_ON_CUDA_WARNING = ("backend='torch' on CUDA rebuilds the dense weight on every call (the reference "
+                         "path): slower than dense; use backend='auto' for our kernels or cuBLAS")
+
+
+# ---------------------------------------------------------------------------------------
+# Why a backend cannot run a weight (None: it can)
+
+
+def triton_reason(format_name: str, fmt: Any = None, block: tuple[int, ...] | None = None) -> str | None:
+    """Why our Triton kernel cannot take this weight, or None (availability not included)."""
+    if format_name == "bsr":
+        block = tuple(fmt.block) if fmt is not None else block
+        if block is not None and any(side not in BSR_BLOCK_SIDES for side in block):
+            return f"block {block} (each side must be one of {BSR_BLOCK_SIDES})"
+    if fmt is not None and fmt.dtype == torch.float64:
+        return "dtype float64 (kernels take float16, bfloat16, float32)"
+    return None
+
+
+def cuda_reason(format_name: str, fmt: Any = None) -> str | None:
+    """Why our csrc/ kernel cannot take this weight, or None."""
+    if not ops.has_cuda_extension():
+        return f"the CUDA extension is not loaded ({ops.extension_error()})"
+    if format_name == "dense":
+        return None
+    if format_name not in CUDA_FORMATS:
+        return f"no CUDA kernel for format {format_name!r} (kernels: {', '.join(CUDA_FORMATS)}; try 'triton')"
+    if fmt is not None:
+        if fmt.dtype == torch.float64:
+            return "dtype float64 (kernels take float16, bfloat16, float32)"
+        if format_name == "2:4":
+            if fmt.shape[1] % MMA_SP_K_STEP:
+                return f"in_features = {fmt.shape[1]} is not a multiple of {MMA_SP_K_STEP} (one mma.sp K step)"
+            if fmt.dtype not in (torch.float16, torch.bfloat16):
+                return f"dtype {fmt.dtype}: sparse tensor cores take float16/bfloat16"
+    return None
+
+
+def reason(format_name: str, backend: str, fmt: Any = None, device: torch.device | str | None = None) -> str | None:
+    """Why ``backend`` cannot run ``format_name`` (``fmt`` when known) on ``device``, or None."""
+    device = torch.device(device) if device is not None else (fmt.device if fmt is not None else torch.device("cpu"))
+    if backend == "torch":
+        return None
+    if backend == "dense":
+        return None
+    if backend == "cuda":  # fit only: a CPU layer may ask for it and be moved to CUDA before running
+        return cuda_reason(format_name, fmt)
+    if backend == "triton":
+        return triton_common.unavailable_reason() or triton_reason(format_name, fmt)
+    raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+
+
+def candidates(format_name: str, fmt: Any, device: torch.device | str) -> list[str]:
+    """Backends that run ``fmt`` on ``device`` without rebuilding the weight per call, fastest
+    first by design: CUDA: ``cuda``, ``triton`` where they fit; CPU: ``torch``."""
+    device = torch.device(device)
+    if format_name == "dense" or device.type != "cuda":
+        return ["torch"]
+    return [b for b in ("cuda", "triton") if reason(format_name, b, fmt, device) is None]
+
+
+def runs_on(backend: str, device: torch.device | str) -> bool:
+    """Whether an explicitly requested ``backend`` can run on ``device`` at all."""
+    device = torch.device(device)
+    if backend == "cuda":
+        return device.type == "cuda" and ops.has_cuda_extension()
+    if backend == "triton":
+        return triton_common.unavailable_reason() is None and (device.type == "cuda" or triton_common.interpreting())
+    return True
+
+
+def resolve_backend(backend: str, format_name: str, fmt: Any = None,
+                    device: torch.device | str | None = None) -> str:
+    """The backend a layer of ``format_name`` runs on, on ``device`` (default: ``fmt``'s, else
+    the CPU). ``ValueError`` for an unknown backend, or ``triton``/``cuda`` where it cannot run
+    or fit. The ``dense`` format always runs ``F.linear`` (backend ``torch``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    device = torch.device(device) if device is not None else (fmt.device if fmt is not None else torch.device("cpu"))
+    if format_name == "dense":
+        return "torch"
+    if backend == "auto":
+        found = candidates(format_name, fmt, device)
+        resolved = found[0] if found else "dense"
+        if resolved == "torch" and device.type == "cuda":  # never the per-call rebuild on a GPU
+            resolved = "dense"
+        backend = resolved
+    elif backend in ("cuda", "triton"):
+        why = reason(format_name, backend, fmt, device)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot run format {format_name!r} here: {why}")
+    if backend == "triton":
+        import sparse_prune.kernels.triton_ops  # noqa: F401  (registers the *_triton ops)
+    return backend
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels: (x [M, K], layer) -> y [M, N]. "torch" calls the op on the CPU (its CPU kernel
+# is the reference) and the reference itself elsewhere (the explicit rebuild); "cuda" calls the
+# op, whose CUDA kernel csrc/ registered; "triton" the Triton custom op; "dense" F.linear on
+# the weight materialized once.
+
+
+def _on_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
+def _dense(x, m):
+    return torch.ops.sparse_prune.dense_linear(x, m.values, m.bias)
+
+
+def _materialized(x, m):
+    return F.linear(x, m.dense_weight, m.bias)
+
+
+def _csr_torch(x, m):
+    args = (x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias)
+    return torch.ops.sparse_prune.csr_linear(*args) if _on_cpu(x) else reference.csr_linear(*args)
+
+
+def _need_cuda(x: torch.Tensor) -> None:
+    if x.device.type != "cuda":
+        raise ValueError(f"backend='cuda' runs on CUDA tensors, got x on {x.device}: move the model with "
+                         ".to('cuda'), or convert with backend='auto' (which follows the device)")
+
+
+def _csr_cuda(x, m):
+    _need_cuda(x)
+    return torch.ops.sparse_prune.csr_linear(x, m.values, m.crow_indices, m.col_indices, m.out_features,
+                                             m.bias, m.row_order)
+
+
+def _csr_triton(x, m):
+    return torch.ops.sparse_prune.csr_linear_triton(x, m.values, m.crow_indices, m.col_indices,
+                                                    m.out_features, m.bias, m.row_order)
+
+
+def _bsr_torch(x, m):
+    args = (x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias)
+    return torch.ops.sparse_prune.bsr_linear(*args) if _on_cpu(x) else reference.bsr_linear(*args)
+
+
+def _bsr_triton(x, m):
+    return torch.ops.sparse_prune.bsr_linear_triton(x, m.values, m.crow_indices, m.col_indices,
+                                                    m.out_features, m.bias)
+
+
+def _semi24_torch(x, m):
+    args = (x, m.values, m.meta, m.bias)
+    return torch.ops.sparse_prune.semi24_linear(*args) if _on_cpu(x) else reference.semi24_linear(*args)
+
+
+def _semi24_cuda(x, m):
+    _need_cuda(x)
+    return torch.ops.sparse_prune.semi24_linear(x, m.values, m.meta, m.bias)
+
+
+def _semi24_triton(x, m):
+    return torch.ops.sparse_prune.semi24_linear_triton(x, m.values, m.meta, m.bias)
+
+
+def _shrunk_torch(x, m):
+    args = (x, m.values, m.out_index, m.in_index, m.out_features, m.bias)
+    return torch.ops.sparse_prune.shrunk_linear(*args) if _on_cpu(x) else reference.shrunk_linear(*args)
+
+
+def _shrunk_triton(x, m):
+    return torch.ops.sparse_prune.shrunk_linear_triton(x, m.values, m.out_index, m.in_index,
+                                                       m.out_features, m.bias)
+
+
+KERNELS: dict[tuple[str, str], Callable[[torch.Tensor, Any], torch.Tensor]] = {
+    ("dense", "torch"): _dense,
+    ("csr", "torch"): _csr_torch,
+    ("csr", "cuda"): _csr_cuda,
+    ("csr", "triton"): _csr_triton,
+    ("csr", "dense"): _materialized,
+    ("bsr", "torch"): _bsr_torch,
+    ("bsr", "triton"): _bsr_triton,
+    ("bsr", "dense"): _materialized,
+    ("2:4", "torch"): _semi24_torch,
+    ("2:4", "cuda"): _semi24_cuda,
+    ("2:4", "triton"): _semi24_triton,
+    ("2:4", "dense"): _materialized,
+    ("shrink", "torch"): _shrunk_torch,
+    ("shrink", "triton"): _shrunk_triton,
+    ("shrink", "dense"): _materialized,
+}
+
+# What each kernel really executes, for report(): name, and whether it skips pruned work.
+_LABELS = {
+    ("dense", "torch"): "F.linear",
+    ("csr", "cuda"): "cuda:csr-spmm", ("csr", "triton"): "triton:csr",
+    ("bsr", "triton"): "triton:bsr",
+    ("2:4", "cuda"): "cuda:mma.sp", ("2:4", "triton"): "triton:2:4 (expanded, dense tl.dot)",
+    ("shrink", "torch"): "torch:gather-gemm-scatter", ("shrink", "triton"): "triton:shrunk",
+}
+
+
+def kernel_label(format_name: str, backend: str, device: torch.device | str) -> str:
+    """What runs, in words: e.g. ``cuda:mma.sp``, ``torch:rebuild+F.linear``, ``dense:F.linear``."""
+    if backend == "dense":
+        return "dense:F.linear (materialized)"
+    if backend == "torch" and format_name in ("csr", "bsr", "2:4"):
+        if torch.device(device).type == "cpu" and format_name != "2:4":
+            return "torch:mkl-sparse|rebuild"
+        return "torch:rebuild+F.linear"
+    return _LABELS[(format_name, backend)]
+
+
+def flops_per_row(format_name: str, backend: str, fmt: Any) -> int:
+    """Multiply-adds ×2 per input row that the kernel actually performs: dense ``2·N·K`` for
+    every rebuild path (``torch`` CSR/BSR/2:4 — on the CPU, MKL's sparse product is used for
+    very sparse weights, so this is an upper bound there), for ``dense`` and for the Triton 2:4
+    kernel (it expands to a dense ``tl.dot``); the stored work for kernels that skip the rest."""
+    n, k = fmt.shape
+    dense = 2 * n * k
+    if backend == "dense" or format_name == "dense":
+        return dense
+    if format_name == "shrink":
+        return 2 * fmt.values.numel()
+    if backend == "torch":
+        return dense
+    if format_name == "csr":
+        return 2 * fmt.nnz
+    if format_name == "bsr":
+        return 2 * fmt.values.numel()
+    if format_name == "2:4":
+        return n * k if backend == "cuda" else dense
+    return dense

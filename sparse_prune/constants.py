@@ -1,0 +1,21 @@
+"""Constants shared across the package: one home, so modules never disagree on them."""
+
+from __future__ import annotations
+
+import torch
+
+# Backends a user may ask for. "auto" picks per layer and device (sparse_prune.backends).
+BACKENDS = ("auto", "torch", "triton", "cuda")
+# What a layer may resolve to: the requested ones, plus "dense" (the masked weight
+# materialized once and run through F.linear/cuBLAS, where no sparse kernel fits on a GPU).
+RESOLVED_BACKENDS = ("torch", "triton", "cuda", "dense")
+
+# dtypes the linear kernels take; formats also hold float64 (reference / CPU only).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FORMAT_DTYPES = (*FLOAT_DTYPES, torch.float64)
+
+DEFAULT_BSR_BLOCK = (32, 32)
+BSR_BLOCK_SIDES = (16, 32, 64)  # Triton's tl.dot needs every side >= 16
+
+CUDA_FORMATS = ("2:4", "csr")  # formats with a csrc/ kernel
+MMA_SP_K_STEP = 16  # one mma.sp m16n8k16 step: the CUDA 2:4 kernel needs K % 16 == 0

@@ -1,0 +1,222 @@
+"""``convert()``: masks → a model whose masked Linears hold compact formats, in two steps.
+
+1. :func:`plan` decides, per masked weight, the format, the backend and why (a fixed format,
+   or ``format="auto"``'s measured choice), building each format from the weight. It does not
+   touch the model.
+2. :func:`apply_plan` swaps the planned layers for :class:`~sparse_prune.nn.SparseLinear` and
+   zeroes the pruned weights of the layers kept dense, recording each decision on its module
+   (:data:`PLAN_ATTR`), which :func:`sparse_prune.report.report` and the bench rows show.
+
+``format="shrink"`` first cuts whole MLP neurons and attention heads out of the model
+(:mod:`sparse_prune.shrink`); that is structure, done before planning what is left.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparse_prune import backends
+from sparse_prune import formats as F
+from sparse_prune.constants import BACKENDS
+from sparse_prune.masks import MaskSet
+from sparse_prune.nn import SparseLinear
+from sparse_prune.shrink import open_mha_out_proj, shrink_groups
+from sparse_prune.structure import resolve_param
+
+CONVERT_FORMATS = tuple(F.FORMATS)
+PLAN_ATTR = "sparse_prune_plan"  # the LayerPlan's summary, kept on the module for report()
+
+
+@dataclass
+class LayerPlan:
+    """One masked weight's fate: ``fmt`` is the built format, or ``None`` when the layer stays
+    a masked dense module (``reason`` says why)."""
+
+    param: str
+    module: str
+    format: str
+    backend: str
+    reason: str
+    fmt: F.WeightFormat | None = None
+    kw: dict[str, Any] = field(default_factory=dict)
+    ratio: float | None = None  # format="auto": measured dense ms / chosen ms
+
+    def summary(self) -> dict[str, Any]:
+        out = {"format": self.format, "backend": self.backend, "reason": self.reason}
+        if self.ratio is not None:
+            out["ratio"] = self.ratio
+        return out
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(parent module, attribute name)`` of the submodule called ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def check_convert_args(masks: Any, format: str, backend: str) -> None:
+    """``ValueError``/``TypeError`` for an unknown format or backend, or masks not a MaskSet."""
+    if format != "auto" and format not in CONVERT_FORMATS:
+        raise ValueError(f"unknown format {format!r}; allowed: auto, {', '.join(CONVERT_FORMATS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if not isinstance(masks, MaskSet):
+        raise TypeError(f"masks must be a sparse_prune.MaskSet, got {type(masks).__name__}")
+
+
+def _precheck(format: str, backend: str, format_kw: dict[str, Any], device: torch.device) -> None:
+    """Fail before any work, not layer by layer: the per-layer checks without a weight."""
+    if backend in ("triton", "cuda") and format != "dense":
+        why = backends.reason(format, backend, None, device)
+        if why is None and backend == "triton":
+            why = backends.triton_reason(format, block=tuple(format_kw.get("block", ())) or None)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot run format {format!r} here: {why}")
+
+
+def plan(model: nn.Module, masks: dict[str, torch.Tensor], format: str, backend: str = "auto",
+         **format_kw: Any) -> list[LayerPlan]:
+    """Per masked weight of ``model``: the fixed ``format`` built from its weight, or the
+    reason it stays dense (not an ``nn.Linear`` weight, a mask the format cannot take, a
+    backend that cannot run it). The model is not modified."""
+    layers = []
+    cls = F.FORMATS[format]
+    for name, mask in masks.items():
+        module_name, module, param = resolve_param(model, name)
+        if type(module) is not nn.Linear or param != "weight":
+            layers.append(LayerPlan(name, module_name, "dense", "torch", "not an nn.Linear weight"))
+            continue
+        weight = module.weight.detach()
+        try:
+            fmt = cls.from_dense(weight, mask.to(weight.device), **format_kw)
+        except ValueError as exc:  # the mask does not fit the format: documented, warned
+            layers.append(LayerPlan(name, module_name, "dense", "torch", str(exc)))
+            continue
+        # a backend the user asked for that cannot take this weight is an error, never a fallback
+        resolved = backends.resolve_backend(backend, format, fmt)
+        why = "requested" if backend != "auto" else f"auto backend on {fmt.device.type}"
+        layers.append(LayerPlan(name, module_name, format, resolved, why, fmt, dict(format_kw)))
+    return layers
+
+
+def plan_auto(model: nn.Module, masks: MaskSet, backend: str, example_inputs: Any,
+              cache: str | None) -> list[LayerPlan]:
+    """``format="auto"``'s plan: per layer the measured fastest candidate, dense included."""
+    from sparse_prune.auto import choose
+
+    decisions = choose(model, masks, example_inputs, None if backend == "auto" else [backend], cache)
+    layers = []
+    for name, mask in masks.items():
+        module_name, module, param = resolve_param(model, name)
+        choice = decisions.get(name)
+        if choice is None:
+            why = "not an nn.Linear weight" if type(module) is not nn.Linear else "no input recorded"
+            layers.append(LayerPlan(name, module_name, "dense", "torch", why))
+            continue
+        kw = {k: tuple(v) for k, v in choice["kw"].items()}
+        reason = f"auto: fastest measured ({choice['ratio']:.2f}x dense)"
+        if choice["format"] == "dense":
+            layers.append(LayerPlan(name, module_name, "dense", "torch", reason, ratio=choice["ratio"]))
+            continue
+        weight = module.weight.detach()
+        fmt = F.FORMATS[choice["format"]].from_dense(weight, mask.to(weight.device), **kw)
+        layers.append(LayerPlan(name, module_name, choice["format"], choice["backend"], reason, fmt, kw,
+                                choice["ratio"]))
+    return layers
+
+
+def apply_plan(model: nn.Module, masks: dict[str, torch.Tensor], layers: list[LayerPlan]) -> list[str]:
+    """Carry out ``layers`` on ``model`` in place; return the "param (reason)" of every masked
+    weight left dense. Each module gets its plan summary as ``PLAN_ATTR``."""
+    left_dense = []
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for layer in layers:
+            module = model.get_submodule(layer.module)
+            if layer.fmt is None:
+                weight = module.get_parameter(layer.param.rpartition(".")[2])
+                weight.mul_(masks[layer.param].to(device=weight.device, dtype=weight.dtype))
+                if not layer.reason.startswith("auto:"):
+                    left_dense.append(f"{layer.param} ({layer.reason})")
+                target = module
+            else:
+                target = SparseLinear(layer.fmt, module.bias, layer.backend)
+                parent, child = parent_of(model, layer.module)
+                setattr(parent, child, target)
+            target.__dict__[PLAN_ATTR] = layer.summary()
+    for message in dict.fromkeys(str(w.message) for w in seen):  # once per model, not per layer
+        warnings.warn(message, stacklevel=3)
+    return left_dense
+
+
+def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str = "auto",
+            inplace: bool = False, example_inputs: Any = None, cache: str | None = None,
+            **format_kw: Any) -> nn.Module:
+    """Swap every masked ``nn.Linear`` for a :class:`SparseLinear` holding ``format``.
+
+    Formats: ``CONVERT_FORMATS`` ("dense" = masked dense baseline, "shrink", "2:4", "csr",
+    "bsr" with ``block=(bm, bk)``). ``format_kw`` go to the format's ``from_dense``.
+    Weights a format cannot take (not 2:4, not structured, not a Linear) keep their module
+    with the mask applied, and one warning lists them. The result computes the same function
+    as ``masks.apply(copy.deepcopy(model))``; weights reconstructed by the pruner
+    (``masks.weights``, e.g. SparseGPT) are used instead of the model's.
+
+    ``backend``: "auto" (our best kernel for the weight's device; never a per-call dense
+    rebuild on a GPU: where no kernel fits, the masked weight is materialized once for cuBLAS),
+    "torch" (the reference; on CUDA it rebuilds the weight per call, and warns once), "triton",
+    "cuda" (``ValueError`` up front where they cannot run). Layers re-resolve their backend
+    when moved with ``.to()``.
+
+    ``format="shrink"`` is dependency-aware unless ``coupled=False``: MLP neurons whose fc2
+    column and attention heads whose output-projection columns are fully pruned are removed
+    from every layer of their group (see :mod:`sparse_prune.shrink`; the attention modules'
+    head counts follow); whatever mask is left on a cut layer goes through the generic
+    gather/scatter ``Shrunk`` format. ``round_to`` applies to both.
+
+    ``format="auto"`` times, per layer on ``example_inputs`` (required), every format and
+    backend that fits its mask against the masked dense layer and keeps the fastest, dense
+    included (:mod:`sparse_prune.auto`; ``cache=`` a JSON path to reuse decisions); ``report()``
+    shows each choice and its measured ratio. ``backend`` limits the candidates when not "auto".
+    """
+    check_convert_args(masks, format, backend)
+    masks.validate(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if format != "auto":
+        _precheck(format, backend, format_kw, device)
+    model = model if inplace else copy.deepcopy(model)
+    _use_reconstructed(model, masks)
+    if format == "auto":
+        layers = plan_auto(model, masks, backend, example_inputs, cache)
+        apply_plan(model, dict(masks.items()), layers)
+        return model
+    todo: dict[str, torch.Tensor] = dict(masks.items())
+    open_mha_out_proj(model, todo)  # torchvision: lets MHA out_proj become a SparseLinear
+    left_dense: list[str] = []
+    coupled = format_kw.pop("coupled", True) if format == "shrink" else False
+    if coupled:
+        # Whole neurons/heads first: smaller plain GEMMs, no gather/scatter (sparse_prune.shrink).
+        todo, _, skipped = shrink_groups(model, todo, format_kw.get("round_to", 1))
+        left_dense += [f"{s}: heads/neurons not removed" for s in skipped]
+        todo = {name: m for name, m in todo.items() if not bool(m.all())}
+    left_dense += apply_plan(model, todo, plan(model, todo, format, backend, **format_kw))
+    if left_dense:
+        warnings.warn(f"format {format!r} left {len(left_dense)} masked weight(s) dense: " + "; ".join(left_dense),
+                      stacklevel=2)
+    return model
+
+
+def _use_reconstructed(model: nn.Module, masks: MaskSet) -> None:
+    """Write the pruner's reconstructed weights (``masks.weights``, when it has any) into
+    ``model`` (already a copy unless ``inplace``), so every format compiles them."""
+    weights = getattr(masks, "weights", None) or {}
+    with torch.no_grad():
+        for name, value in weights.items():
+            _, module, param = resolve_param(model, name)
+            target = getattr(module, param)
+            target.copy_(value.to(device=target.device, dtype=target.dtype))

@@ -1,0 +1,111 @@
+"""Backend resolution and the one dispatch table: no silent dense rebuild on a GPU."""
+
+import pytest
+import torch
+
+import sparse_prune as sp
+from sparse_prune import backends, ops
+from sparse_prune import formats as F
+from sparse_prune.kernels import triton_common
+
+
+def _fmt(name, dtype=torch.float32, n=32, k=64, **kw):
+    torch.manual_seed(0)
+    w = torch.randn(n, k, dtype=dtype)
+    if name == "2:4":
+        mask = sp.prune(torch.nn.Linear(k, n).requires_grad_(False), "nm")["weight"]
+    elif name == "shrink":
+        mask = (torch.rand(n, 1) < 0.5) & (torch.rand(1, k) < 0.5)
+    else:
+        mask = torch.rand(n, k) < 0.3
+    return F.FORMATS[name].from_dense(w, mask, **kw)
+
+
+def test_every_public_op_has_a_cuda_kernel():
+    # registered by csrc/ (2:4, csr) or by ops.py (Triton); never the reference
+    for op in ops.LINEAR_OPS.values():
+        assert ops.has_cuda_kernel(op), op
+
+
+@pytest.mark.skipif(not sp.has_cuda_extension(), reason="needs the compiled extension")
+@pytest.mark.skipif(triton_common.unavailable_reason() is not None, reason="needs Triton")
+def test_auto_on_cuda_picks_our_kernels_else_dense_never_the_rebuild(monkeypatch):
+    cuda = "cuda"
+    assert backends.resolve_backend("auto", "2:4", _fmt("2:4", torch.bfloat16), cuda) == "cuda"
+    assert backends.resolve_backend("auto", "2:4", _fmt("2:4", torch.float32), cuda) == "triton"  # no fp32 mma.sp
+    assert backends.resolve_backend("auto", "2:4", _fmt("2:4", torch.float16, k=40), cuda) == "triton"  # K % 16
+    assert backends.resolve_backend("auto", "csr", _fmt("csr"), cuda) == "cuda"
+    assert backends.resolve_backend("auto", "bsr", _fmt("bsr", block=(16, 16)), cuda) == "triton"
+    assert backends.resolve_backend("auto", "bsr", _fmt("bsr", block=(8, 8)), cuda) == "dense"
+    assert backends.resolve_backend("auto", "shrink", _fmt("shrink"), cuda) == "triton"
+    assert backends.resolve_backend("auto", "dense", _fmt("dense"), cuda) == "torch"
+    monkeypatch.setattr(triton_common, "unavailable_reason", lambda: "triton is not installed")
+    assert backends.resolve_backend("auto", "2:4", _fmt("2:4", torch.float32), cuda) == "dense"
+    assert backends.resolve_backend("auto", "bsr", _fmt("bsr", block=(16, 16)), cuda) == "dense"
+    # on the CPU auto is the reference (MKL sparse / rebuild): there is nothing faster there
+    assert backends.resolve_backend("auto", "csr", _fmt("csr")) == "torch"
+
+
+def test_explicit_backends_say_why_they_cannot_run():
+    with pytest.raises(ValueError, match="unknown backend 'opencl'"):
+        backends.resolve_backend("opencl", "csr")
+    with pytest.raises(ValueError, match="backend 'triton' cannot run format 'bsr'.*block"):
+        backends.resolve_backend("triton", "bsr", _fmt("bsr", block=(8, 8)))
+    if sp.has_cuda_extension():
+        with pytest.raises(ValueError, match="no CUDA kernel for format 'bsr'"):
+            backends.resolve_backend("cuda", "bsr", _fmt("bsr", block=(16, 16)))
+        with pytest.raises(ValueError, match="sparse tensor cores"):
+            backends.resolve_backend("cuda", "2:4", _fmt("2:4", torch.float32))
+
+
+@pytest.mark.skipif(not sp.has_cuda_extension(), reason="needs the compiled extension")
+def test_cuda_backend_on_cpu_tensors_refuses_instead_of_running_the_reference():
+    layer = sp.SparseLinear(_fmt("2:4", torch.float16), None, backend="cuda")
+    assert layer.backend == "cuda"
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        layer(torch.randn(3, 64, dtype=torch.float16))
+
+
+def test_layers_resolve_again_when_moved_or_cast(monkeypatch):
+    layer = sp.SparseLinear(_fmt("csr"), torch.randn(32), backend="auto")
+    assert (layer.backend, layer.requested_backend) == ("torch", "auto")
+    x = torch.randn(4, 64)
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    # pretend this device had a faster kernel: the next .to()/.float() must pick it up
+    monkeypatch.setattr(backends, "candidates", lambda name, fmt, device: ["dense"] if name == "csr" else ["torch"])
+    layer.float()
+    assert layer.backend == "dense" and layer.dense_weight is not None and layer.kernel_name.startswith("dense:")
+    torch.testing.assert_close(layer(x), want)
+    monkeypatch.undo()
+    layer.float()
+    assert layer.backend == "torch" and layer.dense_weight is None
+    assert "dense_weight" not in layer.state_dict() and "row_order" not in layer.state_dict()
+
+
+@pytest.mark.skipif(triton_common.unavailable_reason() is not None, reason="needs Triton")
+def test_explicit_backend_that_cannot_follow_a_cast_fails_at_the_call():
+    layer = sp.SparseLinear(_fmt("csr"), None, backend="triton")
+    layer.double()  # Triton kernels take fp16/bf16/fp32
+    with pytest.raises(ValueError, match="float64"):
+        layer(torch.randn(2, 64, dtype=torch.float64))
+    layer.float()
+    assert layer.backend == "triton" and layer(torch.randn(2, 64)).shape == (2, 32)
+
+
+def test_convert_warns_once_and_counts_what_it_left_dense(hf_vit):
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.5)  # not 2:4
+    with pytest.warns(UserWarning, match=r"format '2:4' left \d+ masked weight\(s\) dense") as seen:
+        fast = sp.convert(hf_vit, masks, format="2:4")
+    assert len([w for w in seen if "left" in str(w.message)]) == 1
+    rows = sp.report(fast)
+    assert all("not 2:4" in r["why"] for r in rows if "why" in r)
+
+
+def test_flops_follow_the_kernel():
+    csr, s24 = _fmt("csr"), _fmt("2:4", torch.float16)
+    dense = 2 * 32 * 64
+    assert backends.flops_per_row("csr", "torch", csr) == dense  # the reference may rebuild
+    assert backends.flops_per_row("csr", "triton", csr) == 2 * csr.nnz
+    assert backends.flops_per_row("csr", "dense", csr) == dense
+    assert backends.flops_per_row("2:4", "triton", s24) == dense  # expands to a dense tl.dot
+    assert backends.flops_per_row("2:4", "cuda", s24) == dense // 2  # sparse tensor cores skip half
