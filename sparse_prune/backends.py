@@ -11,6 +11,10 @@ Backends a user asks for (:data:`~sparse_prune.constants.BACKENDS`):
   only ever done when asked for, and warns once.
 * ``"triton"`` / ``"cuda"`` — our Triton / csrc/ kernel; ``ValueError`` naming the reason
   where it cannot run or cannot take the weight.
+* ``"cusparselt"`` — 2:4 through torch's cuSPARSELt binding (``torch._cslt_compress`` once,
+  the algorithm searched once with ``torch._cslt_sparse_mm_search`` when the layer is bound to
+  a CUDA device, ``torch._cslt_sparse_mm`` per call). torch still builds a cuSPARSELt plan
+  inside every ``_cslt_sparse_mm`` call; that host cost is not ours to remove.
 
 A resolved backend is one of :data:`~sparse_prune.constants.RESOLVED_BACKENDS`. Kernels are
 plain functions ``(x [M, K], layer) -> y [M, N]`` reading the layer's buffers, so modules can be
@@ -26,7 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from sparse_prune import ops
-from sparse_prune.constants import BACKENDS, BSR_BLOCK_SIDES, CUDA_FORMATS, MMA_SP_K_STEP
+from sparse_prune.constants import (
+    BACKENDS,
+    BSR_BLOCK_SIDES,
+    CUDA_FORMATS,
+    CUSPARSELT_ROW_MULTIPLE,
+    CUSPARSELT_SEARCH_ROWS,
+    CUSPARSELT_WEIGHT_MULTIPLE,
+    MMA_SP_K_STEP,
+)
 from sparse_prune.kernels import reference, triton_common
 
 TORCH_ON_CUDA_WARNING = ("backend='torch' on CUDA rebuilds the dense weight on every call (the reference "
@@ -67,6 +79,21 @@ def cuda_reason(format_name: str, fmt: Any = None) -> str | None:
     return None
 
 
+def cusparselt_reason(format_name: str, fmt: Any = None) -> str | None:
+    """Why torch's cuSPARSELt path cannot take this weight, or None."""
+    if format_name != "2:4":
+        return f"cuSPARSELt runs 2:4 weights only, not format {format_name!r}"
+    if not torch.backends.cusparselt.is_available():
+        return f"this torch ({torch.__version__}) has no cuSPARSELt"
+    if fmt is not None:
+        if fmt.dtype not in (torch.float16, torch.bfloat16):
+            return f"dtype {fmt.dtype}: cuSPARSELt here takes float16/bfloat16"
+        if any(side % CUSPARSELT_WEIGHT_MULTIPLE for side in fmt.shape):
+            return (f"weight shape {tuple(fmt.shape)}: both sides must be multiples of "
+                    f"{CUSPARSELT_WEIGHT_MULTIPLE} for cuSPARSELt")
+    return None
+
+
 def reason(format_name: str, backend: str, fmt: Any = None, device: torch.device | str | None = None) -> str | None:
     """Why ``backend`` cannot run ``format_name`` (``fmt`` when known) on ``device``, or None."""
     device = torch.device(device) if device is not None else (fmt.device if fmt is not None else torch.device("cpu"))
@@ -78,6 +105,8 @@ def reason(format_name: str, backend: str, fmt: Any = None, device: torch.device
         return cuda_reason(format_name, fmt)
     if backend == "triton":
         return triton_common.unavailable_reason() or triton_reason(format_name, fmt)
+    if backend == "cusparselt":  # fit only, like "cuda": bound to a CUDA device before it runs
+        return cusparselt_reason(format_name, fmt)
     raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
@@ -87,7 +116,7 @@ def candidates(format_name: str, fmt: Any, device: torch.device | str) -> list[s
     device = torch.device(device)
     if format_name == "dense" or device.type != "cuda":
         return ["torch"]
-    return [b for b in ("cuda", "triton") if reason(format_name, b, fmt, device) is None]
+    return [b for b in ("cuda", "triton", "cusparselt") if reason(format_name, b, fmt, device) is None]
 
 
 def runs_on(backend: str, device: torch.device | str) -> bool:
@@ -95,6 +124,8 @@ def runs_on(backend: str, device: torch.device | str) -> bool:
     device = torch.device(device)
     if backend == "cuda":
         return device.type == "cuda" and ops.has_cuda_extension()
+    if backend == "cusparselt":
+        return device.type == "cuda" and torch.backends.cusparselt.is_available()
     if backend == "triton":
         return triton_common.unavailable_reason() is None and (device.type == "cuda" or triton_common.interpreting())
     return True
@@ -116,7 +147,7 @@ def resolve_backend(backend: str, format_name: str, fmt: Any = None,
         if resolved == "torch" and device.type == "cuda":  # never the per-call rebuild on a GPU
             resolved = "dense"
         backend = resolved
-    elif backend in ("cuda", "triton"):
+    elif backend in ("cuda", "triton", "cusparselt"):
         why = reason(format_name, backend, fmt, device)
         if why is not None:
             raise ValueError(f"backend {backend!r} cannot run format {format_name!r} here: {why}")
@@ -149,9 +180,9 @@ def _csr_torch(x, m):
     return torch.ops.sparse_prune.csr_linear(*args) if _on_cpu(x) else reference.csr_linear(*args)
 
 
-def _need_cuda(x: torch.Tensor) -> None:
+def _need_cuda(x: torch.Tensor, backend: str = "cuda") -> None:
     if x.device.type != "cuda":
-        raise ValueError(f"backend='cuda' runs on CUDA tensors, got x on {x.device}: move the model with "
+        raise ValueError(f"backend={backend!r} runs on CUDA tensors, got x on {x.device}: move the model with "
                          ".to('cuda'), or convert with backend='auto' (which follows the device)")
 
 
@@ -186,6 +217,27 @@ def _semi24_cuda(x, m):
     return torch.ops.sparse_prune.semi24_linear(x, m.values, m.meta, m.bias)
 
 
+def cusparselt_payload(fmt: Any) -> tuple[torch.Tensor, int]:
+    """``(compressed weight, algorithm id)`` for cuSPARSELt, computed once when a layer is bound
+    to a CUDA device: ``torch._cslt_compress`` of the masked weight, and the algorithm
+    ``torch._cslt_sparse_mm_search`` finds fastest on :data:`CUSPARSELT_SEARCH_ROWS` random rows."""
+    packed = torch._cslt_compress(fmt.to_dense().contiguous())
+    probe = torch.randn(CUSPARSELT_SEARCH_ROWS, fmt.shape[1], device=fmt.device, dtype=fmt.dtype,
+                        generator=torch.Generator(fmt.device).manual_seed(0))
+    alg = torch._cslt_sparse_mm_search(packed, probe.t(), transpose_result=True)
+    return packed, int(alg[0] if isinstance(alg, (tuple, list)) else alg)
+
+
+def _semi24_cusparselt(x, m):
+    _need_cuda(x, "cusparselt")
+    rows = x.shape[0]
+    pad = -rows % CUSPARSELT_ROW_MULTIPLE
+    xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+    # A [N, K] sparse · B [K, M'] dense = Xᵀ view; transpose_result writes Y [M', N] directly
+    y = torch._cslt_sparse_mm(m.cslt_packed, xp.t(), bias=m.bias, transpose_result=True, alg_id=m.cslt_alg)
+    return y[:rows] if pad else y
+
+
 def _semi24_triton(x, m):
     return torch.ops.sparse_prune.semi24_linear_triton(x, m.values, m.meta, m.bias)
 
@@ -212,6 +264,7 @@ KERNELS: dict[tuple[str, str], Callable[[torch.Tensor, Any], torch.Tensor]] = {
     ("2:4", "torch"): _semi24_torch,
     ("2:4", "cuda"): _semi24_cuda,
     ("2:4", "triton"): _semi24_triton,
+    ("2:4", "cusparselt"): _semi24_cusparselt,
     ("2:4", "dense"): _materialized,
     ("shrink", "torch"): _shrunk_torch,
     ("shrink", "triton"): _shrunk_triton,
@@ -223,7 +276,7 @@ _LABELS = {
     ("dense", "torch"): "F.linear",
     ("csr", "cuda"): "cuda:csr-spmm", ("csr", "triton"): "triton:csr",
     ("bsr", "triton"): "triton:bsr",
-    ("2:4", "cuda"): "cuda:mma.sp", ("2:4", "triton"): "triton:2:4 (expanded, dense tl.dot)",
+    ("2:4", "cuda"): "cuda:mma.sp", ("2:4", "cusparselt"): "cusparselt:_cslt_sparse_mm", ("2:4", "triton"): "triton:2:4 (expanded, dense tl.dot)",
     ("shrink", "torch"): "torch:gather-gemm-scatter", ("shrink", "triton"): "triton:shrunk",
 }
 
@@ -257,5 +310,5 @@ def flops_per_row(format_name: str, backend: str, fmt: Any) -> int:
     if format_name == "bsr":
         return 2 * fmt.values.numel()
     if format_name == "2:4":
-        return n * k if backend == "cuda" else dense
+        return n * k if backend in ("cuda", "cusparselt") else dense
     return dense

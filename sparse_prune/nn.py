@@ -62,6 +62,9 @@ class SparseLinear(nn.Module):
         self.register_buffer("row_order", fmt.row_order() if needs_order else None, persistent=False)
         self.register_buffer("dense_weight", fmt.to_dense() if self.backend == "dense" else None,
                              persistent=False)
+        packed, self.cslt_alg = (backends.cusparselt_payload(fmt)
+                                 if self.backend == "cusparselt" and fmt.device.type == "cuda" else (None, 0))
+        self.register_buffer("cslt_packed", packed, persistent=False)
         if self.backend == "torch" and fmt.device.type == "cuda" and self.format_name not in ("dense", "shrink"):
             warnings.warn(backends.TORCH_ON_CUDA_WARNING, stacklevel=3)
 

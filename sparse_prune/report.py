@@ -26,7 +26,8 @@ def _plan_fields(row: dict[str, Any], module: nn.Module) -> None:
 
 def report(model: nn.Module) -> list[dict[str, Any]]:
     """One row per Linear-like module: name, format, backend, kernel (what really runs),
-    shape, density, bytes (every stored array, plus a weight materialized for cuBLAS), dense_bytes,
+    shape, density, bytes (every stored array, plus device payloads: a weight materialized for
+    cuBLAS, cuSPARSELt's compressed copy, the CSR row schedule), dense_bytes,
     flops (per input row, of what the kernel really computes: dense for rebuild paths, see
     :func:`sparse_prune.backends.flops_per_row`), why (the plan's reason). Layers placed by
     ``format="auto"`` show ``auto:<choice>`` and ``auto_speedup`` (measured dense ms / chosen
@@ -36,7 +37,9 @@ def report(model: nn.Module) -> list[dict[str, Any]]:
         if isinstance(module, SparseLinear):
             fmt = module.weight_format
             elem = fmt.values.element_size()
-            extra = module.dense_weight.numel() * elem if module.dense_weight is not None else 0
+            # device payloads a kernel needs besides the portable format count too
+            extra = sum(t.numel() * t.element_size() for t in (module.dense_weight, module.cslt_packed, module.row_order)
+                        if t is not None)
             rows.append({"name": name, "format": module.format_name, "backend": module.backend,
                          "kernel": module.kernel_name, "shape": list(fmt.shape), "density": fmt.density,
                          "bytes": fmt.nbytes + extra, "dense_bytes": fmt.shape[0] * fmt.shape[1] * elem,

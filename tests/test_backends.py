@@ -109,3 +109,49 @@ def test_flops_follow_the_kernel():
     assert backends.flops_per_row("csr", "dense", csr) == dense
     assert backends.flops_per_row("2:4", "triton", s24) == dense  # expands to a dense tl.dot
     assert backends.flops_per_row("2:4", "cuda", s24) == dense // 2  # sparse tensor cores skip half
+
+
+def test_cusparselt_refusals_name_it(monkeypatch):
+    with pytest.raises(ValueError, match="cusparselt.*2:4 weights only"):
+        backends.resolve_backend("cusparselt", "csr", _fmt("csr"))
+    with pytest.raises(ValueError, match="cusparselt.*float16/bfloat16"):
+        backends.resolve_backend("cusparselt", "2:4", _fmt("2:4", torch.float32))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        backends.resolve_backend("cusparselt", "2:4", _fmt("2:4", torch.float16, n=40))
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="cusparselt.*has no cuSPARSELt"):
+        backends.resolve_backend("cusparselt", "2:4", _fmt("2:4", torch.float16))
+
+
+@pytest.mark.skipif(not torch.backends.cusparselt.is_available(), reason="torch without cuSPARSELt")
+def test_cusparselt_layer_on_cpu_tensors_is_a_clear_error():
+    layer = sp.SparseLinear(_fmt("2:4", torch.float16), None, backend="cusparselt")
+    assert layer.backend == "cusparselt" and layer.cslt_packed is None  # compressed once bound to CUDA
+    with pytest.raises(ValueError, match="'cusparselt' runs on CUDA tensors"):
+        layer(torch.randn(3, 64, dtype=torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 37, 394])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cusparselt_matches_the_masked_dense_layer(dtype, m, bias):
+    from sparse_prune.agreement import check_matches
+
+    fmt = _fmt("2:4", dtype, n=96, k=128)
+    b = torch.randn(96, dtype=dtype) if bias else None
+    layer = sp.SparseLinear(fmt, b, backend="cusparselt").to("cuda")
+    assert layer.cslt_packed is not None
+    x = torch.randn(m, 128, dtype=dtype, device="cuda")
+    w = fmt.to_dense().cuda()
+    bias_cuda = None if b is None else b.cuda()
+    reference = torch.nn.functional.linear(x.double(), w.double(), None if b is None else bias_cuda.double())
+    check_matches(layer(x), reference, torch.nn.functional.linear(x, w, bias_cuda), "cusparselt")
+    graph = torch.cuda.CUDAGraph()
+    layer(x)
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    graph.replay()
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
