@@ -34,7 +34,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparse_prune.agreement import Mismatch, allowed_error, check_matches, reference_dtype, relative_error
+from sparse_prune.agreement import (
+    Mismatch,
+    allowed_error,
+    check_matches,
+    reference_dtype,
+    relative_error,
+)
 from sparse_prune.bench.train import logits_of
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import (
