@@ -193,3 +193,90 @@ def test_cli_bench_exits_nonzero_on_a_wrong_point(tmp_path, capsys, monkeypatch)
     assert [r["status"] for r in rows] == ["wrong", "wrong"]  # format "dense" is a SparseLinear too
     assert all(r["error"] > r["allowed"] for r in rows)
     assert "WRONG or FAILED" in capsys.readouterr().err
+
+
+def _gpu_kernels():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_kernels_checks_each_variant_before_timing():
+    gk = _gpu_kernels()
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 32), torch.randn(7, 32)
+    timed = []
+
+    def timer(fn):
+        timed.append(fn)
+        return 1.0, 2.0, 3.0
+
+    def raises():
+        raise RuntimeError("no kernel image")
+
+    def unavailable():
+        raise gk.Unavailable("no CUDA extension")
+
+    cases = {
+        "right": gk.Variant("csr", "triton", w, 0.0, lambda: ((lambda: x @ w.t()), 100)),
+        "wrong": gk.Variant("csr", "cuda", w, 0.0, lambda: ((lambda: x @ w.t() * (1 + 1e-5)), 100)),
+        "crash": gk.Variant("bsr", "triton", w, 0.0, lambda: ((lambda: raises()), 100)),
+        "peer_crash": gk.Variant("2:4", "cutlass", w, 0.0, lambda: ((lambda: raises()), None)),
+        "peer_missing": gk.Variant("bsr", "torch.sparse._triton_ops.bsr_dense_mm", w, 0.0, unavailable),
+        "ours_missing": gk.Variant("2:4", "cuda", w, 0.0, unavailable),
+    }
+    rows = {name: {"batch": 1, **gk.measure(v, x, (0.5, 1.0, 1.5), timer)} for name, v in cases.items()}
+    assert timed == [cases["right"].fn]  # only the checked, right variant was timed
+    assert rows["right"]["status"] == "ok" and rows["right"]["speedup"] == 0.5 and rows["right"]["sparse_q3"] == 3.0
+    assert rows["wrong"]["status"] == "wrong" and rows["wrong"]["error"] > rows["wrong"]["allowed"]
+    assert rows["crash"]["status"] == "failed" and "no kernel image" in rows["crash"]["reason"]
+    assert [rows[k]["status"] for k in ("peer_crash", "peer_missing", "ours_missing")] == ["skipped"] * 3
+    md = gk.markdown(list(rows.values()), "header")
+    assert md.index("**WRONG**") < md.index("**FAILED**") < md.index("| ok |")
+    assert "skipped: bsr/torch.sparse._triton_ops.bsr_dense_mm: no CUDA extension" in md
+
+
+def test_gpu_kernels_variants_name_their_backends():
+    gk = _gpu_kernels()
+    torch.manual_seed(0)
+    w, x = torch.randn(32, 64), torch.randn(4, 64)
+    vs = gk.variants(w, x)
+    names = [f"{v.format}/{v.backend}" for v in vs]
+    assert names == ["csr/triton", "bsr/triton", "2:4/triton", "csr/cuda", "2:4/cuda", "csr/torch.sparse",
+                     "bsr/torch.sparse", "bsr/torch.sparse._triton_ops.bsr_dense_mm", "2:4/cusparselt", "2:4/cutlass"]
+    peer = next(v for v in vs if v.backend == "torch.sparse" and v.format == "csr")
+    row = gk.measure(peer, x, (1.0, 1.0, 1.0), lambda fn: (1.0, 1.0, 1.0))  # runs on the CPU too
+    assert row["status"] == "ok", row["reason"]
+
+
+def _load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summarize_shows_wrong_rows_first_and_fails(tmp_path, capsys):
+    summarize = _load_benchmark("summarize")
+    ok = latency._blank(kind="e2e", batch=1, format="csr", backend="triton", sparsity=0.9, status="ok",
+                        dense_ms=2.0, dense_q1=1.9, dense_q3=2.1, sparse_ms=1.0, sparse_q1=0.9, sparse_q3=1.1,
+                        speedup=2.0, converted_layers=72, dense_layers=0)
+    wrong = {**ok, "format": "bsr", "status": "wrong", "reason": "bsr/triton: relative error 0.02 exceeds",
+             "sparse_ms": None, "speedup": None}
+    skipped = {**ok, "format": "2:4", "status": "skipped", "reason": "refused", "speedup": None}
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "latency.json").write_text(json.dumps([ok, wrong, skipped]))
+    assert summarize.main(str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert out.index("**WRONG**") < out.index("| e2e | 1 | csr | triton | 0.90 | 72 / 0 | 1.000 (0.900-1.100) | 2.00x |")
+    assert "relative error 0.02" in out and "1 point(s) skipped" in out
+    (tmp_path / "e2e" / "latency.json").write_text(json.dumps([ok]))
+    assert summarize.main(str(tmp_path)) == 0
