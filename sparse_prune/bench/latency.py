@@ -295,8 +295,8 @@ def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Se
     except KeyboardInterrupt:
         if notes is not None:
             notes.append("interrupted: the rows are partial")
-    bar.close()
-    return [row for _, _, row in sorted(done, key=lambda t: t[:2])]
+    bar.close()  # a point cut short by an interrupt has no status yet: dropped
+    return [row for _, _, row in sorted(done, key=lambda t: t[:2]) if row["status"] is not None]
 
 
 def _measure(make_sparse: Callable[[], Callable[[], Any]], dense_run: Callable[[], Any] | None,
@@ -383,7 +383,7 @@ def bench_layers(shapes: Sequence[tuple[int, int]], model_name: str, tokens: int
         if notes is not None:
             notes.append("interrupted: the rows are partial")
     bar.close()
-    return rows
+    return [row for row in rows if row["status"] is not None]
 
 
 def _ms(r: dict[str, Any], side: str, digits: int) -> str:
