@@ -140,6 +140,14 @@ def test_a_crashing_conversion_is_a_failed_row(hf_vit, monkeypatch):
     assert rows[0]["status"] == "failed" and "kernel exploded" in rows[0]["reason"]
     assert latency.bad_rows(rows) == rows
 
+    def broken_convert(*args, **kwargs):
+        raise IndexError("index 7 is out of bounds")
+
+    monkeypatch.setattr(latency, "convert", broken_convert)
+    rows = latency.bench_layers([(40, 32)], "tiny", 5, formats=["csr"], backends=["torch"], sparsities=[0.5],
+                                batches=[1], reps=1, warmup=0, progress=False)
+    assert [(r["status"], r["reason"]) for r in rows] == [("failed", "convert: IndexError: index 7 is out of bounds")]
+
 
 def test_the_checked_output_is_the_timed_runners(hf_vit, monkeypatch):
     """Under --compile the runner's first output is checked: a model that is right in eager

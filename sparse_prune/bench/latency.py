@@ -13,7 +13,8 @@ Every grid point gives one row, whose ``status`` says what happened:
 - ``"ok"``: checked and timed (``dense_ms``/``sparse_ms`` medians with ``*_q1``/``*_q3``);
 - ``"wrong"``: the converted output disagrees with the masked dense model (``reason`` and the
   error figures; never timed);
-- ``"failed"``: running, compiling or timing the converted model (or its dense side) raised;
+- ``"failed"``: converting, running, compiling or timing the converted model (or running its
+  dense side) raised something other than a refusal;
 - ``"skipped"``: ``convert`` refused the point (``ValueError``, e.g. triton where it cannot run)
   or a CUDA graph could not capture it; ``reason`` says why.
 
@@ -283,6 +284,9 @@ def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Se
                         except ValueError as exc:  # refused up front, e.g. triton where it cannot run
                             row.update(status="skipped", reason=str(exc))
                             continue
+                        except Exception as exc:  # noqa: BLE001 - a conversion that crashes is a failed row
+                            row.update(status="failed", reason=f"convert: {_failure(exc)}")
+                            continue
                         if keep:
                             converted[(fmt, backend, s)] = (sparse, warning)
                     used = sorted({m.backend for m in sparse.modules() if isinstance(m, SparseLinear)}) or ["torch"]
@@ -369,6 +373,9 @@ def bench_layers(shapes: Sequence[tuple[int, int]], model_name: str, tokens: int
                             layer, warning = _convert(holder, masks, fmt, backend)
                         except ValueError as exc:
                             row.update(status="skipped", reason=str(exc))
+                            continue
+                        except Exception as exc:  # noqa: BLE001
+                            row.update(status="failed", reason=f"convert: {_failure(exc)}")
                             continue
                         n_conv, n_dense = layer_counts(layer, masks)
                         layer = layer[0]
