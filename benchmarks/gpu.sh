@@ -2,7 +2,9 @@
 # `make gpu`: on a GPU machine whose python3 already has torch/Triton (no network, no venv):
 # build in place, run the tests on the GPU, run the kernel and end-to-end benchmarks, print a
 # summary last, and copy the results to $OUT when it is set. Results land in
-# benchmarks/results/<device>/ (commit them).
+# benchmarks/results/<device>/ (commit them). Exits 1 when a stage failed: a test, a kernel or
+# converted model whose output disagrees with the masked dense model (status "wrong") or that
+# crashed ("failed"), or a stage cut by its timeout.
 #
 # Stages (default all): build test kernels e2e extra. A device call is limited to 10 minutes
 # and `all` is planned for about 9.5; where that is too tight, run
@@ -45,7 +47,8 @@ if has extra; then
         --formats dense shrink 2:4 bsr --compile --reps 10 --out "$RES/compiled" || status=1
 fi
 
-$PY benchmarks/summarize.py "$RES" | tee "$RES/summary.md"
+$PY benchmarks/summarize.py "$RES" | tee "$RES/summary.md"  # wrong/failed points first
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/results.tgz" "$RES"
     cp "$RES/summary.md" "$RES/tests.txt" "$OUT/" 2>/dev/null

@@ -3,7 +3,9 @@
 Not part of ``make test``. Run: ``make micro`` (= ``.venv/bin/pytest benchmarks/test_micro.py
 --benchmark-only``). Without a GPU the Triton kernels run in the interpreter, so their rows
 measure the interpreter, not the kernel: they are here to catch regressions in the Python
-overhead and to be compared on a GPU machine, where the same file times the real kernels.
+overhead and to be compared on a GPU machine, where the same file times the real kernels: there
+every timed call ends with ``torch.cuda.synchronize()`` (:func:`_synced`), so a row is the
+kernel's time and not the time to enqueue its launch.
 """
 
 import os
@@ -21,6 +23,21 @@ from sparse_prune.kernels import reference  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, K = 768, 768
 ROWS = [197, 1576]
+
+
+def _synced(fn):
+    """``fn`` followed by a device synchronization on CUDA (kernel launches are asynchronous:
+    without it pytest-benchmark would time the launch); ``fn`` itself on the CPU."""
+    if DEVICE != "cuda":
+        return fn
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    torch.cuda.synchronize()  # the inputs' copies are done before the first timed call
+    return run
 
 
 def _weights(kind):
@@ -47,7 +64,7 @@ def _args(kind, fmt):
 @pytest.mark.parametrize("rows", ROWS)
 def test_dense_linear(benchmark, rows):
     x, w = torch.randn(rows, K, device=DEVICE), torch.randn(N, K, device=DEVICE)
-    benchmark(torch.nn.functional.linear, x, w)
+    benchmark(_synced(torch.nn.functional.linear), x, w)
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -57,7 +74,7 @@ def test_reference(benchmark, kind, rows):
     fmt = fmt.to(DEVICE)
     fn = {"csr": reference.csr_linear, "bsr": reference.bsr_linear, "2:4": reference.semi24_linear,
           "shrink": reference.shrunk_linear}[kind]
-    benchmark(fn, torch.randn(rows, K, device=DEVICE), *_args(kind, fmt), None)
+    benchmark(_synced(fn), torch.randn(rows, K, device=DEVICE), *_args(kind, fmt), None)
 
 
 @pytest.mark.parametrize("rows", ROWS[:1])
@@ -69,8 +86,8 @@ def test_triton(benchmark, kind, rows):
     fmt = fmt.to(DEVICE)
     op = {"csr": "csr_linear_triton", "bsr": "bsr_linear_triton", "2:4": "semi24_linear_triton",
           "shrink": "shrunk_linear_triton"}[kind]
-    args = _args(kind, fmt)
+    args = (*_args(kind, fmt), None)  # bias
     if kind == "csr":  # the GPU CSR kernels take the row schedule SparseLinear precomputes
-        args = (*args[:3], fmt.row_order(), N)
-    benchmark.pedantic(getattr(torch.ops.sparse_prune, op), args=(torch.randn(rows, K, device=DEVICE), *args, None),
+        args = (*args, fmt.row_order())
+    benchmark.pedantic(_synced(getattr(torch.ops.sparse_prune, op)), args=(torch.randn(rows, K, device=DEVICE), *args),
                        rounds=3, warmup_rounds=1)

@@ -146,6 +146,9 @@ def _demo_latency(model: nn.Module, args: argparse.Namespace, out: Path) -> str:
     latency.write_latency(rows, out)
     table = latency.markdown(rows)
     print(table)
+    bad = latency.bad_rows(rows)
+    if bad:  # as loud as `sparse-prune bench`: the demo fails (the files above keep the rows)
+        raise RuntimeError(f"{len(bad)} converted model(s) WRONG or FAILED: " + "; ".join(r["reason"] for r in bad))
     return ("\n## Latency against the dense model\n\nEach format converted from the pruning natural to it "
             "(coupled L2 structured for shrink, 2:4 magnitude, 32x32-block L1 for bsr, L1 unstructured for "
             "csr and the masked dense baseline); every converted model checked against its masked dense "
@@ -277,20 +280,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = latency.DTYPES[args.dtype]
     model = _build(args)
     size = _image_size(model)
-    skipped: list[str] = []
+    notes: list[str] = []
     common = dict(formats=args.formats, backends=backends, sparsities=sparsities, batches=batches, dtype=dtype,
-                  device=args.device, skipped=skipped)
+                  device=args.device, notes=notes)
     rows = latency.bench_e2e(model, args.model, size, compile_=args.compile, cuda_graphs=args.cuda_graphs,
                              reps=args.reps, **common)
-    if args.layers:
+    if args.layers and not notes:
         tokens = (size // 16) ** 2 + 1
         rows += latency.bench_layers(latency.linear_shapes(model), args.model, tokens, reps=max(args.reps, 10), **common)
     paths = latency.write_latency(rows, args.out)
     print(latency.markdown(rows))
-    for line in dict.fromkeys(skipped):
-        print(f"skipped: {line}")
     print(f"wrote {', '.join(str(p) for p in paths)}")
-    return 0
+    for line in notes:
+        print(line, file=sys.stderr)
+    bad = latency.bad_rows(rows)
+    if bad:  # a wrong or crashed conversion fails the command, after every other point was timed
+        print(f"sparse-prune bench: {len(bad)} point(s) WRONG or FAILED (status in latency.json):", file=sys.stderr)
+        for r in bad:
+            print(f"  {r['status'].upper()}: {r['reason']}", file=sys.stderr)
+        return 1
+    return 130 if notes else 0
 
 
 def _norm(value: str) -> float | str:
@@ -358,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     be.add_argument("--compile", action="store_true", help="torch.compile dense and sparse alike")
     be.add_argument("--cuda-graphs", action="store_true", help="replay dense and sparse from CUDA graphs")
     be.add_argument("--layers", action="store_true", help="also time each Linear shape of the model alone")
-    be.add_argument("--reps", type=int, default=5, help="timed rounds (median reported)")
+    be.add_argument("--reps", type=int, default=5, help="timed rounds (median and quartiles reported)")
     be.add_argument("--quick", action="store_true", help="batch 1, sparsity 0.5 and 0.9: minutes on 2 CPU cores")
     be.add_argument("--out", default="results/bench")
     be.set_defaults(func=cmd_bench)

@@ -53,42 +53,132 @@ def test_points_grid_and_errors():
         latency.points(["csr"], ["torch"], [1.0])
 
 
-def test_bench_e2e_rows(hf_vit):
-    rows = latency.bench_e2e(hf_vit, "tiny", 32, formats=["shrink", "csr", "2:4"], backends=["torch"],
-                             sparsities=[0.5], batches=[1, 2], reps=1, warmup=0, progress=False)
-    assert len(rows) == 6
+FORMATS = ["dense", "shrink", "csr", "2:4", "bsr"]
+
+
+def test_bench_e2e_rows_pass_the_rule_and_carry_counts_and_spreads(hf_vit):
+    rows = latency.bench_e2e(hf_vit, "tiny", 32, formats=FORMATS, backends=["torch"], sparsities=[0.5],
+                             batches=[1, 2], reps=3, warmup=0, progress=False)
+    assert [(r["batch"], r["format"]) for r in rows] == [(b, f) for b in (1, 2) for f in FORMATS]
+    masked = 2 * 6  # 2 blocks x (q, k, v, o, fc1, fc2); the classifier is excluded
     for r in rows:
         assert set(latency.ROW_KEYS) <= set(r) and r["kind"] == "e2e"
+        assert r["status"] == "ok", r["reason"]  # fp32 on the CPU: every format within the shared rule
+        assert r["error"] <= r["allowed"] == pytest.approx(2 * r["baseline_error"] + torch.finfo(torch.float32).eps)
+        assert r["converted_layers"] == masked and r["dense_layers"] == 0 and r["warning"] is None
+        assert r["reps"] == 3
+        for side in ("dense", "sparse"):
+            assert r[f"{side}_q1"] <= r[f"{side}_ms"] <= r[f"{side}_q3"]
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
-        assert r["dense_bytes"] > 0 and r["bytes"] > 0
     shrink = next(r for r in rows if r["format"] == "shrink")
-    assert shrink["bytes"] < shrink["dense_bytes"]
+    dense = next(r for r in rows if r["format"] == "dense")
+    assert shrink["bytes"] < shrink["dense_bytes"] == dense["bytes"]
 
 
-def test_bench_refuses_a_wrong_conversion(hf_vit, monkeypatch):
-    real = latency.convert
-
-    def broken(*args, **kwargs):
-        model = real(*args, **kwargs)
-        for m in model.modules():
-            if isinstance(m, sp.SparseLinear):
-                m.values.mul_(2)
-        return model
-
-    monkeypatch.setattr(latency, "convert", broken)
-    kw = dict(formats=["csr"], backends=["torch"], sparsities=[0.5], batches=[1], reps=1, warmup=0, progress=False)
-    with pytest.raises(RuntimeError, match="differs from the masked dense"):
-        latency.bench_e2e(hf_vit, "tiny", 32, **kw)
-    skipped = []  # with a list, the wrong point is reported and the grid goes on, untimed
-    assert latency.bench_e2e(hf_vit, "tiny", 32, skipped=skipped, **kw) == []
-    assert skipped and skipped[0].startswith("WRONG RESULT")
+def test_layers_left_dense_are_counted_and_warned(hf_vit):
+    masks = latency.natural_masks(hf_vit, "2:4", 0.5)
+    name = "vit.layers.0.mlp.fc1.weight"
+    odd = sp.MaskSet({**dict(masks.items()), name: torch.rand(masks[name].shape) < 0.5})  # not 2:4
+    with pytest.warns(UserWarning, match="left 1 masked weight"):  # the bench no longer hides it
+        fast, text = latency._convert(hf_vit, odd, "2:4", "torch")
+    assert "mlp.fc1" in text
+    assert latency.layer_counts(fast, odd) == (11, 1)
+    assert latency.layer_counts(latency._convert(hf_vit, masks, "2:4", "torch")[0], masks) == (12, 0)
 
 
-def test_bench_layers_rows():
-    rows = latency.bench_layers([(40, 32)], "tiny", 5, formats=["bsr", "csr"], backends=["torch"],
-                                sparsities=[0.75], batches=[1], reps=1, warmup=0, progress=False)
-    assert [r["format"] for r in rows] == ["bsr", "csr"] and all(r["kind"] == "layer" for r in rows)
-    assert rows[0]["shape"] == [40, 32]
+def _scale_sparse_outputs(monkeypatch, factor=1.02):
+    real = sp.SparseLinear.forward
+    monkeypatch.setattr(sp.SparseLinear, "forward", lambda self, x: real(self, x) * factor)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_a_wrong_conversion_is_a_wrong_row_and_the_grid_goes_on(hf_vit, monkeypatch, fmt):
+    _scale_sparse_outputs(monkeypatch)  # every SparseLinear 2% off
+    rows = latency.bench_e2e(hf_vit, "tiny", 32, formats=["shrink", fmt], backends=["torch"], sparsities=[0.5],
+                             batches=[1], reps=1, warmup=0, progress=False)
+    shrink, wrong = rows  # coupled shrink leaves plain (cut) Linears: untouched by the patch, still timed
+    assert shrink["status"] == "ok" and shrink["sparse_ms"] is not None
+    assert wrong["status"] == "wrong" and wrong["error"] > wrong["allowed"] > wrong["baseline_error"]
+    assert "exceeds the allowed" in wrong["reason"] and wrong["sparse_ms"] is None and wrong["speedup"] is None
+    assert wrong["converted_layers"] == 12 and latency.bad_rows(rows) == [wrong]
+    md = latency.markdown(rows)
+    assert md.index("**WRONG**") < md.index("| ok |") and f"WRONG: {fmt}/torch" in md
+
+
+def test_bench_layers_rows_and_wrong_layers(monkeypatch):
+    kw = dict(formats=["bsr", "csr", "dense", "2:4"], backends=["torch"], sparsities=[0.75], batches=[1], reps=2,
+              warmup=0, progress=False)
+    rows = latency.bench_layers([(40, 32)], "tiny", 5, **kw)
+    assert [r["format"] for r in rows] == ["bsr", "csr", "dense", "2:4"]
+    for r in rows:
+        assert r["kind"] == "layer" and r["shape"] == [40, 32] and r["status"] == "ok", r["reason"]
+        assert (r["converted_layers"], r["dense_layers"]) == (1, 0) and r["dense_q1"] <= r["dense_ms"]
+    _scale_sparse_outputs(monkeypatch, 1.0 + 1e-5)  # far below any absolute tolerance, 40x eps(fp32)
+    rows = latency.bench_layers([(40, 32)], "tiny", 5, **kw)
+    assert {r["status"] for r in rows} == {"wrong"}
+
+
+def test_refused_conversions_are_skipped_rows(hf_vit, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("backend 'triton' cannot run here")
+
+    monkeypatch.setattr(latency, "convert", refuse)
+    rows = latency.bench_e2e(hf_vit, "tiny", 32, formats=["csr"], backends=["triton"], sparsities=[0.5],
+                             batches=[1], reps=1, warmup=0, progress=False)
+    assert [(r["status"], r["reason"]) for r in rows] == [("skipped", "backend 'triton' cannot run here")]
+    assert not latency.bad_rows(rows)
+    assert "skipped: e2e csr/triton sparsity 0.50 batch 1: backend 'triton' cannot run here" in latency.markdown(rows)
+
+
+def test_a_crashing_conversion_is_a_failed_row(hf_vit, monkeypatch):
+    def boom(self, x):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(sp.SparseLinear, "forward", boom)
+    rows = latency.bench_e2e(hf_vit, "tiny", 32, formats=["csr"], backends=["torch"], sparsities=[0.5],
+                             batches=[1], reps=1, warmup=0, progress=False)
+    assert rows[0]["status"] == "failed" and "kernel exploded" in rows[0]["reason"]
+    assert latency.bad_rows(rows) == rows
+
+    def broken_convert(*args, **kwargs):
+        raise IndexError("index 7 is out of bounds")
+
+    monkeypatch.setattr(latency, "convert", broken_convert)
+    rows = latency.bench_layers([(40, 32)], "tiny", 5, formats=["csr"], backends=["torch"], sparsities=[0.5],
+                                batches=[1], reps=1, warmup=0, progress=False)
+    assert [(r["status"], r["reason"]) for r in rows] == [("failed", "convert: IndexError: index 7 is out of bounds")]
+
+
+def test_the_checked_output_is_the_timed_runners(hf_vit, monkeypatch):
+    """Under --compile the runner's first output is checked: a model that is right in eager
+    mode and wrong compiled is caught (here: compile swapped for a wrapper that scales)."""
+    class Scaled(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            out = self.m(x)
+            return out.logits * (1.02 if any(isinstance(t, sp.SparseLinear) for t in self.m.modules()) else 1.0)
+
+    monkeypatch.setattr(torch, "compile", Scaled)
+    rows = latency.bench_e2e(hf_vit, "tiny", 32, formats=["dense", "csr"], backends=["torch"], sparsities=[0.5],
+                             batches=[1], reps=1, warmup=0, compile_=True, progress=False)
+    assert [r["status"] for r in rows] == ["wrong", "wrong"] and all(r["compile"] for r in rows)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_runner_returns_the_replayed_output():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48).cuda()
+    x = torch.randn(5, 64, device="cuda")
+    run = latency._runner(layer, x, compile_=False, graphs=True)
+    out = run()
+    torch.testing.assert_close(out, layer(x))
+    with torch.no_grad():
+        layer.weight.mul_(2)  # the replay reads the live weights: the static output follows
+    assert run() is out
+    torch.testing.assert_close(out, layer(x))
 
 
 def test_cli_bench(tmp_path, capsys):
@@ -96,7 +186,106 @@ def test_cli_bench(tmp_path, capsys):
                    "--sparsity", "0.5", "--batch", "1", "--reps", "1", "--layers", "--out", str(tmp_path)])
     assert rc == 0
     rows = json.loads((tmp_path / "latency.json").read_text())
-    assert {r["kind"] for r in rows} == {"e2e", "layer"}
+    assert {r["kind"] for r in rows} == {"e2e", "layer"} and {r["status"] for r in rows} == {"ok"}
     assert (tmp_path / "latency.md").exists() and (tmp_path / "speedup.png").exists()
-    assert "| 1 | shrink |" in capsys.readouterr().out
+    assert "| 1 | shrink | torch | 0.50 | ok |" in capsys.readouterr().out
     assert cli.main(["bench", "--cuda-graphs", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_bench_exits_nonzero_on_a_wrong_point(tmp_path, capsys, monkeypatch):
+    _scale_sparse_outputs(monkeypatch)
+    rc = cli.main(["bench", "--model", "vit_tiny_patch16_224", "--depth", "1", "--formats", "dense", "csr",
+                   "--sparsity", "0.5", "--batch", "1", "--reps", "1", "--out", str(tmp_path)])
+    assert rc == 1
+    rows = json.loads((tmp_path / "latency.json").read_text())
+    assert [r["status"] for r in rows] == ["wrong", "wrong"]  # format "dense" is a SparseLinear too
+    assert all(r["error"] > r["allowed"] for r in rows)
+    assert "WRONG or FAILED" in capsys.readouterr().err
+
+
+def _gpu_kernels():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_kernels_checks_each_variant_before_timing():
+    gk = _gpu_kernels()
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 32), torch.randn(7, 32)
+    timed = []
+
+    def timer(fn):
+        timed.append(fn)
+        return 1.0, 2.0, 3.0
+
+    def raises():
+        raise RuntimeError("no kernel image")
+
+    def unavailable():
+        raise gk.Unavailable("no CUDA extension")
+
+    cases = {
+        "right": gk.Variant("csr", "triton", w, 0.0, lambda: ((lambda: x @ w.t()), 100)),
+        "wrong": gk.Variant("csr", "cuda", w, 0.0, lambda: ((lambda: x @ w.t() * (1 + 1e-5)), 100)),
+        "crash": gk.Variant("bsr", "triton", w, 0.0, lambda: ((lambda: raises()), 100)),
+        "peer_crash": gk.Variant("2:4", "cutlass", w, 0.0, lambda: ((lambda: raises()), None)),
+        "peer_missing": gk.Variant("bsr", "torch.sparse._triton_ops.bsr_dense_mm", w, 0.0, unavailable),
+        "ours_missing": gk.Variant("2:4", "cuda", w, 0.0, unavailable),
+    }
+    rows = {name: {"batch": 1, **gk.measure(v, x, (0.5, 1.0, 1.5), timer)} for name, v in cases.items()}
+    assert timed == [cases["right"].fn]  # only the checked, right variant was timed
+    assert rows["right"]["status"] == "ok" and rows["right"]["speedup"] == 0.5 and rows["right"]["sparse_q3"] == 3.0
+    assert rows["wrong"]["status"] == "wrong" and rows["wrong"]["error"] > rows["wrong"]["allowed"]
+    assert rows["crash"]["status"] == "failed" and "no kernel image" in rows["crash"]["reason"]
+    assert [rows[k]["status"] for k in ("peer_crash", "peer_missing", "ours_missing")] == ["skipped"] * 3
+    md = gk.markdown(list(rows.values()), "header")
+    assert md.index("**WRONG**") < md.index("**FAILED**") < md.index("| ok |")
+    assert "skipped: bsr/torch.sparse._triton_ops.bsr_dense_mm: no CUDA extension" in md
+
+
+def test_gpu_kernels_variants_name_their_backends():
+    gk = _gpu_kernels()
+    torch.manual_seed(0)
+    w, x = torch.randn(32, 64), torch.randn(4, 64)
+    vs = gk.variants(w, x)
+    names = [f"{v.format}/{v.backend}" for v in vs]
+    assert names == ["csr/triton", "bsr/triton", "2:4/triton", "csr/cuda", "2:4/cuda", "2:4/cusparselt-searched",
+                     "csr/torch.sparse",
+                     "bsr/torch.sparse", "bsr/torch.sparse._triton_ops.bsr_dense_mm", "2:4/cusparselt", "2:4/cutlass"]
+    peer = next(v for v in vs if v.backend == "torch.sparse" and v.format == "csr")
+    row = gk.measure(peer, x, (1.0, 1.0, 1.0), lambda fn: (1.0, 1.0, 1.0))  # runs on the CPU too
+    assert row["status"] == "ok", row["reason"]
+
+
+def _load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summarize_shows_wrong_rows_first_and_fails(tmp_path, capsys):
+    summarize = _load_benchmark("summarize")
+    ok = latency._blank(kind="e2e", batch=1, format="csr", backend="triton", sparsity=0.9, status="ok",
+                        dense_ms=2.0, dense_q1=1.9, dense_q3=2.1, sparse_ms=1.0, sparse_q1=0.9, sparse_q3=1.1,
+                        speedup=2.0, converted_layers=72, dense_layers=0)
+    wrong = {**ok, "format": "bsr", "status": "wrong", "reason": "bsr/triton: relative error 0.02 exceeds",
+             "sparse_ms": None, "speedup": None}
+    skipped = {**ok, "format": "2:4", "status": "skipped", "reason": "refused", "speedup": None}
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "latency.json").write_text(json.dumps([ok, wrong, skipped]))
+    assert summarize.main(str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert out.index("**WRONG**") < out.index("| e2e | 1 | csr | triton | 0.90 | 72 / 0 | 1.000 (0.900-1.100) | 2.00x |")
+    assert "relative error 0.02" in out and "1 point(s) skipped" in out
+    (tmp_path / "e2e" / "latency.json").write_text(json.dumps([ok]))
+    assert summarize.main(str(tmp_path)) == 0

@@ -1,16 +1,30 @@
 """Latency of converted ViTs against the dense model: the grid behind ``sparse-prune bench``.
 
 For each point (batch, format, backend, sparsity) the model is pruned with the method natural
-for the format, converted, **checked against the masked dense model**, then timed against the
-dense model interleaved in one process (:func:`~sparse_prune.timing.time_interleaved`).
-``kind="layer"`` rows time single ``Linear`` shapes of the model the same way.
+for the format and converted. The masked dense model in the bench dtype (same ``compile`` /
+CUDA-graph setting) is the dense side; the converted model is the sparse side. The first output
+of each side's runner is checked with :func:`sparse_prune.agreement.check_matches` against the
+masked dense model run in float64 (the dense side's error sets the allowance); the same runner
+objects are then timed in rotating rounds (:func:`~sparse_prune.timing.time_samples`).
+``kind="layer"`` rows do the same for single ``Linear`` shapes of the model.
+
+Every grid point gives one row, whose ``status`` says what happened:
+
+- ``"ok"``: checked and timed (``dense_ms``/``sparse_ms`` medians with ``*_q1``/``*_q3``);
+- ``"wrong"``: the converted output disagrees with the masked dense model (``reason`` and the
+  error figures; never timed);
+- ``"failed"``: converting, running, compiling or timing the converted model (or running its
+  dense side) raised something other than a refusal;
+- ``"skipped"``: ``convert`` refused the point (``ValueError``, e.g. triton where it cannot run)
+  or a CUDA graph could not capture it; ``reason`` says why.
+
+:func:`bad_rows` lists the wrong and failed ones; ``sparse-prune bench`` exits 1 when any exist.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import platform
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,6 +35,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparse_prune.agreement import (
+    Mismatch,
+    allowed_error,
+    check_matches,
+    reference_dtype,
+    relative_error,
+)
 from sparse_prune.backends import resolve_backend
 from sparse_prune.bench.train import logits_of
 from sparse_prune.constants import BACKENDS, DEFAULT_BSR_BLOCK
@@ -29,10 +50,13 @@ from sparse_prune.masks import MaskSet
 from sparse_prune.nn import SparseLinear
 from sparse_prune.pruning import collect_targets, prune
 from sparse_prune.report import report
-from sparse_prune.timing import describe_device, git_commit, time_interleaved
+from sparse_prune.timing import describe_device, git_commit, spread, time_samples
 
-ROW_KEYS = ("kind", "model", "device", "dtype", "batch", "format", "backend", "sparsity", "dense_ms",
-            "sparse_ms", "speedup", "bytes", "dense_bytes", "torch", "triton", "commit")
+ROW_KEYS = ("kind", "model", "device", "dtype", "batch", "format", "backend", "sparsity", "status", "reason",
+            "dense_ms", "dense_q1", "dense_q3", "sparse_ms", "sparse_q1", "sparse_q3", "speedup", "reps",
+            "error", "baseline_error", "allowed", "converted_layers", "dense_layers", "warning", "bytes",
+            "dense_bytes", "torch", "triton", "commit")
+STATUSES = ("wrong", "failed", "ok", "skipped")  # also the order of the tables: the bad news first
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BSR_BLOCK = DEFAULT_BSR_BLOCK
 CLASSIFIER = r"(^|\.)(classifier|head|heads)(\.|$)"
@@ -70,12 +94,43 @@ def natural_masks(model: nn.Module, fmt: str, sparsity: float, exclude: Sequence
     return prune(model, "l1_unstructured", amount=sparsity, exclude=tuple(exclude))
 
 
+def mask_kind(fmt: str) -> str:
+    """Which :func:`natural_masks` pruning ``fmt`` uses: formats with the same kind share masks
+    (``dense`` and ``csr`` both take L1 unstructured), hence one masked dense side."""
+    return {"shrink": "coupled_l2", "2:4": "2:4", "bsr": "block"}.get(fmt, "l1")
+
+
 def _weight_bytes(model: nn.Module) -> int:
     return sum(r["bytes"] for r in report(model))
 
 
+def layer_counts(converted: nn.Module, masks: MaskSet) -> tuple[int, int]:
+    """(converted, left dense) among the masked weights of ``masks``: a weight counts as
+    converted when its module became a ``SparseLinear`` or was cut by dependency-aware
+    ``shrink``; every other masked weight (``convert`` warned about it) was left dense."""
+    kinds = {r["name"]: r["format"] for r in report(converted)}
+    done = sum(kinds.get(name.rpartition(".")[0], "nn.Linear") != "nn.Linear" for name in masks)
+    return done, len(masks) - done
+
+
+def _convert(model: nn.Module, masks: MaskSet, fmt: str, backend: str) -> tuple[nn.Module, str | None]:
+    """``convert`` with its warnings shown as usual and their text returned for the row."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = convert(model, masks, format=fmt, backend=backend, **({"block": BSR_BLOCK} if fmt == "bsr" else {}))
+    for w in caught:  # re-issued under the caller's filters: nothing is hidden
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out, "; ".join(str(w.message) for w in caught) or None
+
+
+class CaptureError(RuntimeError):
+    """CUDA-graph capture of a runner failed (e.g. a host sync in the torch reference ops)."""
+
+
 def _graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
-    """Capture ``fn`` in a CUDA graph (after a side-stream warm-up) and return its replay."""
+    """Capture ``out = fn()`` in a CUDA graph (after a side-stream warm-up); the returned
+    callable replays the graph and returns that static ``out``, so the output checked is the
+    output of what is timed. Capture failures raise :class:`CaptureError`."""
     if device.type != "cuda":
         return fn
     stream = torch.cuda.Stream()
@@ -85,12 +140,22 @@ def _graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        raise CaptureError(f"cannot be captured in a CUDA graph: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    replay.graph = graph  # keeps the graph (and its memory pool) alive with the runner
+    return replay
 
 
 def _runner(model: nn.Module, x: torch.Tensor, compile_: bool, graphs: bool) -> Callable[[], Any]:
+    """The callable that is both checked (its first output) and timed."""
     target = torch.compile(model) if compile_ else model
 
     def run():
@@ -100,16 +165,25 @@ def _runner(model: nn.Module, x: torch.Tensor, compile_: bool, graphs: bool) -> 
     return _graphed(run, x.device) if graphs else run
 
 
-def _tolerance(dtype: torch.dtype) -> float:
-    return {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+def _agreement(got: torch.Tensor, reference: torch.Tensor, baseline: torch.Tensor,
+               what: str) -> tuple[dict[str, Any], str | None]:
+    """The error figures of :func:`check_matches` and its message when ``got`` is wrong."""
+    try:
+        return check_matches(got, reference, baseline, what), None
+    except Mismatch as exc:
+        base = relative_error(baseline, reference)
+        return {"error": relative_error(got, reference), "baseline_error": base,
+                "allowed": allowed_error(got.dtype, base)}, str(exc)
 
 
-def _check_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> float:
-    err = (got.float() - want.float()).abs().max().item()
-    scale = max(1.0, want.float().abs().max().item())
-    if not math.isfinite(err) or err > _tolerance(dtype) * scale:
-        raise RuntimeError(f"{what}: converted output differs from the masked dense model by {err:.3g}")
-    return err
+def _timed(samples: dict[str, list[float]], reps: int) -> dict[str, Any]:
+    d, s = spread(samples["dense"]), spread(samples["sparse"])
+    return {"dense_ms": d["median"], "dense_q1": d["q1"], "dense_q3": d["q3"], "sparse_ms": s["median"],
+            "sparse_q1": s["q1"], "sparse_q3": s["q3"], "speedup": d["median"] / s["median"], "reps": reps}
+
+
+def _failure(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def _common(model_name: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -118,6 +192,16 @@ def _common(model_name: str, device: torch.device, dtype: torch.dtype) -> dict[s
     return {"model": model_name, "device": describe_device(device), "dtype": str(dtype).removeprefix("torch."),
             "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
             "python": platform.python_version()}
+
+
+def _blank(**fields: Any) -> dict[str, Any]:
+    """A row with every key of ``ROW_KEYS`` (``None`` where not measured) updated by ``fields``."""
+    return {**dict.fromkeys(ROW_KEYS), **fields}
+
+
+def bad_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose status is ``"wrong"`` or ``"failed"``: a run with any must not pass."""
+    return [r for r in rows if r.get("status") in ("wrong", "failed")]
 
 
 def points(formats: Sequence[str], backends: Sequence[str], sparsities: Sequence[float]) -> list[tuple]:
@@ -137,70 +221,110 @@ def points(formats: Sequence[str], backends: Sequence[str], sparsities: Sequence
     return list(dict.fromkeys(out))
 
 
+def _by_masks(grid: Sequence[tuple]) -> dict[tuple[str, float], list[tuple[int, tuple]]]:
+    """Grid points (with their grid index) grouped by the masks they use, in grid order."""
+    groups: dict[tuple[str, float], list[tuple[int, tuple]]] = {}
+    for i, (fmt, backend, s) in enumerate(grid):
+        groups.setdefault((mask_kind(fmt), 0.5 if fmt == "2:4" else s), []).append((i, (fmt, backend, s)))
+    return groups
+
+
 def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Sequence[str],
               backends: Sequence[str], sparsities: Sequence[float], batches: Sequence[int],
               dtype: torch.dtype = torch.float32, device: str = "cpu", compile_: bool = False,
               cuda_graphs: bool = False, reps: int = 5, warmup: int = 2, progress: bool = True,
-              skipped: list[str] | None = None) -> list[dict[str, Any]]:
-    """End-to-end rows (``kind="e2e"``) for every batch × (format, backend, sparsity)."""
+              notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """End-to-end rows (``kind="e2e"``), one per batch × (format, backend, sparsity), in grid
+    order; see the module docstring for ``status``. A Ctrl-C (or ``timeout -s INT``) keeps the
+    rows so far and appends a line to ``notes``."""
     dev = torch.device(device)
     model = copy.deepcopy(model).to(device=dev, dtype=dtype).eval()
-    common = _common(model_name, dev, dtype)
+    common = {"kind": "e2e", **_common(model_name, dev, dtype), "compile": compile_, "cuda_graphs": cuda_graphs}
     dense_bytes = _weight_bytes(model)
     grid = points(formats, backends, sparsities)
-    rows = []
+    groups = _by_masks(grid)
     masks_cache: dict[tuple[str, float], MaskSet] = {}
-    converted: dict[tuple[str, str, float], nn.Module] = {}
+    converted: dict[tuple, tuple[nn.Module, str | None]] = {}  # reused by the next batch
+    done: list[tuple[int, int, dict[str, Any]]] = []
     bar = tqdm(total=len(grid) * len(batches), desc="bench e2e", disable=not progress)
-    try:  # Ctrl-C (or `timeout -s INT`) keeps the rows measured so far
-        for batch in batches:
+    try:
+        for bi, batch in enumerate(batches):
+            keep = bi + 1 < len(batches)
             x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(batch))
             x = x.to(device=dev, dtype=dtype)
-            dense_run = _runner(model, x, compile_, cuda_graphs)
-            for fmt, backend, s in grid:
-                bar.update()
-                key = (fmt, 0.5 if fmt == "2:4" else s)
+            for key, pts in groups.items():
                 if key not in masks_cache:
-                    masks_cache[key] = natural_masks(model, fmt, key[1])
+                    masks_cache[key] = natural_masks(model, pts[0][1][0], key[1])
                 masks = masks_cache[key]
-                sparse = converted.get((fmt, backend, s))
-                try:
-                    if sparse is None:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")  # layers left dense are visible in the bytes
-                            sparse = convert(model, masks, format=fmt, backend=backend,
-                                             **({"block": BSR_BLOCK} if fmt == "bsr" else {}))
-                except ValueError as exc:  # e.g. triton where it cannot run
-                    if skipped is not None:
-                        skipped.append(f"{fmt}/{backend}: {exc}")
-                    continue
-                converted[(fmt, backend, s)] = sparse
-                try:
-                    with torch.inference_mode():
-                        want = logits_of(masks.apply(copy.deepcopy(model))(x))
-                        _check_close(logits_of(sparse(x)), want, dtype, f"{fmt}/{backend}/{s} batch {batch}")
-                except RuntimeError as exc:  # a wrong kernel is reported, never timed
-                    if skipped is None:
-                        raise
-                    skipped.append(f"WRONG RESULT, not timed: {exc}")
-                    continue
-                try:
-                    ms = time_interleaved({"dense": dense_run, "sparse": _runner(sparse, x, compile_, cuda_graphs)},
-                                          dev, warmup=warmup, reps=reps)
-                except RuntimeError as exc:  # e.g. a host sync inside CUDA-graph capture (torch backend)
-                    if skipped is not None:
-                        skipped.append(f"{fmt}/{backend}/{s} batch {batch}: {type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                used = sorted({m.backend for m in sparse.modules() if isinstance(m, SparseLinear)}) or ["torch"]
-                rows.append({"kind": "e2e", **common, "batch": batch, "format": fmt, "backend": "+".join(used),
-                             "sparsity": masks.sparsity(), "dense_ms": ms["dense"], "sparse_ms": ms["sparse"],
-                             "speedup": ms["dense"] / ms["sparse"], "bytes": _weight_bytes(sparse),
-                             "dense_bytes": dense_bytes, "compile": compile_, "cuda_graphs": cuda_graphs})
+                ref_dtype = reference_dtype(dev)
+                ref_model = masks.apply(copy.deepcopy(model).to(ref_dtype))
+                with torch.inference_mode():
+                    reference = logits_of(ref_model(x.to(ref_dtype)))
+                del ref_model
+                dense_run, baseline, dense_fail = None, None, None
+                try:  # the masked dense model under the same setting: the timed dense side and the baseline
+                    dense_run = _runner(masks.apply(copy.deepcopy(model)), x, compile_, cuda_graphs)
+                    baseline = logits_of(dense_run()).clone()
+                except Exception as exc:  # noqa: BLE001 - every point of these masks reports it
+                    dense_fail = f"the masked dense side: {_failure(exc)}"
+                for i, (fmt, backend, s) in pts:
+                    bar.update()
+                    row = _blank(**common, batch=batch, format=fmt, backend=backend, sparsity=masks.sparsity(),
+                                 dense_bytes=dense_bytes)
+                    done.append((bi, i, row))
+                    what = f"{fmt}/{backend} sparsity {s} batch {batch}"
+                    if (fmt, backend, s) in converted:
+                        sparse, warning = converted[(fmt, backend, s)]
+                    else:
+                        try:
+                            sparse, warning = _convert(model, masks, fmt, backend)
+                        except ValueError as exc:  # refused up front, e.g. triton where it cannot run
+                            row.update(status="skipped", reason=str(exc))
+                            continue
+                        except Exception as exc:  # noqa: BLE001 - a conversion that crashes is a failed row
+                            row.update(status="failed", reason=f"convert: {_failure(exc)}")
+                            continue
+                        if keep:
+                            converted[(fmt, backend, s)] = (sparse, warning)
+                    used = sorted({m.backend for m in sparse.modules() if isinstance(m, SparseLinear)}) or ["torch"]
+                    n_conv, n_dense = layer_counts(sparse, masks)
+                    row.update(backend="+".join(used), converted_layers=n_conv, dense_layers=n_dense, warning=warning,
+                               bytes=_weight_bytes(sparse))
+                    row.update(_measure(lambda sparse=sparse, x=x: _runner(sparse, x, compile_, cuda_graphs),
+                                        dense_run, baseline, dense_fail, reference, what, dev, warmup, reps))
+                del dense_run, baseline, reference
     except KeyboardInterrupt:
-        if skipped is not None:
-            skipped.append("interrupted: the rows above are partial")
-    bar.close()
-    return rows
+        if notes is not None:
+            notes.append("interrupted: the rows are partial")
+    bar.close()  # a point cut short by an interrupt has no status yet: dropped
+    return [row for _, _, row in sorted(done, key=lambda t: t[:2]) if row["status"] is not None]
+
+
+def _measure(make_sparse: Callable[[], Callable[[], Any]], dense_run: Callable[[], Any] | None,
+             baseline: torch.Tensor | None, dense_fail: str | None, reference: torch.Tensor, what: str,
+             dev: torch.device, warmup: int, reps: int) -> dict[str, Any]:
+    """Build the sparse runner, check its first output, time it against ``dense_run``: the
+    row's status, reason, error figures and timings."""
+    if dense_fail is not None:
+        return {"status": "failed", "reason": dense_fail}
+    try:
+        sparse_run = make_sparse()
+    except CaptureError as exc:
+        return {"status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a crash of the converted model is a failed row
+        return {"status": "failed", "reason": _failure(exc)}
+    try:
+        got = logits_of(sparse_run()).clone()
+    except Exception as exc:  # noqa: BLE001
+        return {"status": "failed", "reason": _failure(exc)}
+    figures, wrong = _agreement(got, reference, baseline, what)
+    if wrong is not None:  # a wrong result is reported, never timed
+        return {"status": "wrong", "reason": wrong, **figures}
+    try:
+        samples = time_samples({"dense": dense_run, "sparse": sparse_run}, dev, warmup=warmup, reps=reps)
+    except Exception as exc:  # noqa: BLE001
+        return {"status": "failed", "reason": f"timing: {_failure(exc)}", **figures}
+    return {"status": "ok", **figures, **_timed(samples, reps)}
 
 
 def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -215,79 +339,123 @@ def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
 def bench_layers(shapes: Sequence[tuple[int, int]], model_name: str, tokens: int, *, formats: Sequence[str],
                  backends: Sequence[str], sparsities: Sequence[float], batches: Sequence[int],
                  dtype: torch.dtype = torch.float32, device: str = "cpu", reps: int = 10, warmup: int = 3,
-                 progress: bool = True, skipped: list[str] | None = None) -> list[dict[str, Any]]:
-    """Per-GEMM rows (``kind="layer"``): ``nn.Linear`` vs each format on ``[batch·tokens, K]``."""
+                 progress: bool = True, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per-GEMM rows (``kind="layer"``): the masked dense ``nn.Linear`` vs each format on
+    ``[batch·tokens, K]``, checked and timed like :func:`bench_e2e`."""
     dev = torch.device(device)
-    common = _common(model_name, dev, dtype)
+    common = {"kind": "layer", **_common(model_name, dev, dtype)}
     grid = points(formats, backends, sparsities)
+    groups = _by_masks(grid)
+    ref_dtype = reference_dtype(dev)
     rows = []
     bar = tqdm(total=len(shapes) * len(grid) * len(batches), desc="bench layers", disable=not progress)
-    try:  # Ctrl-C (or `timeout -s INT`) keeps the rows measured so far
+    try:
         for n, k in shapes:
             torch.manual_seed(n * 7 + k)
-            dense = nn.Linear(k, n).to(device=dev, dtype=dtype).eval()
-            holder = nn.Sequential(dense)
+            holder = nn.Sequential(nn.Linear(k, n).to(device=dev, dtype=dtype).eval())
             for batch in batches:
                 x = torch.randn(batch * tokens, k, device=dev, dtype=dtype)
-                for fmt, backend, s in grid:
-                    bar.update()
-                    masks = natural_masks(holder, fmt, s, exclude=())
-                    try:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            layer = convert(holder, masks, format=fmt, backend=backend,
-                                            **({"block": BSR_BLOCK} if fmt == "bsr" else {}))[0]
-                    except ValueError as exc:
-                        if skipped is not None:
-                            skipped.append(f"layer {n}x{k} {fmt}/{backend}: {exc}")
-                        continue
-                    try:
-                        with torch.inference_mode():
-                            want = masks.apply(copy.deepcopy(holder))(x)
-                            _check_close(layer(x), want, dtype, f"layer {n}x{k} {fmt}/{backend}")
-                    except RuntimeError as exc:  # a wrong kernel is reported, never timed
-                        if skipped is None:
-                            raise
-                        skipped.append(f"WRONG RESULT, not timed: {exc}")
-                        continue
-                    ms = time_interleaved({"dense": lambda d=dense, x=x: d(x), "sparse": lambda s=layer, x=x: s(x)},
-                                          dev, warmup=warmup, reps=reps)
-                    fmt_bytes = sum(r["bytes"] for r in report(nn.Sequential(layer)))
-                    rows.append({"kind": "layer", **common, "shape": [n, k], "batch": batch, "format": fmt,
-                                 "backend": getattr(layer, "backend", "torch"), "sparsity": masks.sparsity(),
-                                 "dense_ms": ms["dense"], "sparse_ms": ms["sparse"],
-                                 "speedup": ms["dense"] / ms["sparse"], "bytes": fmt_bytes,
-                                 "dense_bytes": n * k * dense.weight.element_size()})
+                for key, pts in groups.items():
+                    masks = natural_masks(holder, pts[0][1][0], key[1], exclude=())
+                    masked = masks.apply(copy.deepcopy(holder))[0]
+                    with torch.inference_mode():
+                        reference = copy.deepcopy(masked).to(ref_dtype)(x.to(ref_dtype))
+                        baseline = masked(x)
+                    for _, (fmt, backend, s) in pts:
+                        bar.update()
+                        row = _blank(**common, shape=[n, k], batch=batch, format=fmt, backend=backend,
+                                     sparsity=masks.sparsity(), dense_bytes=n * k * masked.weight.element_size())
+                        rows.append(row)
+                        try:
+                            layer, warning = _convert(holder, masks, fmt, backend)
+                        except ValueError as exc:
+                            row.update(status="skipped", reason=str(exc))
+                            continue
+                        except Exception as exc:  # noqa: BLE001
+                            row.update(status="failed", reason=f"convert: {_failure(exc)}")
+                            continue
+                        n_conv, n_dense = layer_counts(layer, masks)
+                        layer = layer[0]
+                        row.update(backend=getattr(layer, "backend", "torch"), converted_layers=n_conv,
+                                   dense_layers=n_dense, warning=warning,
+                                   bytes=sum(r["bytes"] for r in report(nn.Sequential(layer))))
+                        row.update(_measure(lambda layer=layer, x=x: (lambda: layer(x)),
+                                            lambda masked=masked, x=x: masked(x), baseline, None, reference,
+                                            f"layer {n}x{k} {fmt}/{backend} sparsity {s} batch {batch}", dev,
+                                            warmup, reps))
     except KeyboardInterrupt:
-        if skipped is not None:
-            skipped.append("interrupted: the rows above are partial")
+        if notes is not None:
+            notes.append("interrupted: the rows are partial")
     bar.close()
-    return rows
+    return [row for row in rows if row["status"] is not None]
+
+
+def _ms(r: dict[str, Any], side: str, digits: int) -> str:
+    if r.get(f"{side}_ms") is None:
+        return "-"
+    return f"{r[f'{side}_ms']:.{digits}f} ({r[f'{side}_q1']:.{digits}f}-{r[f'{side}_q3']:.{digits}f})"
+
+
+def _status(r: dict[str, Any]) -> str:
+    if r["status"] == "ok":
+        return "ok"
+    if r["status"] == "wrong" and r.get("error") is not None:
+        return f"**WRONG** (error {r['error']:.2g} > {r['allowed']:.2g})"
+    return f"**{r['status'].upper()}**"
+
+
+def _layers(r: dict[str, Any]) -> str:
+    return "-" if r.get("converted_layers") is None else f"{r['converted_layers']} / {r['dense_layers']}"
+
+
+def _ordered(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Wrong rows first, then failed, then the measured ones (stable within each)."""
+    rank = {s: i for i, s in enumerate(STATUSES)}
+    return sorted(rows, key=lambda r: rank.get(r.get("status", "ok"), len(rank)))
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """Tables of the rows: end to end first, then per layer."""
+    """Tables of the rows, end to end first, then per layer; in each, wrong and failed rows come
+    first; times are ``median (q1-q3)`` ms; skipped points are listed under the tables.
+    ``layers`` = masked weights converted / left dense."""
     out = []
-    e2e = [r for r in rows if r["kind"] == "e2e"]
+    shown = [r for r in rows if r.get("status", "ok") != "skipped"]
+    e2e = _ordered([r for r in shown if r["kind"] == "e2e"])
     if e2e:
         r0 = e2e[0]
-        out += [f"End to end: {r0['model']}, {r0['dtype']}, {r0['device']}, torch {r0['torch']}, "
-                f"triton {r0['triton']}, commit {r0['commit']}.", "",
-                "| batch | format | backend | sparsity | dense ms | sparse ms | speedup | MB (sparse / dense) |",
-                "|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['batch']} | {r['format']} | {r['backend']} | {r['sparsity']:.2f} | {r['dense_ms']:.2f} | "
-                f"{r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['bytes'] / 1e6:.1f} / {r['dense_bytes'] / 1e6:.1f} |"
+        setting = ", torch.compile" * bool(r0.get("compile")) + ", CUDA graphs" * bool(r0.get("cuda_graphs"))
+        out += [f"End to end: {r0['model']}, {r0['dtype']}, {r0['device']}{setting}, torch {r0['torch']}, "
+                f"triton {r0['triton']}, commit {r0['commit']}; dense = the masked dense model.", "",
+                "| batch | format | backend | sparsity | status | layers | dense ms (q1-q3) | sparse ms (q1-q3) "
+                "| speedup | MB (sparse / dense) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['batch']} | {r['format']} | {r['backend']} | {r['sparsity']:.2f} | {_status(r)} | {_layers(r)} | "
+                f"{_ms(r, 'dense', 2)} | {_ms(r, 'sparse', 2)} | "
+                f"{'-' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} | "
+                f"{'-' if r['bytes'] is None else format(r['bytes'] / 1e6, '.1f')} / {r['dense_bytes'] / 1e6:.1f} |"
                 for r in e2e]
         out.append("")
-    layers = [r for r in rows if r["kind"] == "layer"]
+    layers = _ordered([r for r in shown if r["kind"] == "layer"])
     if layers:
-        out += ["Per layer (`[batch·tokens, K] x [K, N]`):", "",
-                "| N x K | batch | format | backend | sparsity | dense ms | sparse ms | speedup |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += ["Per layer (`[batch·tokens, K] x [K, N]`; dense = the masked dense `nn.Linear`):", "",
+                "| N x K | batch | format | backend | sparsity | status | dense ms (q1-q3) | sparse ms (q1-q3) "
+                "| speedup |", "|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['shape'][0]}x{r['shape'][1]} | {r['batch']} | {r['format']} | {r['backend']} | "
-                f"{r['sparsity']:.2f} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x |"
-                for r in layers]
-    return "\n".join(out) + "\n"
+                f"{r['sparsity']:.2f} | {_status(r)} | {_ms(r, 'dense', 3)} | {_ms(r, 'sparse', 3)} | "
+                f"{'-' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} |" for r in layers]
+        out.append("")
+    bad = bad_rows(rows)
+    if bad:
+        out += [f"{r['status'].upper()}: {r['reason']}" for r in bad] + [""]
+    skipped = [r for r in rows if r.get("status") == "skipped"]
+    if skipped:
+        out += [f"skipped: {r['kind']} {_where(r)}: {r['reason']}" for r in skipped]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _where(r: dict[str, Any]) -> str:
+    shape = f"{r['shape'][0]}x{r['shape'][1]} " if r.get("shape") else ""
+    return f"{shape}{r['format']}/{r['backend']} sparsity {r['sparsity']:.2f} batch {r['batch']}"
 
 
 def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
@@ -299,7 +467,8 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    e2e = [r for r in rows if r["kind"] == "e2e"] or list(rows)
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    e2e = [r for r in ok if r["kind"] == "e2e"] or ok
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[tuple, list] = {}
@@ -310,7 +479,8 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{fmt}/{backend} b{batch}")
     ax.axhline(1.0, ls="--", color="gray")
     ax.set(xlabel="sparsity", ylabel="speedup vs dense (x)", title="latency: dense ms / sparse ms")
-    ax.legend(fontsize=7)
+    if lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "speedup.png")
     fig.savefig(paths[-1], dpi=110)
@@ -338,5 +508,6 @@ def write_latency(rows: Sequence[dict[str, Any]], out: str | Path) -> list[Path]
     return [out / "latency.json", out / "latency.md", *plot(rows, out)]
 
 
-__all__ = ["ROW_KEYS", "bench_e2e", "bench_layers", "block_masks", "linear_shapes", "markdown", "natural_masks",
-           "plot", "points", "resolve_backend", "write_latency"]
+__all__ = ["ROW_KEYS", "STATUSES", "bad_rows", "bench_e2e", "bench_layers", "block_masks", "layer_counts",
+           "linear_shapes", "markdown", "mask_kind", "natural_masks", "plot", "points", "resolve_backend",
+           "write_latency"]
