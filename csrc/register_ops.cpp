@@ -11,6 +11,7 @@
 
 #include <cuda_runtime.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
 
@@ -163,15 +164,48 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
 
 }  // namespace sparse_prune
 
-TORCH_LIBRARY_IMPL(sparse_prune, CUDA, m) {
-  m.impl("compress_2to4", &sparse_prune::compress_2to4_cuda);
-  // The public ops' CUDA kernels (schemas in sparse_prune/ops.py).
-  m.impl("semi24_linear", &sparse_prune::semi24_linear_cuda);
-  m.impl("csr_linear", &sparse_prune::csr_linear_cuda);
+// Registration is a function Python calls after it has checked abi_version(), not a static
+// TORCH_LIBRARY_IMPL: a library built from older sources whose signatures no longer match the
+// schemas in ops.py then raises a Python RuntimeError instead of aborting the interpreter at
+// import (seen: a stale build aborted `import sparse_prune` in another checkout).
+#define SPARSE_PRUNE_ABI 2  // bump with every schema change in sparse_prune/ops.py
+
+namespace {
+
+std::unique_ptr<torch::Library>& cuda_library() {
+  static std::unique_ptr<torch::Library> library;
+  return library;
 }
 
-// A plain Python module: importing sparse_prune._C runs the registrations above.
+PyObject* register_kernels(PyObject*, PyObject*) {
+  try {
+    if (!cuda_library()) {
+      auto library = std::make_unique<torch::Library>(torch::Library::IMPL, "sparse_prune",
+                                                      c10::DispatchKey::CUDA, __FILE__, __LINE__);
+      // The public ops' CUDA kernels (schemas in sparse_prune/ops.py).
+      library->impl("compress_2to4", &sparse_prune::compress_2to4_cuda);
+      library->impl("semi24_linear", &sparse_prune::semi24_linear_cuda);
+      library->impl("csr_linear", &sparse_prune::csr_linear_cuda);
+      cuda_library() = std::move(library);
+    }
+  } catch (const std::exception& e) {  // a partial registration is undone with `library`
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(SPARSE_PRUNE_ABI); }
+
+PyMethodDef methods[] = {
+    {"register_kernels", register_kernels, METH_NOARGS,
+     "Register the CUDA kernels of sparse_prune's ops (idempotent)."},
+    {"abi_version", abi_version, METH_NOARGS, "The op-schema version these kernels were built for."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

@@ -165,16 +165,27 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor, cols: int) -> torc
 # The compiled library (csrc/). Loading it must never make `import sparse_prune` fail.
 
 _EXTENSION_ERROR: str | None = "not loaded yet"
+# The op-schema version csrc/register_ops.cpp must be built for (SPARSE_PRUNE_ABI there).
+EXTENSION_ABI = 2
 
 
-def _load_extension() -> None:
+def _load_extension(module: str = "sparse_prune._C") -> None:
+    """Import the compiled library, check it was built for these schemas, then let it register
+    its kernels. Every failure is recorded in :func:`extension_error`, never raised."""
     global _EXTENSION_ERROR
     try:
-        importlib.import_module("sparse_prune._C")
-    except ImportError as exc:  # not built (no toolkit, CPU torch) or built for another torch
+        lib = importlib.import_module(module)
+        built_for = lib.abi_version()
+        if built_for != EXTENSION_ABI:
+            raise ImportError(f"{module} was built for op schemas v{built_for}, this sparse_prune has "
+                              f"v{EXTENSION_ABI}: rebuild it (pip install --no-build-isolation -e .)")
+        lib.register_kernels()
+    except (ImportError, AttributeError) as exc:  # not built, built for another torch, or stale
         _EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
     except OSError as exc:  # a shared library it links against is missing
         _EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+    except RuntimeError as exc:  # registration refused (signature mismatch)
+        _EXTENSION_ERROR = f"{type(exc).__name__}: kernels not registered: {exc}"
     else:
         _EXTENSION_ERROR = None
 

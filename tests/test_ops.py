@@ -197,3 +197,25 @@ def test_import_survives_a_missing_extension(monkeypatch):
     finally:
         monkeypatch.undo()
         sp.ops._load_extension()
+
+
+def test_a_stale_extension_is_reported_not_fatal(monkeypatch):
+    """A library built for other op schemas must not register (or abort the import)."""
+    import types
+
+    from sparse_prune import ops
+
+    calls = []
+    stale = types.SimpleNamespace(abi_version=lambda: ops.EXTENSION_ABI - 1, register_kernels=lambda: calls.append(1))
+    refusing = types.SimpleNamespace(abi_version=lambda: ops.EXTENSION_ABI,
+                                     register_kernels=lambda: (_ for _ in ()).throw(RuntimeError("schema mismatch")))
+    saved = ops._EXTENSION_ERROR
+    try:
+        monkeypatch.setattr(ops.importlib, "import_module", lambda name: stale)
+        ops._load_extension()
+        assert not ops.has_cuda_extension() and "rebuild" in ops.extension_error() and calls == []
+        monkeypatch.setattr(ops.importlib, "import_module", lambda name: refusing)
+        ops._load_extension()
+        assert "schema mismatch" in ops.extension_error()
+    finally:
+        ops._EXTENSION_ERROR = saved
