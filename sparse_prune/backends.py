@@ -271,6 +271,10 @@ KERNELS: dict[tuple[str, str], Callable[[torch.Tensor, Any], torch.Tensor]] = {
     ("shrink", "dense"): _materialized,
 }
 
+# Kernels whose epilogue applies the exact GELU themselves (SparseLinear(activation="gelu")
+# applies F.gelu after the others).
+FUSED_GELU: frozenset[tuple[str, str]] = frozenset()
+
 # What each kernel really executes, for report(): name, and whether it skips pruned work.
 _LABELS = {
     ("dense", "torch"): "F.linear",

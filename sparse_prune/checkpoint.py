@@ -32,7 +32,7 @@ from sparse_prune.constants import BACKENDS
 from sparse_prune.convert import PLAN_ATTR, parent_of
 from sparse_prune.nn import SparseLinear
 from sparse_prune.shrink import DENSE_SHAPE_ATTR, apply_keep, open_mha_out_proj
-from sparse_prune.structure import find_groups
+from sparse_prune.structure import find_groups, gelu_sites
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -50,7 +50,7 @@ def _manifest(model: nn.Module) -> dict[str, Any]:
             sparse[name] = {"format": module.format_name, "requested_backend": module.requested_backend,
                             "backend": module.backend, "static": static,
                             "fields": list(module._tensor_fields), "bias": module.bias is not None,
-                            "plan": module.__dict__.get(PLAN_ATTR)}
+                            "plan": module.__dict__.get(PLAN_ATTR), "activation": module.activation}
         elif isinstance(module, nn.Linear) and hasattr(module, DENSE_SHAPE_ATTR):
             dense_shapes[name] = list(getattr(module, DENSE_SHAPE_ATTR))
     groups = [{"name": g.name, "kind": g.kind, "units": g.units} for g in find_groups(model)]
@@ -166,15 +166,28 @@ def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str
         try:
             if not backends.runs_on(backend, fmt.device):
                 raise ValueError(f"it cannot run on {fmt.device}")
-            layer = SparseLinear(fmt, bias, backend)
+            layer = SparseLinear(fmt, bias, backend, activation=entry.get("activation"))
         except ValueError as exc:  # e.g. saved with backend="cuda", loaded on a CPU machine
             moved.append(f"{name} ({backend}: {exc})")
-            layer = SparseLinear(fmt, bias, "auto")
+            layer = SparseLinear(fmt, bias, "auto", activation=entry.get("activation"))
         if isinstance(entry.get("plan"), dict):
             layer.__dict__[PLAN_ATTR] = entry["plan"]
         parent, child = parent_of(skeleton, name)
         setattr(parent, child, layer)
     return moved
+
+
+def _fuse_saved_activations(model: nn.Module) -> None:
+    """The GELUs that convert() moved into their SparseLinear are Identity in the saved model:
+    do the same on the skeleton; a fused layer without its GELU site is another architecture."""
+    sites = {site.linear: site for site in gelu_sites(model)}
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear) and module.activation == "gelu":
+            site = sites.get(name)
+            if site is None:
+                raise ValueError(f"{name!r} was saved with a fused GELU, but the skeleton has no GELU after it: "
+                                 "not the saved architecture")
+            setattr(model.get_submodule(site.parent), site.attr, nn.Identity())
 
 
 def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -200,6 +213,7 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
     work = copy.deepcopy(skeleton)
     _cut_groups(work, manifest["groups"])
     moved = _swap_sparse(work, manifest["sparse_linear"], tensors)
+    _fuse_saved_activations(work)
     try:
         work.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:

@@ -27,7 +27,7 @@ from sparse_prune.constants import BACKENDS
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import SparseLinear
 from sparse_prune.shrink import open_mha_out_proj, shrink_groups
-from sparse_prune.structure import resolve_param
+from sparse_prune.structure import gelu_sites, resolve_param
 
 CONVERT_FORMATS = tuple(F.FORMATS)
 PLAN_ATTR = "sparse_prune_plan"  # the LayerPlan's summary, kept on the module for report()
@@ -155,9 +155,24 @@ def apply_plan(model: nn.Module, masks: dict[str, torch.Tensor], layers: list[La
     return left_dense
 
 
+def fuse_gelu(model: nn.Module) -> list[str]:
+    """Move every exact GELU that directly follows a :class:`SparseLinear` into it
+    (``activation="gelu"``) and put ``nn.Identity`` in its place
+    (:func:`sparse_prune.structure.gelu_sites`: transformers, timm and torchvision ViT MLPs).
+    Returns the names of the replaced activation modules. The function is unchanged."""
+    fused = []
+    for site in gelu_sites(model):
+        linear = model.get_submodule(site.linear)
+        if isinstance(linear, SparseLinear) and linear.activation is None:
+            linear.set_activation("gelu")
+            setattr(model.get_submodule(site.parent), site.attr, nn.Identity())
+            fused.append(f"{site.parent}.{site.attr}" if site.parent else site.attr)
+    return fused
+
+
 def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str = "auto",
             inplace: bool = False, example_inputs: Any = None, cache: str | None = None,
-            **format_kw: Any) -> nn.Module:
+            fuse_activations: bool = True, **format_kw: Any) -> nn.Module:
     """Swap every masked ``nn.Linear`` for a :class:`SparseLinear` holding ``format``.
 
     Formats: ``CONVERT_FORMATS`` ("dense" = masked dense baseline, "shrink", "2:4", "csr",
@@ -183,6 +198,10 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     backend that fits its mask against the masked dense layer and keeps the fastest, dense
     included (:mod:`sparse_prune.auto`; ``cache=`` a JSON path to reuse decisions); ``report()``
     shows each choice and its measured ratio. ``backend`` limits the candidates when not "auto".
+
+    ``fuse_activations`` (default on): where a ViT MLP's first Linear became a SparseLinear and
+    feeds an exact GELU, the GELU moves into the layer (:func:`fuse_gelu`): one kernel where the
+    backend's epilogue fuses it, the same numbers either way.
     """
     check_convert_args(masks, format, backend)
     masks.validate(model)
@@ -194,6 +213,8 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     if format == "auto":
         layers = plan_auto(model, masks, backend, example_inputs, cache)
         apply_plan(model, dict(masks.items()), layers)
+        if fuse_activations:
+            fuse_gelu(model)
         return model
     todo: dict[str, torch.Tensor] = dict(masks.items())
     open_mha_out_proj(model, todo)  # torchvision: lets MHA out_proj become a SparseLinear
@@ -205,6 +226,8 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
         left_dense += [f"{s}: heads/neurons not removed" for s in skipped]
         todo = {name: m for name, m in todo.items() if not bool(m.all())}
     left_dense += apply_plan(model, todo, plan(model, todo, format, backend, **format_kw))
+    if fuse_activations:
+        fuse_gelu(model)
     if left_dense:
         warnings.warn(f"format {format!r} left {len(left_dense)} masked weight(s) dense: " + "; ".join(left_dense),
                       stacklevel=2)

@@ -16,6 +16,8 @@ from sparse_prune import backends
 from sparse_prune import formats as F
 from sparse_prune.constants import BACKENDS
 
+ACTIVATIONS = (None, "gelu")
+
 
 class SparseLinear(nn.Module):
     """``y = x · Wᵀ + b`` with ``W`` held in a compact format; a drop-in ``nn.Linear``.
@@ -30,12 +32,20 @@ class SparseLinear(nn.Module):
     layer built on the CPU runs our GPU kernels after ``.to("cuda")``. An explicit backend that
     cannot run on the new device raises its ``ValueError`` at the next call. Raises
     ``ValueError`` at construction for an unknown backend or one that cannot take the weight.
+
+    ``activation="gelu"`` applies the exact (erf) GELU to the output: inside the kernel where
+    its epilogue fuses it (:data:`sparse_prune.backends.FUSED_GELU`), after it otherwise, so the
+    result is the same either way. ``convert`` sets it where the model's Linear feeds a GELU.
     """
 
-    def __init__(self, fmt: F.WeightFormat, bias: torch.Tensor | None, backend: str = "auto"):
+    def __init__(self, fmt: F.WeightFormat, bias: torch.Tensor | None, backend: str = "auto",
+                 activation: str | None = None):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         self.format_name = F.format_name(fmt)
         self.out_features, self.in_features = fmt.shape
         self.requested_backend = backend
@@ -57,6 +67,7 @@ class SparseLinear(nn.Module):
         self.backend = backends.resolve_backend(self.requested_backend, self.format_name, fmt)
         self.kernel_name = backends.kernel_label(self.format_name, self.backend, fmt.device)
         self._kernel_key = (self.format_name, self.backend)
+        self.fused_activation = self.activation is not None and self._kernel_key in backends.FUSED_GELU
         self._bind_error = None
         needs_order = self.format_name == "csr" and self.backend in ("cuda", "triton")
         self.register_buffer("row_order", fmt.row_order() if needs_order else None, persistent=False)
@@ -92,9 +103,19 @@ class SparseLinear(nn.Module):
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
         lead = x.shape[:-1]
         y = backends.KERNELS[self._kernel_key](x.reshape(-1, self.in_features), self)
+        if self.activation == "gelu" and not self.fused_activation:
+            y = torch.nn.functional.gelu(y)
         return y.reshape(*lead, self.out_features)
+
+    def set_activation(self, activation: str | None) -> None:
+        """Apply ``activation`` (see the class docstring) from now on."""
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self._bind()
 
     def extra_repr(self) -> str:
         fmt = self.weight_format
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.format_name}, density={fmt.density:.3f}, backend={self.backend}")
+                f"format={self.format_name}, density={fmt.density:.3f}, backend={self.backend}"
+                + (f", activation={self.activation}" if self.activation else ""))

@@ -44,6 +44,8 @@ def report(model: nn.Module) -> list[dict[str, Any]]:
                          "kernel": module.kernel_name, "shape": list(fmt.shape), "density": fmt.density,
                          "bytes": fmt.nbytes + extra, "dense_bytes": fmt.shape[0] * fmt.shape[1] * elem,
                          "flops": backends.flops_per_row(module.format_name, module.backend, fmt)})
+            if module.activation:
+                rows[-1]["activation"] = module.activation + (" (fused)" if module.fused_activation else "")
             _plan_fields(rows[-1], module)
         elif isinstance(module, nn.Linear):
             w = module.weight

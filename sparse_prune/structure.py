@@ -136,3 +136,47 @@ def find_groups(model: nn.Module) -> list[Group]:
                 seen.update(group.params)
                 groups.append(group)
     return groups
+
+
+@dataclass(frozen=True)
+class GeluSite:
+    """A Linear whose output goes straight into an exact (erf) GELU: ``linear`` and the module
+    holding the activation (``parent``) with the attribute naming it (``attr``)."""
+
+    linear: str
+    parent: str
+    attr: str
+
+
+def _exact_gelu(module: nn.Module | None) -> bool:
+    """``nn.GELU(approximate="none")`` or transformers' ``GELUActivation`` (erf form); not the
+    tanh approximations (``gelu_new``, ``gelu_pytorch_tanh``), which compute something else."""
+    if isinstance(module, nn.GELU):
+        return module.approximate == "none"
+    if type(module).__name__ == "GELUActivation":
+        fn = getattr(module, "act", None)
+        return fn is nn.functional.gelu or getattr(fn, "__name__", "") == "_gelu_python"
+    return False
+
+
+def gelu_sites(model: nn.Module) -> list[GeluSite]:
+    """Every ViT MLP whose first Linear feeds an exact GELU directly, by source:
+    transformers 5.x ``ViTMLP`` (``fc1`` → ``activation_fn``), 4.x ``ViTIntermediate``
+    (``dense`` → ``intermediate_act_fn``), timm ``Mlp`` (``fc1`` → ``act``), torchvision
+    ``MLPBlock`` (``[0]`` → ``[1]``). Other modules are never matched: fusing needs the forward
+    to be exactly Linear then GELU, which these classes' forwards are."""
+    sites = []
+    layouts = {"ViTMLP": ("fc1", "activation_fn"), "ViTIntermediate": ("dense", "intermediate_act_fn"),
+               "Mlp": ("fc1", "act"), "MLPBlock": ("0", "1")}
+    for name, module in model.named_modules():
+        layout = layouts.get(type(module).__name__)
+        if layout is None:
+            continue
+        lin_attr, act_attr = layout
+        if isinstance(module, nn.Sequential):
+            linear, act = module[int(lin_attr)], module[int(act_attr)]
+        else:
+            linear, act = getattr(module, lin_attr, None), getattr(module, act_attr, None)
+        if isinstance(linear, nn.Module) and hasattr(linear, "in_features") and _exact_gelu(act):
+            sites.append(GeluSite(_join(name, lin_attr), name, act_attr))
+    return sites

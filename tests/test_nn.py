@@ -187,3 +187,38 @@ def test_converted_vit_without_qkv_bias(fmt, images):
     fast = sp.convert(model, masks, format=fmt, **fkw)
     assert fast.vit.layers[0].attention.q_proj.bias is None
     torch.testing.assert_close(fast(images).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["hf_vit", "timm_vit", "tv_vit"])
+@pytest.mark.parametrize("fmt", ["csr", "2:4", "bsr"])
+def test_mlp_gelu_moves_into_the_first_linear(fixture, fmt, request, images):
+    from sparse_prune.structure import gelu_sites
+
+    model = request.getfixturevalue(fixture)
+    method, kw, fkw = RECIPES[fmt]
+    masks = sp.prune(model, method, **kw)
+    sites = gelu_sites(model)
+    assert len(sites) == 2  # one MLP per block
+    expected = _logits(masks.apply(copy.deepcopy(model))(images))
+    fast = sp.convert(model, masks, format=fmt, **fkw)
+    for site in sites:
+        layer = fast.get_submodule(site.linear)
+        assert isinstance(layer, sp.SparseLinear) and layer.activation == "gelu"
+        act = fast.get_submodule(site.parent)
+        act = act[int(site.attr)] if isinstance(act, nn.Sequential) else getattr(act, site.attr)
+        assert isinstance(act, nn.Identity)
+    torch.testing.assert_close(_logits(fast(images)), expected, rtol=1e-5, atol=1e-5)
+    rows = {r["name"]: r for r in sp.report(fast)}
+    assert rows[sites[0].linear]["activation"] == "gelu"  # no fused epilogue on the CPU
+    plain = sp.convert(model, masks, format=fmt, fuse_activations=False, **fkw)
+    assert all(plain.get_submodule(s.linear).activation is None for s in sites)
+    torch.testing.assert_close(_logits(plain(images)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_argument_is_checked():
+    fmt = F.CSR.from_dense(torch.randn(8, 16), torch.rand(8, 16) < 0.5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        sp.SparseLinear(fmt, None, activation="relu")
+    layer = sp.SparseLinear(fmt, None, activation="gelu")
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), torch.nn.functional.gelu(x @ fmt.to_dense().t()))
