@@ -194,7 +194,7 @@ def _csr_cuda(x, m):
 
 def _csr_triton(x, m):
     return torch.ops.sparse_prune.csr_linear_triton(x, m.values, m.crow_indices, m.col_indices,
-                                                    m.out_features, m.bias, m.row_order)
+                                                    m.out_features, m.bias, m.row_order, m.fused_activation)
 
 
 def _bsr_torch(x, m):
@@ -204,7 +204,7 @@ def _bsr_torch(x, m):
 
 def _bsr_triton(x, m):
     return torch.ops.sparse_prune.bsr_linear_triton(x, m.values, m.crow_indices, m.col_indices,
-                                                    m.out_features, m.bias)
+                                                    m.out_features, m.bias, m.fused_activation)
 
 
 def _semi24_torch(x, m):
@@ -239,7 +239,7 @@ def _semi24_cusparselt(x, m):
 
 
 def _semi24_triton(x, m):
-    return torch.ops.sparse_prune.semi24_linear_triton(x, m.values, m.meta, m.bias)
+    return torch.ops.sparse_prune.semi24_linear_triton(x, m.values, m.meta, m.bias, m.fused_activation)
 
 
 def _shrunk_torch(x, m):
@@ -249,7 +249,7 @@ def _shrunk_torch(x, m):
 
 def _shrunk_triton(x, m):
     return torch.ops.sparse_prune.shrunk_linear_triton(x, m.values, m.out_index, m.in_index,
-                                                       m.out_features, m.bias)
+                                                       m.out_features, m.bias, m.fused_activation)
 
 
 KERNELS: dict[tuple[str, str], Callable[[torch.Tensor, Any], torch.Tensor]] = {
@@ -273,7 +273,8 @@ KERNELS: dict[tuple[str, str], Callable[[torch.Tensor, Any], torch.Tensor]] = {
 
 # Kernels whose epilogue applies the exact GELU themselves (SparseLinear(activation="gelu")
 # applies F.gelu after the others).
-FUSED_GELU: frozenset[tuple[str, str]] = frozenset()
+FUSED_GELU: frozenset[tuple[str, str]] = frozenset(
+    {("csr", "triton"), ("bsr", "triton"), ("2:4", "triton"), ("shrink", "triton")})
 
 # What each kernel really executes, for report(): name, and whether it skips pruned work.
 _LABELS = {

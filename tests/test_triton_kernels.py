@@ -44,16 +44,16 @@ def _make(fmt_name, w, mask, block=(16, 16)):
     return cls.from_dense(w, mask, block=block) if fmt_name == "bsr" else cls.from_dense(w, mask)
 
 
-def _call(fmt_name, x, fmt, bias):
+def _call(fmt_name, x, fmt, bias, gelu=False):
     ops = torch.ops.sparse_prune
     n = fmt.shape[0]
     if fmt_name == "csr":
-        return ops.csr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias, fmt.row_order())
+        return ops.csr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias, fmt.row_order(), gelu)
     if fmt_name == "bsr":
-        return ops.bsr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias)
+        return ops.bsr_linear_triton(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, bias, gelu)
     if fmt_name == "2:4":
-        return ops.semi24_linear_triton(x, fmt.values, fmt.meta, bias)
-    return ops.shrunk_linear_triton(x, fmt.values, fmt.out_index, fmt.in_index, n, bias)
+        return ops.semi24_linear_triton(x, fmt.values, fmt.meta, bias, gelu)
+    return ops.shrunk_linear_triton(x, fmt.values, fmt.out_index, fmt.in_index, n, bias, gelu)
 
 
 def _expect(x, w, mask, bias):
@@ -61,7 +61,7 @@ def _expect(x, w, mask, bias):
     return Fn.linear(x.float(), dense.to(x.device), None if bias is None else bias.float())
 
 
-def _check(fmt_name, m, n, k, dtype, bias, kind="random", block=(16, 16), seed=0):
+def _check(fmt_name, m, n, k, dtype, bias, kind="random", block=(16, 16), seed=0, gelu=False):
     import sparse_prune.kernels.triton_ops  # noqa: F401
 
     w, mask = _weight(n, k, dtype, seed=seed, kind="2:4" if fmt_name == "2:4" and kind == "random" else kind)
@@ -70,9 +70,11 @@ def _check(fmt_name, m, n, k, dtype, bias, kind="random", block=(16, 16), seed=0
     fmt = _make(fmt_name, w, mask, block).to(DEVICE)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
     b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)).to(dtype).to(DEVICE) if bias else None
-    y = _call(fmt_name, x, fmt, b)
+    y = _call(fmt_name, x, fmt, b, gelu)
     assert y.shape == (m, n) and y.dtype == dtype and y.is_contiguous()
     want = _expect(x, w, mask, b)
+    if gelu:
+        want = Fn.gelu(want)
     scale = max(1.0, want.abs().max().item())
     torch.testing.assert_close(y.float(), want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
 
@@ -87,6 +89,24 @@ FORMATS = ["csr", "bsr", "2:4", "shrink"]
 @pytest.mark.parametrize("bias", [True, False])
 def test_kernel_matches_reference(fmt_name, dtype, m, n, k, bias):
     _check(fmt_name, m, n, k, dtype, bias)
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 37])
+def test_fused_gelu_epilogue(fmt_name, dtype, m):
+    _check(fmt_name, m, 70, 36 if fmt_name != "2:4" else 48, dtype, bias=True, gelu=True)
+
+
+def test_fused_gelu_in_a_converted_vit(hf_vit, images):
+    hf_vit, images = hf_vit.to(DEVICE), images.to(DEVICE)
+    masks = sp.prune(hf_vit, "nm")
+    expected = masks.apply(copy.deepcopy(hf_vit))(images).logits
+    fast = sp.convert(hf_vit, masks, format="2:4", backend="triton")
+    fc1 = fast.get_submodule("vit.layers.0.mlp.fc1")
+    assert fc1.activation == "gelu" and fc1.fused_activation
+    assert next(r for r in sp.report(fast) if r["name"] == "vit.layers.0.mlp.fc1")["activation"] == "gelu (fused)"
+    torch.testing.assert_close(fast(images).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt_name", FORMATS)
@@ -114,6 +134,9 @@ def test_shrunk_all_rows_kept_and_nothing_kept():
         fmt = F.Shrunk.from_dense(w, mask).to(DEVICE)
         x, b = torch.randn(3, 40, device=DEVICE), torch.randn(24, device=DEVICE)
         torch.testing.assert_close(_call("shrink", x, fmt, b), _expect(x, w, mask, b).to(DEVICE), rtol=2e-5, atol=2e-5)
+        # pruned outputs hold GELU(bias) when the epilogue is fused
+        torch.testing.assert_close(_call("shrink", x, fmt, b, True), Fn.gelu(_expect(x, w, mask, b)).to(DEVICE),
+                                   rtol=2e-5, atol=2e-5)
 
 
 def test_csr_long_rows_loop_over_many_chunks():

@@ -26,7 +26,7 @@ FULL_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm
 )
 @triton.jit
 def _bsr_kernel(x_ptr, val_ptr, crow_ptr, col_ptr, bias_ptr, y_ptr, M, N, K,
-                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr):
     brow = tl.program_id(0)
     offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -45,12 +45,14 @@ def _bsr_kernel(x_ptr, val_ptr, crow_ptr, col_ptr, bias_ptr, y_ptr, M, N, K,
         acc = tl.dot(xs, block_t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:  # exact (erf) GELU, as F.gelu: fused so fc1 -> GELU is one kernel
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & (offs_n < N)[None, :])
 
 
 def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-               out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+               out_features: int, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     x = check_linear_inputs("bsr_linear_triton", x, values, bias, out_features, crow_indices=crow,
                             col_indices=col)
     if values.dim() != 3:
@@ -72,6 +74,6 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: t
         return (block_rows, triton.cdiv(m, meta["BLOCK_M"]))
 
     _bsr_kernel[grid](x, values.contiguous(), crow, col.contiguous(), bias if bias is not None else values, y,
-                      m, out_features, k, HAS_BIAS=bias is not None, BM=bm, BK=bk,
+                      m, out_features, k, HAS_BIAS=bias is not None, GELU=gelu, BM=bm, BK=bk,
                       PRECISION=dot_precision(x.dtype))
     return y

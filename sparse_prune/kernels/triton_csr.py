@@ -29,7 +29,7 @@ FULL_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_NNZ": bn}, num_warps=w) for
 )
 @triton.jit
 def _csr_kernel(xt_ptr, val_ptr, crow_ptr, col_ptr, order_ptr, bias_ptr, yt_ptr, M, N,
-                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NNZ: tl.constexpr):
+                HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NNZ: tl.constexpr):
     row = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
@@ -45,11 +45,14 @@ def _csr_kernel(xt_ptr, val_ptr, crow_ptr, col_ptr, order_ptr, bias_ptr, yt_ptr,
         acc += tl.sum(xs.to(tl.float32) * vals[:, None], axis=0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + row).to(tl.float32)
+    if GELU:  # exact (erf) GELU, as F.gelu: fused so fc1 -> GELU is one kernel
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     tl.store(yt_ptr + row * M + offs_m, acc.to(yt_ptr.dtype.element_ty), mask=m_ok)
 
 
 def csr_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-               row_order: torch.Tensor | None, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+               row_order: torch.Tensor | None, out_features: int, bias: torch.Tensor | None,
+               gelu: bool = False) -> torch.Tensor:
     """``row_order``: rows longest-first (int32 ``[out_features]``); ``None`` computes it here
     (an argsort per call: SparseLinear passes the one it computed at construction)."""
     x = check_linear_inputs("csr_linear_triton", x, values, bias, out_features, crow_indices=crow,
@@ -72,5 +75,5 @@ def csr_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: t
         return (out_features, triton.cdiv(m, meta["BLOCK_M"]))
 
     _csr_kernel[grid](xt, values, crow, col.contiguous(), row_order, bias if bias is not None else values,
-                      yt, m, out_features, HAS_BIAS=bias is not None)
+                      yt, m, out_features, HAS_BIAS=bias is not None, GELU=gelu)
     return yt.t().contiguous()

@@ -20,49 +20,52 @@ from sparse_prune.ops import linear_fake
 @torch.library.custom_op("sparse_prune::csr_linear_triton", mutates_args=())
 def csr_linear_triton(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
                       col_indices: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],  # noqa: UP045
-                      row_order: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
-    return triton_csr.csr_linear(x, values, crow_indices, col_indices, row_order, out_features, bias)
+                      row_order: Optional[torch.Tensor] = None, gelu: bool = False) -> torch.Tensor:  # noqa: UP045
+    return triton_csr.csr_linear(x, values, crow_indices, col_indices, row_order, out_features, bias, gelu)
 
 
 @csr_linear_triton.register_fake
-def _(x, values, crow_indices, col_indices, out_features, bias, row_order=None):
+def _(x, values, crow_indices, col_indices, out_features, bias, row_order=None, gelu=False):
     return linear_fake(x, out_features)
 
 
 @torch.library.custom_op("sparse_prune::bsr_linear_triton", mutates_args=())
 def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
-                      col_indices: torch.Tensor, out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
-    return triton_bsr.bsr_linear(x, values, crow_indices, col_indices, out_features, bias)
+                      col_indices: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],  # noqa: UP045
+                      gelu: bool = False) -> torch.Tensor:
+    return triton_bsr.bsr_linear(x, values, crow_indices, col_indices, out_features, bias, gelu)
 
 
 @bsr_linear_triton.register_fake
-def _(x, values, crow_indices, col_indices, out_features, bias):
+def _(x, values, crow_indices, col_indices, out_features, bias, gelu=False):
     return linear_fake(x, out_features)
 
 
 @torch.library.custom_op("sparse_prune::semi24_linear_triton", mutates_args=())
 def semi24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                         bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
-    return triton_semi24.semi24_linear(x, values, meta, bias)
+                         bias: Optional[torch.Tensor], gelu: bool = False) -> torch.Tensor:  # noqa: UP045
+    return triton_semi24.semi24_linear(x, values, meta, bias, gelu)
 
 
 @semi24_linear_triton.register_fake
-def _(x, values, meta, bias):
+def _(x, values, meta, bias, gelu=False):
     return linear_fake(x, values.shape[0])
 
 
 @torch.library.custom_op("sparse_prune::shrunk_linear_triton", mutates_args=())
 def shrunk_linear_triton(x: torch.Tensor, values: torch.Tensor, out_index: torch.Tensor,
-                         in_index: torch.Tensor, out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
-    return triton_shrunk.shrunk_linear(x, values, out_index, in_index, out_features, bias)
+                         in_index: torch.Tensor, out_features: int, bias: Optional[torch.Tensor],  # noqa: UP045
+                         gelu: bool = False) -> torch.Tensor:
+    return triton_shrunk.shrunk_linear(x, values, out_index, in_index, out_features, bias, gelu)
 
 
 @shrunk_linear_triton.register_fake
-def _(x, values, out_index, in_index, out_features, bias):
+def _(x, values, out_index, in_index, out_features, bias, gelu=False):
     return linear_fake(x, out_features)
 
 
-# format name -> the Triton op, called with the public op's arguments
+# format name -> the Triton op, called with the public op's arguments (the public ops have no
+# epilogue argument: gelu stays False there)
 KERNELS = {
     "csr": csr_linear_triton,
     "bsr": bsr_linear_triton,

@@ -26,7 +26,7 @@ FULL_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num
 )
 @triton.jit
 def _semi24_kernel(x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, META_W,
-                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -49,12 +49,14 @@ def _semi24_kernel(x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, META_W,
         acc = tl.dot(xs, w_t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:  # exact (erf) GELU, as F.gelu: fused so fc1 -> GELU is one kernel
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
 def semi24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
+                  bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     n = values.shape[0]
     x = check_linear_inputs("semi24_linear_triton", x, values, bias, n, meta=meta)
     m, k = x.shape
@@ -72,5 +74,5 @@ def semi24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         return (triton.cdiv(m, meta_["BLOCK_M"]), triton.cdiv(n, meta_["BLOCK_N"]))
 
     _semi24_kernel[grid](x, values.contiguous(), meta.contiguous(), bias if bias is not None else values, y,
-                         m, n, k, meta.shape[1], HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype))
+                         m, n, k, meta.shape[1], HAS_BIAS=bias is not None, GELU=gelu, PRECISION=dot_precision(x.dtype))
     return y

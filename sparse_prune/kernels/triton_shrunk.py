@@ -26,7 +26,7 @@ FULL_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num
 )
 @triton.jit
 def _shrunk_kernel(x_ptr, val_ptr, out_idx_ptr, in_idx_ptr, bias_ptr, y_ptr, M, N, K, NK, KK,
-                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,12 +43,14 @@ def _shrunk_kernel(x_ptr, val_ptr, out_idx_ptr, in_idx_ptr, bias_ptr, y_ptr, M, 
     rows = tl.load(out_idx_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:  # exact (erf) GELU, as F.gelu: fused so fc1 -> GELU is one kernel
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     tl.store(y_ptr + offs_m[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
 def shrunk_linear(x: torch.Tensor, values: torch.Tensor, out_index: torch.Tensor, in_index: torch.Tensor,
-                  out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+                  out_features: int, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     x = check_linear_inputs("shrunk_linear_triton", x, values, bias, out_features, out_index=out_index,
                             in_index=in_index)
     nk, kk = len(out_index), len(in_index)
@@ -57,7 +59,8 @@ def shrunk_linear(x: torch.Tensor, values: torch.Tensor, out_index: torch.Tensor
                          f"got {tuple(values.shape)}")
     m, k = x.shape
     if nk < out_features:  # whole pruned outputs: bias or 0, written once
-        y = (bias.expand(m, out_features).clone(memory_format=torch.contiguous_format) if bias is not None
+        fill = torch.nn.functional.gelu(bias) if gelu and bias is not None else bias  # GELU(0) = 0
+        y = (fill.expand(m, out_features).clone(memory_format=torch.contiguous_format) if bias is not None
              else torch.zeros((m, out_features), dtype=x.dtype, device=x.device))
     else:
         y = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
@@ -69,5 +72,5 @@ def shrunk_linear(x: torch.Tensor, values: torch.Tensor, out_index: torch.Tensor
 
     _shrunk_kernel[grid](x, values.contiguous(), out_index.contiguous(), in_index.contiguous(),
                          bias if bias is not None else values, y, m, out_features, k, nk, kk,
-                         HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype))
+                         HAS_BIAS=bias is not None, GELU=gelu, PRECISION=dot_precision(x.dtype))
     return y
