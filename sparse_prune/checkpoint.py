@@ -46,10 +46,10 @@ def _manifest(model: nn.Module) -> dict[str, Any]:
     dense_shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
-            static = {k: list(v) if isinstance(v, tuple) else v for k, v in module._static.items()}
+            static = {k: list(v) if isinstance(v, tuple) else v for k, v in module.format_static.items()}
             sparse[name] = {"format": module.format_name, "requested_backend": module.requested_backend,
                             "backend": module.backend, "static": static,
-                            "fields": list(module._tensor_fields), "bias": module.bias is not None,
+                            "fields": module.format_fields, "bias": module.bias is not None,
                             "plan": module.__dict__.get(PLAN_ATTR), "activation": module.activation}
         elif isinstance(module, nn.Linear) and hasattr(module, DENSE_SHAPE_ATTR):
             dense_shapes[name] = list(getattr(module, DENSE_SHAPE_ATTR))

@@ -92,6 +92,16 @@ class SparseLinear(nn.Module):
         return self._format_cls(**{n: getattr(self, n) for n in self._tensor_fields}, **self._static)
 
     @property
+    def format_fields(self) -> list[str]:
+        """Names of the format's arrays (this module's persistent buffers)."""
+        return list(self._tensor_fields)
+
+    @property
+    def format_static(self) -> dict:
+        """The format's non-tensor fields (shape, block, ...)."""
+        return dict(self._static)
+
+    @property
     def weight(self) -> torch.Tensor:
         """The dense (masked) weight, rebuilt on demand — for inspection, not for speed."""
         return self.weight_format.to_dense()
