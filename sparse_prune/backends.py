@@ -116,7 +116,10 @@ def candidates(format_name: str, fmt: Any, device: torch.device | str) -> list[s
     device = torch.device(device)
     if format_name == "dense" or device.type != "cuda":
         return ["torch"]
-    return [b for b in ("cuda", "triton", "cusparselt") if reason(format_name, b, fmt, device) is None]
+    found = [b for b in ("cuda", "triton", "cusparselt") if reason(format_name, b, fmt, device) is None]
+    if format_name == "shrink":  # the reference multiplies the kept block only: no rebuild
+        found.append("torch")
+    return found
 
 
 def runs_on(backend: str, device: torch.device | str) -> bool:
@@ -144,7 +147,7 @@ def resolve_backend(backend: str, format_name: str, fmt: Any = None,
     if backend == "auto":
         found = candidates(format_name, fmt, device)
         resolved = found[0] if found else "dense"
-        if resolved == "torch" and device.type == "cuda":  # never the per-call rebuild on a GPU
+        if resolved == "torch" and device.type == "cuda" and format_name != "shrink":  # never a per-call rebuild
             resolved = "dense"
         backend = resolved
     elif backend in ("cuda", "triton", "cusparselt"):

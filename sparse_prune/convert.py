@@ -36,7 +36,9 @@ PLAN_ATTR = "sparse_prune_plan"  # the LayerPlan's summary, kept on the module f
 @dataclass
 class LayerPlan:
     """One masked weight's fate: ``fmt`` is the built format, or ``None`` when the layer stays
-    a masked dense module (``reason`` says why)."""
+    a masked dense module (``reason`` says why). ``backend`` is what runs on the weight's device
+    now; ``requested`` what the layer is built with (the user's ``backend``, or auto's measured
+    choice), so it resolves again when the model is moved."""
 
     param: str
     module: str
@@ -46,6 +48,7 @@ class LayerPlan:
     fmt: F.WeightFormat | None = None
     kw: dict[str, Any] = field(default_factory=dict)
     ratio: float | None = None  # format="auto": measured dense ms / chosen ms
+    requested: str = "auto"
 
     def summary(self) -> dict[str, Any]:
         out = {"format": self.format, "backend": self.backend, "reason": self.reason}
@@ -100,8 +103,8 @@ def plan(model: nn.Module, masks: dict[str, torch.Tensor], format: str, backend:
             continue
         # a backend the user asked for that cannot take this weight is an error, never a fallback
         resolved = backends.resolve_backend(backend, format, fmt)
-        why = "requested" if backend != "auto" else f"auto backend on {fmt.device.type}"
-        layers.append(LayerPlan(name, module_name, format, resolved, why, fmt, dict(format_kw)))
+        why = "requested" if backend != "auto" else "auto: our best kernel for the device"
+        layers.append(LayerPlan(name, module_name, format, resolved, why, fmt, dict(format_kw), requested=backend))
     return layers
 
 
@@ -127,7 +130,7 @@ def plan_auto(model: nn.Module, masks: MaskSet, backend: str, example_inputs: An
         weight = module.weight.detach()
         fmt = F.FORMATS[choice["format"]].from_dense(weight, mask.to(weight.device), **kw)
         layers.append(LayerPlan(name, module_name, choice["format"], choice["backend"], reason, fmt, kw,
-                                choice["ratio"]))
+                                choice["ratio"], requested=choice["backend"]))
     return layers
 
 
@@ -146,7 +149,7 @@ def apply_plan(model: nn.Module, masks: dict[str, torch.Tensor], layers: list[La
                     left_dense.append(f"{layer.param} ({layer.reason})")
                 target = module
             else:
-                target = SparseLinear(layer.fmt, module.bias, layer.backend)
+                target = SparseLinear(layer.fmt, module.bias, layer.requested)
                 parent, child = parent_of(model, layer.module)
                 setattr(parent, child, target)
             target.__dict__[PLAN_ATTR] = layer.summary()

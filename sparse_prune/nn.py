@@ -57,6 +57,7 @@ class SparseLinear(nn.Module):
             self.register_buffer(name, getattr(fmt, name))
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._bind_error: ValueError | None = None
+        self._bound_key: tuple | None = None
         self._bind()
 
     def _bind(self) -> None:
@@ -67,6 +68,7 @@ class SparseLinear(nn.Module):
         self.backend = backends.resolve_backend(self.requested_backend, self.format_name, fmt)
         self.kernel_name = backends.kernel_label(self.format_name, self.backend, fmt.device)
         self._kernel_key = (self.format_name, self.backend)
+        self._bound_key = self._bound_to()
         self.fused_activation = self.activation is not None and self._kernel_key in backends.FUSED_GELU
         self._bind_error = None
         needs_order = self.format_name == "csr" and self.backend in ("cuda", "triton")
@@ -79,12 +81,18 @@ class SparseLinear(nn.Module):
         if self.backend == "torch" and fmt.device.type == "cuda" and self.format_name not in ("dense", "shrink"):
             warnings.warn(backends.TORCH_ON_CUDA_WARNING, stacklevel=3)
 
+    def _bound_to(self) -> tuple:
+        return (self.values.device, self.values.dtype, self.requested_backend)
+
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
+        if self._bound_to() == self._bound_key and self._bind_error is None:
+            return self  # same device and dtype: keep the prepared payloads (no recompression)
         try:
             self._bind()
         except ValueError as exc:  # e.g. backend="cuda" moved to the CPU: say so at the next call
             self._bind_error = exc
+            self._bound_key = None
         return self
 
     @property
@@ -122,7 +130,7 @@ class SparseLinear(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
-        self._bind()
+        self.fused_activation = activation is not None and self._kernel_key in backends.FUSED_GELU
 
     def extra_repr(self) -> str:
         fmt = self.weight_format

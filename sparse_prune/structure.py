@@ -159,6 +159,9 @@ def _exact_gelu(module: nn.Module | None) -> bool:
     return False
 
 
+_VIT_LIBRARIES = ("transformers.", "timm.", "torchvision.")
+
+
 def gelu_sites(model: nn.Module) -> list[GeluSite]:
     """Every ViT MLP whose first Linear feeds an exact GELU directly, by source:
     transformers 5.x ``ViTMLP`` (``fc1`` → ``activation_fn``), 4.x ``ViTIntermediate``
@@ -170,8 +173,8 @@ def gelu_sites(model: nn.Module) -> list[GeluSite]:
                "Mlp": ("fc1", "act"), "MLPBlock": ("0", "1")}
     for name, module in model.named_modules():
         layout = layouts.get(type(module).__name__)
-        if layout is None:
-            continue
+        if layout is None or not type(module).__module__.startswith(_VIT_LIBRARIES):
+            continue  # a user's own "Mlp" may do something else between fc1 and act
         lin_attr, act_attr = layout
         if isinstance(module, nn.Sequential):
             linear, act = module[int(lin_attr)], module[int(act_attr)]

@@ -21,10 +21,16 @@ def _fmt(name, dtype=torch.float32, n=32, k=64, **kw):
     return F.FORMATS[name].from_dense(w, mask, **kw)
 
 
-def test_every_public_op_has_a_cuda_kernel():
-    # registered by csrc/ (2:4, csr) or by ops.py (Triton); never the reference
-    for op in ops.LINEAR_OPS.values():
+def test_no_public_op_serves_cuda_with_the_reference():
+    """The reference is a CPU kernel only: no catch-all registration (CompositeExplicitAutograd)
+    may route CUDA tensors to it; CUDA has its own kernel (csrc/ or Triton), dense_linear aside."""
+    for fmt, op in ops.LINEAR_OPS.items():
+        name = f"sparse_prune::{op}"
+        for key in ("CompositeExplicitAutograd", "CompositeImplicitAutograd"):
+            assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (op, key)
         assert ops.has_cuda_kernel(op), op
+        if sp.has_cuda_extension() and fmt in ("2:4", "csr"):
+            assert "register_ops.cpp" in torch._C._dispatch_dump(name).split("CUDA:")[1].splitlines()[0]
 
 
 @pytest.mark.skipif(not sp.has_cuda_extension(), reason="needs the compiled extension")
@@ -73,9 +79,9 @@ def test_layers_resolve_again_when_moved_or_cast(monkeypatch):
     want = torch.nn.functional.linear(x, layer.weight, layer.bias)
     # pretend this device had a faster kernel: the next .to()/.float() must pick it up
     monkeypatch.setattr(backends, "candidates", lambda name, fmt, device: ["dense"] if name == "csr" else ["torch"])
-    layer.float()
+    layer.double()
     assert layer.backend == "dense" and layer.dense_weight is not None and layer.kernel_name.startswith("dense:")
-    torch.testing.assert_close(layer(x), want)
+    torch.testing.assert_close(layer(x.double()), want.double(), rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
     layer.float()
     assert layer.backend == "torch" and layer.dense_weight is None
@@ -155,3 +161,34 @@ def test_cusparselt_matches_the_masked_dense_layer(dtype, m, bias):
     torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_converted_layers_keep_the_request_and_follow_the_device(hf_vit, monkeypatch):
+    """convert(backend="auto") on the CPU, then a move: the layers resolve again (a CPU model
+    moved to CUDA runs our kernels, not the per-call rebuild)."""
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.9)
+    fast = sp.convert(hf_vit, masks, format="csr")
+    layers = [m for m in fast.modules() if isinstance(m, sp.SparseLinear)]
+    assert layers and {(m.requested_backend, m.backend) for m in layers} == {("auto", "torch")}
+    monkeypatch.setattr(backends, "candidates", lambda name, fmt, device: ["dense"])  # "this device"
+    fast.double()
+    assert {m.backend for m in layers} == {"dense"}
+    # and where auto resolves to dense at conversion time, convert builds the layers (no crash)
+    again = sp.convert(hf_vit, masks, format="bsr", block=(8, 8))
+    assert {m.backend for m in again.modules() if isinstance(m, sp.SparseLinear)} == {"dense"}
+
+
+def test_a_move_to_the_same_device_keeps_the_payloads():
+    layer = sp.SparseLinear(_fmt("csr"), None, backend="auto")
+    before = layer.kernel_name, layer._bound_key
+    layer.to("cpu")
+    layer.float()
+    assert (layer.kernel_name, layer._bound_key) == before
+
+
+@pytest.mark.skipif(not sp.has_cuda_extension(), reason="needs the compiled extension")
+@pytest.mark.skipif(triton_common.unavailable_reason() is not None, reason="needs Triton")
+def test_shrink_on_cuda_never_materializes(monkeypatch):
+    # without Triton, shrink keeps its gather-GEMM-scatter reference: it is no rebuild
+    monkeypatch.setattr(triton_common, "unavailable_reason", lambda: "triton is not installed")
+    assert backends.resolve_backend("auto", "shrink", _fmt("shrink"), "cuda") == "torch"
