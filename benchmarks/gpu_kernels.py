@@ -2,9 +2,13 @@
 
 ViT-B/16 shapes M = batch·197, (K, N) ∈ {(768, 2304), (768, 768), (768, 3072), (3072, 768)},
 batch ∈ {1, 8, 64, 256}, bf16 by default. For each shape: dense ``F.linear`` (cuBLAS), our
-Triton ``csr``/``bsr`` at 90% and ``2:4``, our CUDA ``csr`` and ``2:4`` (mma.sp), and torch's peers (CSR and BSR ``torch.sparse.mm``,
-``to_sparse_semi_structured``) where this torch runs them. Every variant is checked against
-the masked dense product first; medians from ``triton.testing.do_bench``.
+Triton ``csr``/``bsr`` at 90% and ``2:4``, our CUDA ``csr`` and ``2:4`` (mma.sp), our Hopper
+``2:4`` (CUTLASS sm90a wgmma.sp, ``sparse_prune._C_sm90``: tile picked by M, and each tile config
+forced), and torch's peers (CSR and BSR ``torch.sparse.mm``, ``to_sparse_semi_structured``,
+cuSPARSELt through ``torch._cslt_compress``/``torch._cslt_sparse_mm`` with the algorithm
+searched once outside the timed region) where this torch runs them. Every variant is checked
+against the masked dense product first; medians from ``triton.testing.do_bench``. What cannot
+run here is listed with its reason.
 
 Usage (GPU only): ``python benchmarks/gpu_kernels.py [--dtype bfloat16] [--out DIR]``.
 """
@@ -29,6 +33,53 @@ from sparse_prune.bench.timing import describe_device, git_commit
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (K, N)
 BATCHES = [1, 8, 64, 256]
 TOKENS = 197
+SKIPPED: dict[str, str] = {}  # variant -> why it did not run on this machine
+
+
+def _sm90_variants(out, x, s24, w24, k):
+    """Our CUTLASS sm90a kernel: packed once (values + E), auto tile and each tile forced."""
+    from sparse_prune.kernels import sm90
+
+    if not sm90.has_sm90_extension():
+        SKIPPED["2:4/cutlass-sm90"] = f"extension not loaded: {sm90.sm90_extension_error()}"
+        return
+    if not sm90.has_sm90_device():
+        SKIPPED["2:4/cutlass-sm90"] = f"needs an sm_90 GPU, this is {torch.cuda.get_device_name()}"
+        return
+    if k % sm90.K_MULTIPLE:
+        SKIPPED["2:4/cutlass-sm90"] = f"K % {sm90.K_MULTIPLE} != 0"
+        return
+    a, e = sm90.pack(s24.values, s24.meta, k)
+    n, nbytes = w24.shape[0], a.nbytes + e.nbytes
+    op = torch.ops.sparse_prune.semi24_sm90_linear
+    out["2:4/cutlass-sm90"] = (lambda: op(x, a, e, n, None, 0, -1), w24, nbytes)
+    for tile, (shape, _cluster) in sm90.TILE_CONFIGS.items():
+        out[f"2:4/cutlass-sm90-{shape}"] = (lambda t=tile: op(x, a, e, n, None, 0, t), w24, nbytes)
+
+
+def _cusparselt_variant(out, x, w24):
+    """cuSPARSELt through torch's private ops; algorithm searched once, outside timing."""
+    if not (hasattr(torch, "_cslt_compress") and hasattr(torch, "_cslt_sparse_mm")):
+        SKIPPED["2:4/cusparselt"] = f"torch {torch.__version__} has no torch._cslt_* ops"
+        return
+    if not torch.backends.cusparselt.is_available():
+        SKIPPED["2:4/cusparselt"] = "torch.backends.cusparselt.is_available() is False"
+        return
+    try:
+        packed = torch._cslt_compress(w24)
+        xt = x.t()  # W · Xᵀ = Yᵀ: the sparse operand is the weight, as in our kernels
+        alg = None
+        if hasattr(torch, "_cslt_sparse_mm_search"):
+            alg = torch._cslt_sparse_mm_search(packed, xt)
+            alg = alg[0] if isinstance(alg, (tuple, list)) else alg
+        if alg is not None:
+            torch._cslt_sparse_mm(packed, xt, alg_id=int(alg))
+            out["2:4/cusparselt"] = (lambda: torch._cslt_sparse_mm(packed, xt, alg_id=int(alg)).t(), w24,
+                                     packed.nbytes)
+        else:
+            out["2:4/cusparselt"] = (lambda: torch._cslt_sparse_mm(packed, xt).t(), w24, packed.nbytes)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        SKIPPED["2:4/cusparselt"] = f"{type(exc).__name__}: {str(exc)[:160]}"
 
 
 def _variants(w: torch.Tensor, x: torch.Tensor):
@@ -58,6 +109,8 @@ def _variants(w: torch.Tensor, x: torch.Tensor):
                              w90, csr.nbytes)
         if k % 16 == 0:
             out["2:4/cuda"] = (lambda: ops.semi24_linear_cuda(x, s24.values, s24.meta, None), w24, s24.nbytes)
+    _sm90_variants(out, x, s24, w24, k)
+    _cusparselt_variant(out, x, w24)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -122,12 +175,14 @@ def main() -> None:
     lines += [f"| {r['shape'][0]}x{r['shape'][1]} | {r['batch']} | {r['format']}/{r['backend']} | "
               f"{r['dense_ms']:.4f} | {r['sparse_ms']:.4f} | {r['speedup']:.2f}x |" for r in rows]
     lines += ["", *(f"failed: {f}" for f in failures)]
+    lines += [f"skipped {name}: {why}" for name, why in sorted(SKIPPED.items())]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "kernels.json").write_text(json.dumps({"rows": rows, "failures": failures}, indent=1))
+        (out / "kernels.json").write_text(json.dumps({"rows": rows, "failures": failures, "skipped": SKIPPED},
+                                                     indent=1))
         (out / "kernels.md").write_text(text)
 
 
