@@ -151,6 +151,8 @@ def test_linear_on_cpu_tensors_is_a_clear_error():
     a, e = sm90.pack(fmt.values, fmt.meta, 64)
     with pytest.raises(ValueError, match="runs on CUDA sm_90 tensors"):
         torch.ops.sparse_prune.semi24_sm90_linear(torch.randn(3, 64, dtype=torch.float16), a, e, 32)
+    with pytest.raises(ValueError, match="runs on CUDA sm_90 tensors"):
+        torch.ops.sparse_prune.semi24_sm90_cutlass_compress(torch.zeros(8, 32, dtype=torch.float16))
     with pytest.raises(ValueError, match="activation must be one of"):
         sm90.linear(torch.randn(3, 64, dtype=torch.float16), a, e, 32, activation="relu")
 
@@ -213,6 +215,23 @@ def test_sm90_negative_zero_weights_and_k_multiples():
         y = sm90.linear(x, a, e, 40)
         assert torch.isfinite(y).all()
         _close(y, _expect(x, w.cuda(), mask.cuda(), None, "none"), torch.float16)
+
+
+@pytest.mark.gpu
+@needs_h100
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(64, 128), (70, 48), (768, 3072), (3072, 768)])
+def test_sm90_pack_equals_cutlass_compressor(dtype, n, k):
+    """Every group keeps two nonzeros: CUTLASS's compressor and our (values, pack) must agree
+    byte for byte (with fewer nonzeros the encodings of the padding differ, not the product)."""
+    w, mask, _ = _two_four(n, k, dtype, seed=n * k, keep=1.0)
+    nonzero = torch.where(w.float() >= 0, 1.0, -1.0) * (w.float().abs() + 0.5)  # no kept zeros
+    w = torch.where(mask, nonzero, 0.0).to(dtype)
+    fmt = F.SemiStructured.from_dense(w, mask).to("cuda")
+    a, e = sm90.pack(fmt.values, fmt.meta, k)
+    ca, ce = torch.ops.sparse_prune.semi24_sm90_cutlass_compress(w.cuda())
+    assert torch.equal(ca, fmt.values), "compressed A differs from SemiStructured.values"
+    assert torch.equal(ce, e), "our metadata pack differs from CUTLASS's compressor"
 
 
 @pytest.mark.gpu

@@ -51,6 +51,20 @@ const char* run(int dtype, int tile, const GemmArgs& args, void* workspace, cuda
 // e_off[r * (k/8) + b] = byte offset of metadata byte b (groups 2b, 2b+1) of row r;
 // both for rows < m, as the CUTLASS sm90 compressor addresses them. Sizes from e_shape.
 void layout_offsets(int m, int k, int64_t* a_off, int64_t* e_off);
+// CUTLASS's own sm90 compressor (test oracle for semi24_sm90_pack): dense row-major [m, k]
+// 16-bit weight -> compressed A [m, k/2] and E (e_shape). Both outputs must be zeroed first.
+struct CompressArgs {
+  const void* dense = nullptr;
+  void* a = nullptr;
+  void* e = nullptr;
+  int m = 0;
+  int k = 0;
+  int device = 0;
+  int sm_count = 0;
+};
+int64_t compress_workspace_size(const CompressArgs& args);
+const char* compress(const CompressArgs& args, void* workspace, cudaStream_t stream);
+
 // Metadata tensor shape (rows, bytes per row) for an [m, k] weight.
 void e_shape(int m, int k, int64_t* rows, int64_t* cols);
 

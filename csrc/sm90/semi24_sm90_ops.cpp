@@ -162,6 +162,46 @@ at::Tensor semi24_sm90_linear(const at::Tensor& x, const at::Tensor& values, con
   return ldy == N ? y : y.narrow(1, 0, N).contiguous();
 }
 
+// Test oracle: CUTLASS's own sm90 compressor on a dense 2:4 weight (fp16 or bf16: it only
+// tests bit patterns against zero, ignoring the sign, so the fp16 instantiation serves both).
+std::tuple<at::Tensor, at::Tensor> semi24_sm90_cutlass_compress(const at::Tensor& weight) {
+  const char* op = "semi24_sm90_cutlass_compress";
+  TORCH_CHECK(sm90::compiled(), op, ": built without the sm90 sparse GEMM");
+  TORCH_CHECK(weight.is_cuda(), op, ": weight must be a CUDA tensor, got ", weight.device());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [N, K], got ", weight.dim(), "-D");
+  TORCH_CHECK(weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16, op,
+              ": weight must be float16 or bfloat16, got ", weight.scalar_type());
+  const int64_t m = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(m > 0 && k > 0 && k % 16 == 0 && m <= (int64_t{1} << 30) && k <= (int64_t{1} << 30),
+              op, ": need N > 0 and K a positive multiple of 16, got ", weight.sizes());
+  c10::cuda::CUDAGuard guard(weight.device());
+  const DeviceInfo& dev = device_info(weight.get_device());
+  TORCH_CHECK(dev.major == 9 && dev.minor == 0, op, ": needs an sm_90 GPU, this GPU is sm_",
+              dev.major, dev.minor);
+  const at::Tensor w = weight.contiguous();
+  int64_t e_rows = 0, e_cols = 0;
+  sm90::e_shape(static_cast<int>(m), static_cast<int>(k), &e_rows, &e_cols);
+  at::Tensor a = at::zeros({m, k / 2}, w.options());
+  at::Tensor e = at::zeros({e_rows, e_cols}, w.options().dtype(at::kByte));
+  sm90::CompressArgs args;
+  args.dense = w.data_ptr();
+  args.a = a.data_ptr();
+  args.e = e.data_ptr();
+  args.m = static_cast<int>(m);
+  args.k = static_cast<int>(k);
+  args.device = weight.get_device();
+  args.sm_count = dev.sm_count;
+  const int64_t ws_bytes = sm90::compress_workspace_size(args);
+  TORCH_CHECK(ws_bytes >= 0, op, ": CUTLASS's compressor cannot take ", weight.sizes());
+  at::Tensor workspace;
+  if (ws_bytes > 0) workspace = at::empty({ws_bytes}, w.options().dtype(at::kByte));
+  const char* err = sm90::compress(args, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
+                                   c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, op, ": ", err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {a, e};
+}
+
 // Host-only (no GPU): CuTe's offsets of the layouts the kernels read, for the layout tests.
 std::tuple<at::Tensor, at::Tensor> semi24_sm90_layout(int64_t rows, int64_t cols) {
   TORCH_CHECK(sm90::compiled(), "semi24_sm90_layout: built without the sm90 sparse GEMM");
@@ -180,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor> semi24_sm90_layout(int64_t rows, int64_t cols
 
 TORCH_LIBRARY_IMPL(sparse_prune, CUDA, m) {
   m.impl("semi24_sm90_linear", &sparse_prune::semi24_sm90_linear);
+  m.impl("semi24_sm90_cutlass_compress", &sparse_prune::semi24_sm90_cutlass_compress);
 }
 
 TORCH_LIBRARY_IMPL(sparse_prune, CompositeExplicitAutograd, m) {

@@ -21,6 +21,10 @@ int activation=0, int tile=-1) -> Tensor``
     packed metadata. ``tile``: -1 picks by M (``TILE_CONFIGS``), 0/1 force a config.
     CUDA only (sm_90 GPUs); on CPU tensors it raises ``ValueError``.
 
+``semi24_sm90_cutlass_compress(Tensor weight) -> (Tensor a, Tensor e)``
+    Test oracle (CUDA, sm_90): CUTLASS's own sm90 compressor run on a dense 2:4 weight; where
+    every group keeps two nonzeros its output equals ``(values, semi24_sm90_pack(meta, K))``.
+
 ``semi24_sm90_layout(int rows, int cols) -> (Tensor a_offsets, Tensor e_offsets)``
     Host-only (needs the extension, not a GPU): the offsets CuTe computes for the compressed A
     (element units) and for the metadata bytes, the way CUTLASS's sm90 compressor addresses
@@ -69,6 +73,7 @@ _lib.define("semi24_sm90_pack(Tensor meta, int cols) -> Tensor")
 _lib.define("semi24_sm90_linear(Tensor x, Tensor a, Tensor e, int out_features, Tensor? bias=None, "
             "int activation=0, int tile=-1) -> Tensor")
 _lib.define("semi24_sm90_layout(int rows, int cols) -> (Tensor, Tensor)")
+_lib.define("semi24_sm90_cutlass_compress(Tensor weight) -> (Tensor, Tensor)")
 
 
 def _round_up(v, m):
@@ -193,6 +198,20 @@ def _refuse_cpu(x, a, e, out_features, bias=None, activation=0, tile=-1):
 
 
 _lib.impl("semi24_sm90_linear", _refuse_cpu, "CPU")
+
+
+def _refuse_cpu_compress(weight):
+    raise ValueError(f"sparse_prune::semi24_sm90_cutlass_compress runs on CUDA sm_90 tensors, got {weight.device}")
+
+
+_lib.impl("semi24_sm90_cutlass_compress", _refuse_cpu_compress, "CPU")
+
+
+@torch.library.register_fake("sparse_prune::semi24_sm90_cutlass_compress")
+def _cutlass_compress_fake(weight):
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
+    rows, cols = weight.shape
+    return weight.new_empty((rows, cols // 2)), weight.new_empty(e_shape(rows, cols), dtype=torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------
