@@ -15,12 +15,18 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 .PHONY: setup test demo lint clean gpu micro
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+# CUTLASS headers for the sm_90a extension (sparse_prune._C_sm90): the nvidia-cutlass wheel
+# carries them under cutlass_library/source; --no-deps because only the headers are used.
+CUTLASS_PIN ?= nvidia-cutlass==4.2.0.0
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) $(wildcard csrc/sm90/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet setuptools wheel ninja
 	$(BIN)/pip install --quiet "torch>=2.6"
+	$(BIN)/pip install --quiet --no-deps "$(CUTLASS_PIN)"
 	$(BIN)/pip install --no-build-isolation -e ".[dev]"
 	$(BIN)/python -c "import sparse_prune as sp; print('sparse_prune', sp.__version__, '| CUDA extension loaded:', sp.has_cuda_extension(), '|', sp.extension_error() or 'ok')"
+	$(BIN)/python -c "from sparse_prune.kernels import sm90; print('sm90 CUTLASS extension loaded:', sm90.has_sm90_extension(), '|', sm90.sm90_extension_error() or 'ok')"
 	touch $(STAMP)
 
 setup: $(STAMP)

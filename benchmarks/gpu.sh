@@ -10,6 +10,13 @@
 # and `all` is planned for about 9.5; where that is too tight, run
 # `make gpu GPU_STAGES="build test"` and then `make gpu GPU_STAGES="build kernels e2e extra"`
 # (a rebuild on a warm machine is a no-op).
+#
+# CUTLASS headers (sparse_prune._C_sm90, the Hopper 2:4 GEMM): the GPU machine has no network
+# and no nvidia-cutlass. Put its wheel in .whl/ (ignored by git, see .gitignore) and carry it:
+#   mkdir -p .whl && pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl
+#   run(command="make gpu", carry=[".whl"])
+# When neither CUTLASS_PATH nor an installed cutlass_library is there, the wheel is unzipped
+# into .whl/cutlass (no pip, no site-packages change) and CUTLASS_PATH points at its headers.
 set -u
 export PYTHONUNBUFFERED=1
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -21,9 +28,20 @@ status=0
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if has build; then
+    if [ -z "${CUTLASS_PATH:-}" ] && [ "$($PY -c 'import importlib.util as u; print(u.find_spec("cutlass_library") is not None)')" != "True" ]; then
+        WHL=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+        if [ -n "$WHL" ]; then
+            [ -d .whl/cutlass/cutlass_library/source/include ] || $PY -m zipfile -e "$WHL" .whl/cutlass
+            export CUTLASS_PATH="$PWD/.whl/cutlass/cutlass_library/source"
+            echo "CUTLASS headers from $WHL"
+        else
+            echo "no CUTLASS headers (.whl/nvidia_cutlass-*.whl not carried): the sm90 kernels are skipped"
+        fi
+    fi
     $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 fi
 $PY -c "import sparse_prune as sp, torch; print('sparse_prune', sp.__version__, '| torch', torch.__version__, '| CUDA extension:', sp.has_cuda_extension(), sp.extension_error() or '')"
+$PY -c "from sparse_prune.kernels import sm90; print('sm90 CUTLASS extension:', sm90.has_sm90_extension(), sm90.sm90_extension_error() or '')"
 DEV=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 RES="benchmarks/results/$DEV"
 mkdir -p "$RES"

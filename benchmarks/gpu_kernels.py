@@ -2,8 +2,10 @@
 
 ViT-B/16 shapes M = batch·197, (K, N) ∈ {(768, 2304), (768, 768), (768, 3072), (3072, 768)},
 batch ∈ {1, 8, 64, 256}, bf16 by default. For each shape: dense ``F.linear`` (cuBLAS), our
-Triton ``csr``/``bsr`` at 90% and ``2:4``, our CUDA ``csr`` and ``2:4`` (mma.sp), and torch's
-peers, each row named by its own backend: ``torch.sparse`` (cuSPARSE CSR/BSR through
+Triton ``csr``/``bsr`` at 90% and ``2:4``, our CUDA ``csr`` and ``2:4`` (mma.sp), our Hopper
+``2:4`` (``cutlass-sm90``: CUTLASS sm90a wgmma.sp, ``sparse_prune._C_sm90``, tile picked by M, and
+each tile config forced as ``cutlass-sm90-<tile>``), our ``cusparselt-searched`` backend
+(``torch._cslt_*``, algorithm searched once), and torch's peers, each row named by its own backend: ``torch.sparse`` (cuSPARSE CSR/BSR through
 ``torch.sparse.mm``), ``torch.sparse._triton_ops.bsr_dense_mm`` (torch's Triton BSR kernel),
 ``cusparselt`` and ``cutlass`` (``to_sparse_semi_structured``, the latter with
 ``SparseSemiStructuredTensor._FORCE_CUTLASS = True``).
@@ -43,7 +45,8 @@ from sparse_prune.timing import describe_device, git_commit
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (K, N)
 BATCHES = [1, 8, 64, 256]
 TOKENS = 197
-OURS = ("triton", "cuda", "cusparselt-searched")
+OURS = ("triton", "cuda", "cusparselt-searched", "cutlass-sm90",
+        *(f"cutlass-sm90-{tile}" for tile in ("128x128x128", "128x64x128")))
 STATUS_ORDER = {"wrong": 0, "failed": 1, "ok": 2, "skipped": 3}
 
 
@@ -145,7 +148,12 @@ def variants(w: torch.Tensor, x: torch.Tensor) -> list[Variant]:
         Variant("2:4", "cuda", w24, 0.5, cuda(lambda: ops.semi24_linear(x, s24.values, s24.meta, None),
                                               s24.nbytes)),
         Variant("2:4", "cusparselt-searched", w24, 0.5, lambda: _our_cusparselt(s24, x)),
+        Variant("2:4", "cutlass-sm90", w24, 0.5, lambda: _sm90(s24, x, -1)),
     ]
+    from sparse_prune.kernels import sm90
+
+    out += [Variant("2:4", f"cutlass-sm90-{shape}", w24, 0.5, lambda t=tile: _sm90(s24, x, t))
+            for tile, (shape, _cluster) in sm90.TILE_CONFIGS.items()]
 
     def torch_csr():
         t_csr = w90.to_sparse_csr()
@@ -161,6 +169,20 @@ def variants(w: torch.Tensor, x: torch.Tensor) -> list[Variant]:
             Variant("2:4", "cusparselt", w24, 0.5, lambda: _semi_structured(w24, x, cutlass=False)),
             Variant("2:4", "cutlass", w24, 0.5, lambda: _semi_structured(w24, x, cutlass=True))]
     return out
+
+
+def _sm90(s24: fm.SemiStructured, x: torch.Tensor, tile: int):
+    """Our CUTLASS sm90a kernel: values + E packed once; ``tile`` -1 picks by M."""
+    from sparse_prune.kernels import sm90
+
+    if not sm90.has_sm90_extension():
+        raise Unavailable(f"sm90 extension not loaded: {sm90.sm90_extension_error()}")
+    if not sm90.has_sm90_device():
+        raise Unavailable(f"needs an sm_90 GPU, this is {torch.cuda.get_device_name()}")
+    n, k = s24.shape
+    a, e = sm90.pack(s24.values, s24.meta, k)
+    op = torch.ops.sparse_prune.semi24_sm90_linear
+    return (lambda: op(x, a, e, n, None, 0, tile)), a.nbytes + e.nbytes
 
 
 def _our_cusparselt(s24: fm.SemiStructured, x: torch.Tensor):

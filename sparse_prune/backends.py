@@ -11,6 +11,9 @@ Backends a user asks for (:data:`~sparse_prune.constants.BACKENDS`):
   only ever done when asked for, and warns once.
 * ``"triton"`` / ``"cuda"`` — our Triton / csrc/ kernel; ``ValueError`` naming the reason
   where it cannot run or cannot take the weight.
+* ``"cuda:sm90"`` — 2:4 on our CUTLASS sm90a kernel (``wgmma.sp``, TMA; ``sparse_prune._C_sm90``),
+  Hopper GPUs only; its metadata is repacked once when the layer is bound to the GPU, and it
+  fuses bias and GELU in its epilogue. ``"auto"`` prefers it on an H100/H200.
 * ``"cusparselt"`` — 2:4 through torch's cuSPARSELt binding (``torch._cslt_compress`` once,
   the algorithm searched once with ``torch._cslt_sparse_mm_search`` when the layer is bound to
   a CUDA device, ``torch._cslt_sparse_mm`` per call). torch still builds a cuSPARSELt plan
@@ -79,6 +82,25 @@ def cuda_reason(format_name: str, fmt: Any = None) -> str | None:
     return None
 
 
+def sm90_reason(format_name: str, fmt: Any = None, device: torch.device | None = None) -> str | None:
+    """Why our CUTLASS sm90a 2:4 kernel cannot take this weight (on ``device``), or None."""
+    if format_name != "2:4":
+        return f"the sm90 kernel runs 2:4 weights only, not format {format_name!r}"
+    from sparse_prune.kernels import sm90
+
+    if not sm90.has_sm90_extension():
+        return f"the sm90 extension is not loaded ({sm90.sm90_extension_error()})"
+    if device is not None and device.type == "cuda" and not sm90.has_sm90_device(device):
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "this machine's CUDA device"
+        return f"{name} is not an sm_90 GPU (H100/H200)"
+    if fmt is not None:
+        if fmt.dtype not in (torch.float16, torch.bfloat16):
+            return f"dtype {fmt.dtype}: the sm90 kernel takes float16/bfloat16"
+        if fmt.shape[1] % sm90.K_MULTIPLE:
+            return f"in_features = {fmt.shape[1]} is not a multiple of {sm90.K_MULTIPLE}"
+    return None
+
+
 def cusparselt_reason(format_name: str, fmt: Any = None) -> str | None:
     """Why torch's cuSPARSELt path cannot take this weight, or None."""
     if format_name != "2:4":
@@ -107,6 +129,8 @@ def reason(format_name: str, backend: str, fmt: Any = None, device: torch.device
         return triton_common.unavailable_reason() or triton_reason(format_name, fmt)
     if backend == "cusparselt":  # fit only, like "cuda": bound to a CUDA device before it runs
         return cusparselt_reason(format_name, fmt)
+    if backend == "cuda:sm90":
+        return sm90_reason(format_name, fmt, device)
     raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
@@ -116,7 +140,8 @@ def candidates(format_name: str, fmt: Any, device: torch.device | str) -> list[s
     device = torch.device(device)
     if format_name == "dense" or device.type != "cuda":
         return ["torch"]
-    found = [b for b in ("cuda", "triton", "cusparselt") if reason(format_name, b, fmt, device) is None]
+    found = [b for b in ("cuda:sm90", "cuda", "triton", "cusparselt")
+             if reason(format_name, b, fmt, device) is None]
     if format_name == "shrink":  # the reference multiplies the kept block only: no rebuild
         found.append("torch")
     return found
@@ -129,6 +154,10 @@ def runs_on(backend: str, device: torch.device | str) -> bool:
         return device.type == "cuda" and ops.has_cuda_extension()
     if backend == "cusparselt":
         return device.type == "cuda" and torch.backends.cusparselt.is_available()
+    if backend == "cuda:sm90":
+        from sparse_prune.kernels import sm90
+
+        return device.type == "cuda" and sm90.has_sm90_extension() and sm90.has_sm90_device(device)
     if backend == "triton":
         return triton_common.unavailable_reason() is None and (device.type == "cuda" or triton_common.interpreting())
     return True
@@ -150,7 +179,7 @@ def resolve_backend(backend: str, format_name: str, fmt: Any = None,
         if resolved == "torch" and device.type == "cuda" and format_name != "shrink":  # never a per-call rebuild
             resolved = "dense"
         backend = resolved
-    elif backend in ("cuda", "triton", "cusparselt"):
+    elif backend in ("cuda", "cuda:sm90", "triton", "cusparselt"):
         why = reason(format_name, backend, fmt, device)
         if why is not None:
             raise ValueError(f"backend {backend!r} cannot run format {format_name!r} here: {why}")
@@ -231,6 +260,20 @@ def cusparselt_payload(fmt: Any) -> tuple[torch.Tensor, int]:
     return packed, int(alg[0] if isinstance(alg, (tuple, list)) else alg)
 
 
+def sm90_payload(fmt: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, e)`` for the sm90 kernel, once when a layer is bound to a Hopper GPU: the values as
+    they are (padded to 8 rows) and the metadata repacked into CUTLASS's layout."""
+    from sparse_prune.kernels import sm90
+
+    return sm90.pack(fmt.values, fmt.meta, fmt.shape[1])
+
+
+def _semi24_sm90(x, m):
+    _need_cuda(x, "cuda:sm90")
+    return torch.ops.sparse_prune.semi24_sm90_linear(x, m.sm90_a, m.sm90_e, m.out_features, m.bias,
+                                                     1 if m.fused_activation else 0, -1)
+
+
 def _semi24_cusparselt(x, m):
     _need_cuda(x, "cusparselt")
     rows = x.shape[0]
@@ -268,6 +311,7 @@ KERNELS: dict[tuple[str, str], Callable[[torch.Tensor, Any], torch.Tensor]] = {
     ("2:4", "cuda"): _semi24_cuda,
     ("2:4", "triton"): _semi24_triton,
     ("2:4", "cusparselt"): _semi24_cusparselt,
+    ("2:4", "cuda:sm90"): _semi24_sm90,
     ("2:4", "dense"): _materialized,
     ("shrink", "torch"): _shrunk_torch,
     ("shrink", "triton"): _shrunk_triton,
@@ -277,14 +321,15 @@ KERNELS: dict[tuple[str, str], Callable[[torch.Tensor, Any], torch.Tensor]] = {
 # Kernels whose epilogue applies the exact GELU themselves (SparseLinear(activation="gelu")
 # applies F.gelu after the others).
 FUSED_GELU: frozenset[tuple[str, str]] = frozenset(
-    {("csr", "triton"), ("bsr", "triton"), ("2:4", "triton"), ("shrink", "triton")})
+    {("csr", "triton"), ("bsr", "triton"), ("2:4", "triton"), ("shrink", "triton"), ("2:4", "cuda:sm90")})
 
 # What each kernel really executes, for report(): name, and whether it skips pruned work.
 _LABELS = {
     ("dense", "torch"): "F.linear",
     ("csr", "cuda"): "cuda:csr-spmm", ("csr", "triton"): "triton:csr",
     ("bsr", "triton"): "triton:bsr",
-    ("2:4", "cuda"): "cuda:mma.sp", ("2:4", "cusparselt"): "cusparselt:_cslt_sparse_mm", ("2:4", "triton"): "triton:2:4 (expanded, dense tl.dot)",
+    ("2:4", "cuda"): "cuda:mma.sp", ("2:4", "cusparselt"): "cusparselt:_cslt_sparse_mm", ("2:4", "cuda:sm90"): "cuda:sm90",
+    ("2:4", "triton"): "triton:2:4 (expanded, dense tl.dot)",
     ("shrink", "torch"): "torch:gather-gemm-scatter", ("shrink", "triton"): "triton:shrunk",
 }
 
@@ -318,5 +363,5 @@ def flops_per_row(format_name: str, backend: str, fmt: Any) -> int:
     if format_name == "bsr":
         return 2 * fmt.values.numel()
     if format_name == "2:4":
-        return n * k if backend in ("cuda", "cusparselt") else dense
+        return n * k if backend in ("cuda", "cuda:sm90", "cusparselt") else dense
     return dense

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 # Backends a user may ask for. "auto" picks per layer and device (sparse_prune.backends).
-BACKENDS = ("auto", "torch", "triton", "cuda", "cusparselt")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cuda:sm90", "cusparselt")
 # What a layer may resolve to: the requested ones, plus "dense" (the masked weight
 # materialized once and run through F.linear/cuBLAS, where no sparse kernel fits on a GPU).
-RESOLVED_BACKENDS = ("torch", "triton", "cuda", "cusparselt", "dense")
+RESOLVED_BACKENDS = ("torch", "triton", "cuda", "cuda:sm90", "cusparselt", "dense")
 
 # dtypes the linear kernels take; formats also hold float64 (reference / CPU only).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

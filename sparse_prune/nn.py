@@ -78,6 +78,10 @@ class SparseLinear(nn.Module):
         packed, self.cslt_alg = (backends.cusparselt_payload(fmt)
                                  if self.backend == "cusparselt" and fmt.device.type == "cuda" else (None, 0))
         self.register_buffer("cslt_packed", packed, persistent=False)
+        a, e = (backends.sm90_payload(fmt) if self.backend == "cuda:sm90" and fmt.device.type == "cuda"
+                else (None, None))
+        self.register_buffer("sm90_a", a, persistent=False)
+        self.register_buffer("sm90_e", e, persistent=False)
         if self.backend == "torch" and fmt.device.type == "cuda" and self.format_name not in ("dense", "shrink"):
             warnings.warn(backends.TORCH_ON_CUDA_WARNING, stacklevel=3)
 

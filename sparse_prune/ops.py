@@ -231,3 +231,9 @@ def _triton_cuda(format_name: str):
 for _fmt, _name in LINEAR_OPS.items():
     if _fmt != "dense" and not has_cuda_kernel(_name):
         _lib.impl(_name, _triton_cuda(_fmt), "CUDA")
+
+
+# The Hopper 2:4 ops (schemas, fakes, CPU refusals and the ABI-checked loader of
+# sparse_prune._C_sm90) live beside their layout math in kernels/sm90.py; importing it here
+# keeps every sparse_prune op defined once `sparse_prune.ops` is imported.
+from sparse_prune.kernels import sm90  # noqa: E402,F401

@@ -38,7 +38,7 @@ def report(model: nn.Module) -> list[dict[str, Any]]:
             fmt = module.weight_format
             elem = fmt.values.element_size()
             # device payloads a kernel needs besides the portable format count too
-            extra = sum(t.numel() * t.element_size() for t in (module.dense_weight, module.cslt_packed, module.row_order)
+            extra = sum(t.numel() * t.element_size() for t in (module.dense_weight, module.cslt_packed, module.sm90_e, module.row_order)
                         if t is not None)
             rows.append({"name": name, "format": module.format_name, "backend": module.backend,
                          "kernel": module.kernel_name, "shape": list(fmt.shape), "density": fmt.density,

@@ -36,8 +36,12 @@ def test_no_public_op_serves_cuda_with_the_reference():
 @pytest.mark.skipif(not sp.has_cuda_extension(), reason="needs the compiled extension")
 @pytest.mark.skipif(triton_common.unavailable_reason() is not None, reason="needs Triton")
 def test_auto_on_cuda_picks_our_kernels_else_dense_never_the_rebuild(monkeypatch):
+    from sparse_prune.kernels import sm90
+
     cuda = "cuda"
-    assert backends.resolve_backend("auto", "2:4", _fmt("2:4", torch.bfloat16), cuda) == "cuda"
+    hopper = sm90.has_sm90_extension() and sm90.has_sm90_device()  # true on the H100/H200 runs
+    assert backends.resolve_backend("auto", "2:4", _fmt("2:4", torch.bfloat16), cuda) == (
+        "cuda:sm90" if hopper else "cuda")
     assert backends.resolve_backend("auto", "2:4", _fmt("2:4", torch.float32), cuda) == "triton"  # no fp32 mma.sp
     assert backends.resolve_backend("auto", "2:4", _fmt("2:4", torch.float16, k=40), cuda) == "triton"  # K % 16
     assert backends.resolve_backend("auto", "csr", _fmt("csr"), cuda) == "cuda"
@@ -192,3 +196,47 @@ def test_shrink_on_cuda_never_materializes(monkeypatch):
     # without Triton, shrink keeps its gather-GEMM-scatter reference: it is no rebuild
     monkeypatch.setattr(triton_common, "unavailable_reason", lambda: "triton is not installed")
     assert backends.resolve_backend("auto", "shrink", _fmt("shrink"), "cuda") == "torch"
+
+
+def test_sm90_backend_refusals_and_cpu_call():
+    from sparse_prune.kernels import sm90
+
+    with pytest.raises(ValueError, match="'cuda:sm90' cannot run format 'csr'.*2:4 weights only"):
+        backends.resolve_backend("cuda:sm90", "csr", _fmt("csr"))
+    if not sm90.has_sm90_extension():
+        with pytest.raises(ValueError, match="sm90 extension is not loaded"):
+            backends.resolve_backend("cuda:sm90", "2:4", _fmt("2:4", torch.float16))
+        return
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        backends.resolve_backend("cuda:sm90", "2:4", _fmt("2:4", torch.float32))
+    layer = sp.SparseLinear(_fmt("2:4", torch.bfloat16), None, backend="cuda:sm90", activation="gelu")
+    assert layer.kernel_name == "cuda:sm90" and layer.fused_activation and layer.sm90_e is None
+    with pytest.raises(ValueError, match="'cuda:sm90' runs on CUDA tensors"):
+        layer(torch.randn(2, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sm90_backend_end_to_end(dtype, hf_vit, images):
+    from sparse_prune.agreement import check_matches
+    from sparse_prune.kernels import sm90
+
+    if not (sm90.has_sm90_extension() and sm90.has_sm90_device()):
+        pytest.skip("needs the sm90 extension and an sm_90 GPU")
+    import copy
+
+    masks = sp.prune(hf_vit, "nm")
+    reference = masks.apply(copy.deepcopy(hf_vit)).double()(images.double()).logits
+    model = copy.deepcopy(hf_vit).to("cuda", dtype)
+    x = images.to("cuda", dtype)
+    baseline = masks.apply(copy.deepcopy(model))(x).logits
+    fast = sp.convert(model, masks, format="2:4")  # auto prefers our Hopper kernel
+    fc1 = fast.get_submodule("vit.layers.0.mlp.fc1")
+    assert fc1.backend == "cuda:sm90" and fc1.fused_activation
+    check_matches(fast(x).logits, reference.to("cuda"), baseline, f"sm90 e2e {dtype}")
+    graph, out = torch.cuda.CUDAGraph(), None
+    fast(x)
+    with torch.cuda.graph(graph):
+        out = fast(x).logits
+    graph.replay()
+    torch.testing.assert_close(out, fast(x).logits, rtol=0, atol=0)

@@ -256,6 +256,7 @@ def test_gpu_kernels_variants_name_their_backends():
     vs = gk.variants(w, x)
     names = [f"{v.format}/{v.backend}" for v in vs]
     assert names == ["csr/triton", "bsr/triton", "2:4/triton", "csr/cuda", "2:4/cuda", "2:4/cusparselt-searched",
+                     "2:4/cutlass-sm90", "2:4/cutlass-sm90-128x128x128", "2:4/cutlass-sm90-128x64x128",
                      "csr/torch.sparse",
                      "bsr/torch.sparse", "bsr/torch.sparse._triton_ops.bsr_dense_mm", "2:4/cusparselt", "2:4/cutlass"]
     peer = next(v for v in vs if v.backend == "torch.sparse" and v.format == "csr")
