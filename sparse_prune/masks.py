@@ -14,6 +14,7 @@ from torch.nn.utils import prune as torch_prune
 
 _META_KEY = "sparse_prune"
 _WEIGHTS_KEY = "sparse_prune_weights"  # metadata: JSON {file key: parameter name} of the weights
+_ORDER_KEY = "sparse_prune_order"  # metadata: JSON list of the mask names in the set's order
 _WEIGHT_PREFIX = "weight:"  # file key of a reconstructed weight (":" never occurs in a mask name)
 
 
@@ -213,7 +214,7 @@ class MaskSet(Mapping):
         tensors = {n: m.detach().cpu().contiguous() for n, m in self._masks.items()}
         keys = {_WEIGHT_PREFIX + n: n for n in self._weights}
         tensors.update({k: self._weights[n].detach().cpu().contiguous() for k, n in keys.items()})
-        meta = {_META_KEY: json.dumps(self.info, default=str)}
+        meta = {_META_KEY: json.dumps(self.info, default=str), _ORDER_KEY: json.dumps(list(self._masks))}
         if keys:
             meta[_WEIGHTS_KEY] = json.dumps(keys)
         save_file(tensors, os.fspath(path), metadata=meta)
@@ -239,6 +240,9 @@ class MaskSet(Mapping):
                 else:
                     masks[name] = tensor
         info = json.loads(meta[_META_KEY]) if _META_KEY in meta else {}
+        order = json.loads(meta[_ORDER_KEY]) if _ORDER_KEY in meta else []
+        if sorted(order) == sorted(masks):  # the saved order (safetensors sorts its keys)
+            masks = {name: masks[name] for name in order}
         try:
             return cls(masks, info, weights)
         except (TypeError, ValueError) as exc:

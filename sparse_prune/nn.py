@@ -163,7 +163,8 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     "bsr" with ``block=(bm, bk)``). ``format_kw`` go to the format's ``from_dense``.
     Weights a format cannot take (not 2:4, not structured, not a Linear) keep their module
     with the mask applied, and one warning lists them. The result computes the same function
-    as ``masks.apply(copy.deepcopy(model))``.
+    as ``masks.apply(copy.deepcopy(model))``: where ``masks.weights`` holds reconstructed
+    weights (``sparsegpt``), those are compiled instead of the model's originals.
 
     ``format="shrink"`` is dependency-aware unless ``coupled=False``: MLP neurons whose fc2
     column and attention heads whose output-projection columns are fully pruned are removed
@@ -183,6 +184,8 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     if not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a sparse_prune.MaskSet, got {type(masks).__name__}")
     masks.validate(model)
+    if masks.weights:  # reconstructed weights (sparsegpt) are compiled instead of the model's own
+        model, inplace = masks.apply(model if inplace else copy.deepcopy(model)), True
     if format == "auto":
         return _convert_auto(model, masks, backend, inplace, example_inputs, cache)
     # Fail before any work, not layer by layer: the per-layer checks without a weight.
