@@ -4,7 +4,7 @@ Per layer ``y = W x`` (``W [N, K]``), from calibration inputs ``X [K, T]`` (T to
 
 1. ``H = 2 X Xᵀ / T`` (fp32 accumulation, forward hooks), dead inputs (``H_jj = 0``) decoupled,
    dampened by ``percdamp`` × the mean of the live diagonal;
-2. ``U`` = the upper Cholesky factor of ``H⁻¹`` (computed in fp64);
+2. ``U`` = the upper Cholesky factor of ``H⁻¹`` (fp64, from one Cholesky of the reversed ``H``);
 3. columns left to right in blocks of ``blocksize``: the mask is chosen by the OBS saliency
    ``w² / U_jj²`` (unstructured: the smallest scores of each ``[N, blocksize]`` block, exact
    counts; N:M: the ``M - N`` smallest of every M columns of each row, chosen when the group's
@@ -65,11 +65,14 @@ def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Ten
     H[:, dead] = 0
     diag[dead] = live_mean  # decoupled: no error flows to or from a dead input
     diag += percdamp * live_mean
-    L, info = torch.linalg.cholesky_ex(H)
+    # U without forming H⁻¹: with J the reversal, J H J = L Lᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J),
+    # and J L⁻¹ J is upper triangular (one Cholesky + one triangular solve, not three).
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info):
         raise ValueError(f"the calibration Hessian is not positive definite (K = {H.shape[0]}); "
                          f"raise percdamp (now {percdamp}) or give more calibration data")
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
     return U.to(torch.float32), dead
 
 
