@@ -110,58 +110,66 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, amount: float | int
     if (amount is None) == (pattern is None):
         raise ValueError("give either amount= (unstructured) or pattern= (N:M)")
     blocksize, percdamp = check_options(blocksize, percdamp, pattern)
-    W = weight.detach().to(torch.float32).clone()
-    rows, cols = W.shape
+    rows, cols = weight.shape
     if pattern is not None and cols % pattern[1]:
         raise ValueError(f"in_features (K = {cols}) is not divisible by M = {pattern[1]} (pattern)")
-    U, dead = _inverse_cholesky(hessian.to(W.device), percdamp)
-    live = (~dead).to(W.dtype)
-    d2 = U.diagonal().pow(2)
     total = 0
     if pattern is None:
         total = amount if isinstance(amount, int) else round(amount * rows * cols)
         if not 0 <= total <= rows * cols:
             raise ValueError(f"amount={amount} is outside 0..{rows * cols} weights")
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    # Transposed, so that a column of W is a contiguous row: WT [K, N].
+    WT = weight.detach().to(torch.float32).T.contiguous()
+    U, dead = _inverse_cholesky(hessian.to(WT.device), percdamp)
+    live = (~dead).to(WT.dtype)[:, None]
+    d2 = U.diagonal().pow(2)[:, None]
+    prunedT = torch.zeros(cols, rows, dtype=torch.bool, device=WT.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2].clone()  # [B, N]
         U1 = U[i1:i2, i1:i2]
-        P1 = torch.zeros(rows, i2 - i1, dtype=torch.bool, device=W.device)
+        P1 = torch.zeros_like(W1, dtype=torch.bool)
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         if pattern is None:
             # cumulative rounding: the blocks' counts add up to exactly ``total``
             k = (2 * total * i2 + cols) // (2 * cols) - (2 * total * i1 + cols) // (2 * cols)
-            score = W1.pow(2) / d2[i1:i2] * live[i1:i2]
-            P1.view(-1)[_smallest(score.reshape(-1), k)] = True
+            score = (W1.pow(2) / d2[i1:i2] * live[i1:i2]).T  # [N, B]: ties go row-major
+            flat = torch.zeros(rows * (i2 - i1), dtype=torch.bool, device=WT.device)
+            flat[_smallest(score.reshape(-1), k)] = True
+            P1 = flat.view(rows, i2 - i1).T.contiguous()
         for i in range(i2 - i1):
             if pattern is not None and i % pattern[1] == 0:
                 n, m = pattern
-                score = W1[:, i:i + m].pow(2) / d2[i1 + i:i1 + i + m] * live[i1 + i:i1 + i + m]
-                P1[:, i:i + m].scatter_(1, _smallest(score, m - n), True)
-            w = W1[:, i]
-            q = w.masked_fill(P1[:, i], 0.0)
+                score = (W1[i:i + m].pow(2) / d2[i1 + i:i1 + i + m] * live[i1 + i:i1 + i + m]).T  # [N, m]
+                sel = torch.zeros_like(score, dtype=torch.bool).scatter_(1, _smallest(score, m - n), True)
+                P1[i:i + m] = sel.T
+            w = W1[i]
+            q = w.masked_fill(P1[i], 0.0)
             err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Q1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        pruned[:, i1:i2] = P1
-    return ~pruned, W
+            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # the OBS update of the columns to the right
+            Q1[i] = q
+            Err1[i] = err
+        WT[i1:i2] = Q1
+        WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # the block's lazy update of the rest
+        prunedT[i1:i2] = P1
+    return ~prunedT.T.contiguous(), WT.T.contiguous()
 
 
 # ---------------------------------------------------------------------------------------
 # Calibration: Hessians from forward hooks
 
 
+def _check_conv(module: nn.Conv2d, where: str) -> None:
+    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise ValueError(f"sparsegpt supports ungrouped Conv2d with numeric zero padding; {where} has "
+                         f"groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r}")
+
+
 def layer_inputs(module: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
     """The GEMM inputs ``[T, K]`` (fp32) of a Linear or ungrouped Conv2d call (im2col order)."""
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError(f"sparsegpt supports ungrouped Conv2d with numeric zero padding; {where} has "
-                             f"groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r}")
+        _check_conv(module, where)
         cols = F.unfold(x.float(), module.kernel_size, module.dilation, module.padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.detach().float().reshape(-1, x.shape[-1])
@@ -248,6 +256,18 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
 
     if not targets:
         return {}, {}
+    for t in targets:  # every per-layer check before any work
+        if not isinstance(t.module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"sparsegpt prunes nn.Linear and nn.Conv2d weights; {t.param} belongs to a "
+                            f"{type(t.module).__name__} (set include=)")
+        if isinstance(t.module, nn.Conv2d):
+            _check_conv(t.module, t.param)
+        opts, numel, k = layer_options(t.param), t.weight.numel(), t.weight[0].numel()
+        if "pattern" in opts and k % opts["pattern"][1]:
+            raise ValueError(f"{t.param}: in_features (K = {k}) is not divisible by M = {opts['pattern'][1]} "
+                             f"(pattern)")
+        if isinstance(opts.get("amount"), int) and opts["amount"] > numel:
+            raise ValueError(f"amount={opts['amount']} is larger than the {numel} weights of {t.param}")
     device = targets[0].weight.device
     batches = [_move(b, device) for b in calibration]
     if not batches:
@@ -255,10 +275,6 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
     work = copy.deepcopy(model).eval()
     modules = dict(work.named_modules())
     mods = {t.param: modules[t.module_name] for t in targets}
-    for t in targets:
-        if not isinstance(mods[t.param], (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"sparsegpt prunes nn.Linear and nn.Conv2d weights; {t.param} belongs to a "
-                            f"{type(mods[t.param]).__name__} (set include=)")
     owners = {id(m.out_proj): m for m in work.modules() if isinstance(m, nn.MultiheadAttention)}
 
     def hook_on(param: str, inner: Callable[[nn.Module, torch.Tensor], None]) -> Any:
@@ -354,12 +370,9 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
         t, mod = by_param[param], mods[param]
         rows = mod.weight.reshape(mod.weight.shape[0], -1)
         opts = layer_options(param)
-        if "pattern" in opts and rows.shape[1] % opts["pattern"][1]:
-            raise ValueError(f"{param}: in_features (K = {rows.shape[1]}) is not divisible by "
-                             f"M = {opts['pattern'][1]} (pattern)")
         acc = HessianSum(rows.shape[1], device)
 
-        def take(m: nn.Module, x: torch.Tensor, param: str = param) -> None:
+        def take(m: nn.Module, x: torch.Tensor, param: str = param, acc: HessianSum = acc) -> None:
             acc.add(layer_inputs(mods[param], x, param))
             raise _Stop
 

@@ -292,3 +292,17 @@ def test_bad_input_names_the_argument(model, kw, exc, words):
 def test_options_only_for_sparsegpt():
     with pytest.raises(ValueError, match="sparsegpt"):
         sp.prune(_mlp(), "l1_unstructured", amount=0.5, blocksize=64)
+
+
+def test_conv_weights_use_im2col_inputs():
+    """A Conv2d is pruned as GEMM rows [out, in·kh·kw] on its unfolded inputs; grouped convs are refused."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 2, stride=2)
+    x = torch.randn(5, 3, 8, 8)
+    masks = sp.prune(conv, "sparsegpt", pattern="2:4", calibration=[x], include=(nn.Conv2d,))
+    cols = nn.functional.unfold(x, 2, stride=2).transpose(1, 2).reshape(-1, 12)
+    keep, new = sg.prune_layer(conv.weight.reshape(4, -1), 2 * cols.T @ cols, pattern=(2, 4))
+    assert torch.equal(masks["weight"], keep.view(4, 3, 2, 2))
+    torch.testing.assert_close(masks.weights["weight"], new.view(4, 3, 2, 2), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="groups=3"):
+        sp.prune(nn.Conv2d(3, 3, 2, groups=3), "sparsegpt", amount=0.5, calibration=[x], include=(nn.Conv2d,))
