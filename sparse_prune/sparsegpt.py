@@ -285,13 +285,21 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
                 _mha_out_proj_hook(lambda m, args, out: inner(m, args[0])), with_kwargs=True)
         return mod.register_forward_pre_hook(lambda m, args: inner(m, args[0]))
 
-    # 1. Call order on the first batch (and every layer reached at all).
+    # 1. Call order (and every layer reached at all). Layers called one after another on the
+    #    same input tensor (q, k, v) form one stage: one Hessian, none depends on the others.
     order: list[str] = []
+    stages: list[list[str]] = []
+    last: list[Any] = [None]
 
     def record(param: str) -> Callable:
         def inner(m: nn.Module, x: torch.Tensor) -> None:
             if param not in order:
                 order.append(param)
+                if stages and x is last[0]:
+                    stages[-1].append(param)
+                else:
+                    stages.append([param])
+            last[0] = x
         return inner
 
     handles = [hook_on(t.param, record(t.param)) for t in targets]
@@ -303,6 +311,7 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
     finally:
         for h in handles:
             h.remove()
+        last[0] = None
     missing = [t.param for t in targets if t.param not in order]
     if missing:
         raise ValueError(f"calibration inputs never reached {len(missing)} layer(s), e.g. {missing[0]}")
@@ -365,26 +374,24 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
     masks: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
     by_param = {t.param: t for t in targets}
-    bar = tqdm(order, desc="sparsegpt", disable=not progress, leave=False)
-    for param in bar:
-        t, mod = by_param[param], mods[param]
-        rows = mod.weight.reshape(mod.weight.shape[0], -1)
-        opts = layer_options(param)
-        acc = HessianSum(rows.shape[1], device)
+    bar = tqdm(total=len(order), desc="sparsegpt", disable=not progress, leave=False)
+    for stage in stages:
+        first = mods[stage[0]]
+        acc = HessianSum(first.weight[0].numel(), device)
 
-        def take(m: nn.Module, x: torch.Tensor, param: str = param, acc: HessianSum = acc) -> None:
+        def take(m: nn.Module, x: torch.Tensor, param: str = stage[0], acc: HessianSum = acc) -> None:
             acc.add(layer_inputs(mods[param], x, param))
             raise _Stop
 
-        b = block_of(param)
+        b = block_of(stage[0])
         runs: list[Callable[[], Any]]
         if b is None:
             runs = [lambda batch=batch: _call(work, batch) for batch in batches]
         else:
             runs = [lambda i=i, blk=blocks[b]: blk(*i.args, **i.kwargs) for i in inputs_of(b)]
-        h = hook_on(param, take)
+        h = hook_on(stage[0], take)
         try:
-            for run in tqdm(runs, desc=param, disable=not progress, leave=False):
+            for run in tqdm(runs, desc=", ".join(stage), disable=not progress, leave=False):
                 try:
                     run()
                 except _Stop:
@@ -392,12 +399,18 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
         finally:
             h.remove()
         if acc.tokens == 0:
-            raise ValueError(f"calibration inputs never reached {param}")
-        keep, new = prune_layer(rows, acc.hessian(), blocksize=blocksize, percdamp=percdamp, **opts)
-        new = new.to(mod.weight.dtype).view(mod.weight.shape)
-        mod.weight.copy_(new)  # the copy now computes with the pruned layer
-        masks[param] = keep.view(mod.weight.shape)
-        weights[param] = new.to(t.weight.device)
+            raise ValueError(f"calibration inputs never reached {stage[0]}")
+        hessian = acc.hessian()
+        for param in stage:
+            mod = mods[param]
+            rows = mod.weight.reshape(mod.weight.shape[0], -1)
+            keep, new = prune_layer(rows, hessian, blocksize=blocksize, percdamp=percdamp, **layer_options(param))
+            new = new.to(mod.weight.dtype).view(mod.weight.shape)
+            mod.weight.copy_(new)  # the copy now computes with the pruned layer
+            masks[param] = keep.view(mod.weight.shape)
+            weights[param] = new.to(by_param[param].weight.device)
+            bar.update()
         if b is None:
             cache = None  # an out-of-block layer may feed any block
+    bar.close()
     return masks, weights

@@ -306,3 +306,29 @@ def test_conv_weights_use_im2col_inputs():
     torch.testing.assert_close(masks.weights["weight"], new.view(4, 3, 2, 2), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="groups=3"):
         sp.prune(nn.Conv2d(3, 3, 2, groups=3), "sparsegpt", amount=0.5, calibration=[x], include=(nn.Conv2d,))
+
+
+class _SharedInput(nn.Module):
+    """q and k read the same tensor (one stage), out reads their product (the next stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(self.q(x) * self.k(x))
+
+
+def test_layers_sharing_an_input_share_a_stage():
+    torch.manual_seed(0)
+    model = _SharedInput().eval()
+    x = torch.randn(40, 8)
+    masks = sp.prune(model, "sparsegpt", amount=0.5, calibration=[x])
+    H = 2 * x.T @ x
+    _, wq = sg.prune_layer(model.q.weight, H, amount=0.5)
+    _, wk = sg.prune_layer(model.k.weight, H, amount=0.5)
+    torch.testing.assert_close(masks.weights["q.weight"], wq)
+    torch.testing.assert_close(masks.weights["k.weight"], wk)
+    h = (x @ wq.T + model.q.bias) * (x @ wk.T + model.k.bias)
+    _, wo = sg.prune_layer(model.out.weight, 2 * h.T @ h, amount=0.5)
+    torch.testing.assert_close(masks.weights["out.weight"], wo, rtol=1e-4, atol=1e-5)
