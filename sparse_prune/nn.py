@@ -184,8 +184,6 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     if not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a sparse_prune.MaskSet, got {type(masks).__name__}")
     masks.validate(model)
-    if masks.weights:  # reconstructed weights (sparsegpt) are compiled instead of the model's own
-        model, inplace = masks.apply(model if inplace else copy.deepcopy(model)), True
     if format == "auto":
         return _convert_auto(model, masks, backend, inplace, example_inputs, cache)
     # Fail before any work, not layer by layer: the per-layer checks without a weight.
@@ -196,6 +194,8 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
         if reason:
             raise ValueError(f"backend 'triton' cannot run format 'bsr' with {reason}")
     model = model if inplace else copy.deepcopy(model)
+    if masks.weights:  # sparsegpt: compile its reconstructed weights, not the model's
+        masks.apply(model)
     cls = F.FORMATS[format]
     left_dense: list[str] = []
     todo: dict[str, torch.Tensor] = dict(masks.items())
@@ -235,6 +235,8 @@ def _convert_auto(model: nn.Module, masks: MaskSet, backend: str, inplace: bool,
 
     decisions = choose(model, masks, example_inputs, None if backend == "auto" else [backend], cache)
     model = model if inplace else copy.deepcopy(model)
+    if masks.weights:  # sparsegpt: compile its reconstructed weights, not the model's
+        masks.apply(model)
     with torch.no_grad():
         for name, mask in masks.items():
             module_name, module, param = resolve_param(model, name)

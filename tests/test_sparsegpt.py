@@ -1,6 +1,7 @@
 """SparseGPT: against a slow reference written from the paper, reconstruction error, the
 sequential model driver, reconstructed weights in MaskSet/convert, and its errors."""
 
+import contextlib
 import copy
 
 import pytest
@@ -332,3 +333,13 @@ def test_layers_sharing_an_input_share_a_stage():
     h = (x @ wq.T + model.q.bias) * (x @ wk.T + model.k.bias)
     _, wo = sg.prune_layer(model.out.weight, 2 * h.T @ h, amount=0.5)
     torch.testing.assert_close(masks.weights["out.weight"], wo, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_auto_and_shrink_compile_the_weights(hf_vit, images):
+    masks = sp.prune(hf_vit, "sparsegpt", amount=0.5, calibration=[images])
+    with torch.no_grad():
+        want = masks.apply(copy.deepcopy(hf_vit))(images).logits
+        for kw in ({"format": "auto", "example_inputs": images}, {"format": "shrink"}):
+            with pytest.warns(UserWarning) if kw["format"] == "shrink" else contextlib.nullcontext():
+                fast = sp.convert(hf_vit, masks, backend="torch", **kw)
+            torch.testing.assert_close(fast(images).logits, want, rtol=1e-4, atol=1e-5)
