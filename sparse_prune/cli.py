@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 import sparse_prune as sp
 from sparse_prune.constants import BACKENDS
 from sparse_prune.convert import CONVERT_FORMATS
+from sparse_prune.pruning import CALIBRATED
 
 # (label, method, keyword arguments) — the seed's four methods, then what we add.
 DEMO_RECIPES: list[tuple[str, str, dict[str, Any]]] = [
@@ -178,15 +179,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = _build(args)
     kw: dict[str, Any] = {"scope": args.scope, "seed": args.seed, "coupled": args.coupled,
                           "exclude": tuple(args.exclude)}
-    if args.method == "nm" or (args.method == "wanda" and args.pattern):
+    if args.method == "nm" or (args.method in CALIBRATED and args.pattern):
         kw["pattern"] = args.pattern or "2:4"
     else:
         kw["amount"] = args.amount
+    if args.method == "sparsegpt":
+        kw["blocksize"], kw["percdamp"] = args.blocksize, args.percdamp
     if args.method in ("ln_structured", "random_structured"):
         kw["dim"] = args.dim
     if args.method == "ln_structured":
         kw["n"] = args.n
-    if args.method == "wanda":
+    if args.method in CALIBRATED:
         size = _image_size(model)
         gen = torch.Generator().manual_seed(args.seed)
         kw["calibration"] = [torch.randn(2, 3, size, size, generator=gen) for _ in range(args.calibration_batches)]
@@ -325,11 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--scope", default="local", choices=("local", "global"))
     pr.add_argument("--n", type=_norm, default=2.0, help='norm for ln_structured: number, inf, -inf or "fro"')
     pr.add_argument("--dim", type=int, default=0)
-    pr.add_argument("--pattern", default=None, help='"N:M" for nm / wanda')
+    pr.add_argument("--pattern", default=None, help='"N:M" for nm / wanda / sparsegpt')
     pr.add_argument("--coupled", action="store_true")
     pr.add_argument("--exclude", nargs="*", default=[], help="module name regexes to keep dense")
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--calibration-batches", type=int, default=2)
+    pr.add_argument("--calibration-batches", type=int, default=2,
+                    help="wanda/sparsegpt: batches of 2 random images (no data set is downloaded)")
+    pr.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per lazy-update block")
+    pr.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: Hessian dampening (of its mean diagonal)")
     pr.add_argument("--out", default=None, help="masks file (.safetensors)")
     pr.set_defaults(func=cmd_prune)
 

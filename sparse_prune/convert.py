@@ -240,9 +240,5 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
 def _use_reconstructed(model: nn.Module, masks: MaskSet) -> None:
     """Write the pruner's reconstructed weights (``masks.weights``, when it has any) into
     ``model`` (already a copy unless ``inplace``), so every format compiles them."""
-    weights = getattr(masks, "weights", None) or {}
-    with torch.no_grad():
-        for name, value in weights.items():
-            _, module, param = resolve_param(model, name)
-            target = getattr(module, param)
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
+    if masks.weights:
+        masks.apply(model)  # writes the reconstructed values, pruned entries zero

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -12,6 +13,9 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 _META_KEY = "sparse_prune"
+_WEIGHTS_KEY = "sparse_prune_weights"  # metadata: JSON {file key: parameter name} of the weights
+_ORDER_KEY = "sparse_prune_order"  # metadata: JSON list of the mask names in the set's order
+_WEIGHT_PREFIX = "weight:"  # file key of a reconstructed weight (":" never occurs in a mask name)
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -24,9 +28,15 @@ class MaskSet(Mapping):
 
     ``True`` keeps a weight, ``False`` prunes it. ``info`` is a free-form dict (method,
     amount, ...) saved with the masks.
+
+    ``weights`` (read-only mapping, empty for mask-only methods) holds the values a method
+    that reconstructs the kept weights (``sparsegpt``) computed for some masked parameters:
+    floating tensors of the mask's shape, zero where pruned. :meth:`apply`, :meth:`attach`,
+    ``sp.convert`` and :meth:`save`/:meth:`load` use them; ``&`` keeps them (see there).
     """
 
-    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None, info: dict | None = None):
+    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None, info: dict | None = None,
+                 weights: Mapping[str, torch.Tensor] | None = None):
         self._masks: dict[str, torch.Tensor] = {}
         for name, mask in (masks or {}).items():
             if not isinstance(name, str):
@@ -34,7 +44,26 @@ class MaskSet(Mapping):
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise TypeError(f"mask {name!r} must be a torch.bool tensor")
             self._masks[name] = mask
+        self._weights: dict[str, torch.Tensor] = {}
+        for name, weight in (weights or {}).items():
+            if name not in self._masks:
+                raise ValueError(f"weights[{name!r}] has no mask of that name")
+            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+                raise TypeError(f"weights[{name!r}] must be a floating torch tensor")
+            if weight.shape != self._masks[name].shape:
+                raise ValueError(f"weights[{name!r}] has shape {tuple(weight.shape)}, its mask "
+                                 f"{tuple(self._masks[name].shape)}")
+            self._weights[name] = weight
         self.info: dict[str, Any] = dict(info or {})
+
+    @property
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """Reconstructed weights by parameter name (read-only; empty for mask-only methods)."""
+        return MappingProxyType(self._weights)
+
+    def without_weights(self) -> MaskSet:
+        """The same masks with no reconstructed weights (``apply`` then only zeroes)."""
+        return MaskSet(self._masks, self.info)
 
     # Mapping protocol -------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -47,7 +76,8 @@ class MaskSet(Mapping):
         return len(self._masks)
 
     def __repr__(self) -> str:
-        return f"MaskSet({len(self)} masks, sparsity={self.sparsity():.4f})"
+        extra = f", {len(self._weights)} reconstructed weights" if self._weights else ""
+        return f"MaskSet({len(self)} masks, sparsity={self.sparsity():.4f}{extra})"
 
     # Statistics ---------------------------------------------------------------------------
     def sparsity(self) -> float:
@@ -81,7 +111,9 @@ class MaskSet(Mapping):
     def __and__(self, other: MaskSet) -> MaskSet:
         """Stack two rounds: a weight is kept only if both keep it (old zeros stay zero).
 
-        Names present in one set only keep that set's mask.
+        Names present in one set only keep that set's mask. Reconstructed weights: the right
+        operand's (the later round, computed on the model the earlier round produced) where it
+        has them, else the left's; either way :meth:`apply` zeroes them under the combined mask.
         """
         if not isinstance(other, MaskSet):
             return NotImplemented
@@ -95,10 +127,12 @@ class MaskSet(Mapping):
                 merged[name] = merged[name] & mask.to(merged[name].device)
             else:
                 merged[name] = mask
-        return MaskSet(merged, info={"stacked": [self.info, other.info]})
+        weights = {**self._weights, **other._weights}
+        return MaskSet(merged, info={"stacked": [self.info, other.info]}, weights=weights)
 
     def to(self, device: torch.device | str) -> MaskSet:
-        return MaskSet({n: m.to(device) for n, m in self._masks.items()}, self.info)
+        return MaskSet({n: m.to(device) for n, m in self._masks.items()}, self.info,
+                       {n: w.to(device) for n, w in self._weights.items()})
 
     # Model interaction --------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
@@ -118,7 +152,10 @@ class MaskSet(Mapping):
     def apply(self, model: nn.Module) -> nn.Module:
         """Zero the pruned weights of ``model`` in place (simulated sparsity); returns ``model``.
 
-        All masks are checked first, so nothing is modified when one does not fit.
+        Parameters with reconstructed ``weights`` get those values written (cast to the
+        parameter's dtype and device), masked: the model then computes what the pruning
+        method intended. All masks are checked first, so nothing is modified when one does
+        not fit.
         """
         self.validate(model)
         params = dict(model.named_parameters())
@@ -127,6 +164,8 @@ class MaskSet(Mapping):
                 param = params[name]
             else:  # attached with torch.nn.utils.prune: zero the original too
                 param = params[name + "_orig"]
+            if name in self._weights:
+                param.copy_(self._weights[name].to(param.device, param.dtype))
             param.mul_(mask.to(param.device, param.dtype))
         return model
 
@@ -135,10 +174,17 @@ class MaskSet(Mapping):
 
         ``torch.nn.utils.prune.remove(module, "weight")`` then makes them permanent. A
         parameter that already carries a torch-prune mask gets the two masks combined, as
-        torch's ``PruningContainer`` does.
+        torch's ``PruningContainer`` does. Reconstructed ``weights`` are written into the
+        parameter first (so ``weight_orig`` holds them and ``weight`` = them × mask): unlike a
+        mask-only set, attaching one changes the model's values.
         """
         self.validate(model)
         modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, weight in self._weights.items():
+                param = params[name] if name in params else params[name + "_orig"]
+                param.copy_(weight.to(param.device, param.dtype))
         for name, mask in self._masks.items():
             module_name, param_name = _split(name)
             module = modules[module_name]
@@ -161,24 +207,43 @@ class MaskSet(Mapping):
 
     # Files --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the masks (and ``info`` as JSON metadata) to a safetensors file."""
+        """Write the masks (``info`` as JSON metadata, reconstructed weights under
+        ``"weight:<name>"`` keys listed in the metadata) to a safetensors file."""
         from safetensors.torch import save_file
 
         tensors = {n: m.detach().cpu().contiguous() for n, m in self._masks.items()}
-        save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(self.info, default=str)})
+        keys = {_WEIGHT_PREFIX + n: n for n in self._weights}
+        tensors.update({k: self._weights[n].detach().cpu().contiguous() for k, n in keys.items()})
+        meta = {_META_KEY: json.dumps(self.info, default=str), _ORDER_KEY: json.dumps(list(self._masks))}
+        if keys:
+            meta[_WEIGHTS_KEY] = json.dumps(keys)
+        save_file(tensors, os.fspath(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> MaskSet:
-        """Read a file written by :meth:`save`; non-bool tensors are a ``ValueError``."""
+        """Read a file written by :meth:`save` (weights included); a non-bool mask, or a weight
+        that is not floating or does not match its mask, is a ``ValueError``."""
         from safetensors import safe_open
 
-        masks = {}
+        masks, weights = {}, {}
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
+            keys = json.loads(meta[_WEIGHTS_KEY]) if _WEIGHTS_KEY in meta else {}
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                if tensor.dtype != torch.bool:
+                if name in keys:
+                    if not tensor.is_floating_point():
+                        raise ValueError(f"{path}: weight {keys[name]!r} is {tensor.dtype}, must be floating")
+                    weights[keys[name]] = tensor
+                elif tensor.dtype != torch.bool:
                     raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype}, masks must be torch.bool")
-                masks[name] = tensor
+                else:
+                    masks[name] = tensor
         info = json.loads(meta[_META_KEY]) if _META_KEY in meta else {}
-        return cls(masks, info)
+        order = json.loads(meta[_ORDER_KEY]) if _ORDER_KEY in meta else []
+        if sorted(order) == sorted(masks):  # the saved order (safetensors sorts its keys)
+            masks = {name: masks[name] for name in order}
+        try:
+            return cls(masks, info, weights)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None

@@ -9,6 +9,8 @@ Methods (``METHODS``) and the ``torch.nn.utils.prune`` function each one mirrors
 * ``ln_structured``        = ``prune.ln_structured`` (identical masks, ties included)
 * ``nm``                   N:M semi-structured by magnitude (no torch equivalent)
 * ``wanda``                activation-aware |W|·‖X‖₂ per output row (Sun et al., 2023)
+* ``sparsegpt``            OBS mask choice + reconstruction of the kept weights, layer after
+                           layer (Frantar & Alistarh, 2023; :mod:`sparse_prune.sparsegpt`)
 
 Amounts follow torch: a float in [0, 1] is a fraction, an int is a count, and the count
 is ``round(amount * units)`` with Python's rounding.
@@ -33,7 +35,8 @@ from sparse_prune.structure import Member, find_groups
 
 UNSTRUCTURED = ("random_unstructured", "l1_unstructured")
 STRUCTURED = ("random_structured", "ln_structured")
-METHODS = (*UNSTRUCTURED, *STRUCTURED, "nm", "wanda")
+METHODS = (*UNSTRUCTURED, *STRUCTURED, "nm", "wanda", "sparsegpt")
+CALIBRATED = ("wanda", "sparsegpt")  # need calibration=; take amount= or pattern=
 SCOPES = ("local", "global")
 
 # Weights of these modules are never pruned (DESIGN: LayerNorm, embeddings, biases).
@@ -400,30 +403,41 @@ def prune(
     per_layer: Mapping[str, Amount] | None = None,
     coupled: bool = False,
     progress: bool = False,
+    blocksize: int | None = None,
+    percdamp: float | None = None,
 ) -> MaskSet:
     """Compute pruning masks for ``model``; the model is never modified.
 
     Args:
         method: one of ``METHODS``.
         amount: float in [0, 1] (fraction) or int (count), as in ``torch.nn.utils.prune``.
-            Not used by ``nm``; ``wanda`` takes a fraction per output row unless ``pattern``.
+            Not used by ``nm``; ``wanda`` takes a fraction per output row unless ``pattern``;
+            ``sparsegpt`` a fraction (or count) per layer, chosen per column block.
         scope: ``"local"`` (each weight, or each dependency group, on its own) or ``"global"``
             (one ranking over all weights / units; see README for how structured units of
-            different layers are made comparable). ``nm`` and ``wanda`` are local only.
+            different layers are made comparable). ``nm``, ``wanda`` and ``sparsegpt`` are local only.
         n: norm order for ``ln_structured`` (real number, ``inf``, ``-inf`` or ``"fro"``).
         dim: axis of the structured units (0 = output neurons of a Linear); negative allowed.
-        pattern: ``"N:M"`` for ``nm`` (default ``"2:4"``) and ``wanda`` (optional).
+        pattern: ``"N:M"`` for ``nm`` (default ``"2:4"``), ``wanda`` and ``sparsegpt`` (optional).
         seed: seed of the random methods; independent of the global RNG.
-        calibration: iterable of model inputs for ``wanda`` (tensor, tuple or dict each).
+        calibration: iterable of model inputs for ``wanda`` and ``sparsegpt`` (tensor, tuple or
+            dict each; ``sparsegpt`` holds them in memory).
         include: module types whose ``weight`` is pruned (``nn.Linear`` by default).
         exclude: module names/regexes (``re.search``) or module types to leave dense.
         per_layer: ``{regex: amount}``; the first regex found in a parameter name sets that
             layer's amount, and such layers are pruned locally.
         coupled: structured methods only: prune ViT MLP neurons (fc1 rows + fc2 columns) and
             whole attention heads (q, k, v rows + output-projection columns) together.
+        progress: tqdm bars (``sparsegpt``: one over the layers, one per layer over the batches).
+        blocksize: ``sparsegpt`` only: columns per lazy-update block (default 128; a multiple
+            of M for N:M).
+        percdamp: ``sparsegpt`` only: Hessian dampening as a fraction of its mean diagonal
+            (default 0.01).
 
     Returns:
-        ``MaskSet`` with a ``torch.bool`` mask (True = keep) for every pruned parameter.
+        ``MaskSet`` with a ``torch.bool`` mask (True = keep) for every pruned parameter;
+        ``sparsegpt`` also fills ``MaskSet.weights`` with the reconstructed weights (zero where
+        pruned, the parameters' dtype), which ``apply``/``attach``/``convert``/``save`` use.
 
     Raises:
         ValueError / TypeError naming the argument, before anything is computed where possible.
@@ -441,24 +455,33 @@ def prune(
             raise ValueError("method 'nm' takes pattern= (e.g. '2:4'), not amount=")
         nm = parse_pattern("2:4" if pattern is None else pattern)
     else:
-        if pattern is not None and method != "wanda":
-            raise ValueError(f"pattern= applies to 'nm' and 'wanda', not {method!r}")
-        if method == "wanda" and pattern is not None:
+        if pattern is not None and method not in CALIBRATED:
+            raise ValueError(f"pattern= applies to 'nm', 'wanda' and 'sparsegpt', not {method!r}")
+        if method in CALIBRATED and pattern is not None:
             nm = parse_pattern(pattern)
             if amount is not None:
-                raise ValueError("wanda takes either amount= (unstructured) or pattern= (N:M), not both")
+                raise ValueError(f"{method} takes either amount= (unstructured) or pattern= (N:M), not both")
         elif amount is None:
             raise TypeError(f"method {method!r} needs amount= (float fraction or int count)")
         else:
             amount = check_amount(amount)
-    if method in ("nm", "wanda") and scope == "global":
+    if method in ("nm", *CALIBRATED) and scope == "global":
         raise ValueError(f"method {method!r} compares weights within a row: scope must be 'local'")
     if method == "ln_structured":
         n = check_norm(n)
     if coupled and method not in STRUCTURED:
         raise ValueError(f"coupled=True applies to structured methods {STRUCTURED}, not {method!r}")
-    if method == "wanda" and calibration is None:
-        raise ValueError("method 'wanda' needs calibration= (an iterable of model inputs)")
+    if method in CALIBRATED and calibration is None:
+        raise ValueError(f"method {method!r} needs calibration= (an iterable of model inputs)")
+    if method != "sparsegpt" and (blocksize is not None or percdamp is not None):
+        raise ValueError(f"blocksize= and percdamp= apply to 'sparsegpt', not {method!r}")
+    if method == "sparsegpt":
+        from sparse_prune import sparsegpt as sg
+
+        blocksize, percdamp = sg.check_options(sg.DEFAULT_BLOCKSIZE if blocksize is None else blocksize,
+                                               sg.DEFAULT_PERCDAMP if percdamp is None else percdamp, nm)
+        if nm is not None and rules:
+            raise ValueError("per_layer amounts apply to amount=, not pattern= (use exclude= to keep layers dense)")
 
     targets = collect_targets(model, include, exclude)
     exclude = _check_rules(exclude)
@@ -478,6 +501,15 @@ def prune(
     if nm is not None:
         info["pattern"] = f"{nm[0]}:{nm[1]}"
     masks: dict[str, torch.Tensor] = {}
+
+    if method == "sparsegpt":
+        info.update(blocksize=blocksize, percdamp=percdamp)
+        masks, weights = sg.sparsegpt(
+            model, targets, calibration,
+            lambda param: {"pattern": nm} if nm is not None else {"amount": amount_for(param)[0]},
+            blocksize=blocksize, percdamp=percdamp, progress=progress)
+        order = [t.param for t in targets]
+        return MaskSet({p: masks[p] for p in order}, info, weights={p: weights[p] for p in order})
 
     if method in STRUCTURED:
         _prune_structured(model, method, targets, amount, amount_for, scope, n, dim, seed, coupled,

@@ -70,7 +70,7 @@ def test_run_study_rows(digits_small):
     model, train_data, test_data = digits_small
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = study.run_study(model, train_data, test_data, model_name="tiny", data_name="digits",
-                           methods=["l1_unstructured", "nm", "wanda"], amounts=[0.3, 0.5],
+                           methods=["l1_unstructured", "nm", "wanda", "sparsegpt"], amounts=[0.3, 0.5],
                            finetune_epochs=1, iterative=2, progress=False)
     # the model is never modified
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
@@ -80,16 +80,17 @@ def test_run_study_rows(digits_small):
     one_shot = [r for r in rows if not r["finetuned"]]
     assert [(r["method"], r["pattern"], r["amount"]) for r in one_shot] == [
         ("l1_unstructured", None, 0.3), ("l1_unstructured", None, 0.5), ("nm", "2:4", 0.5),
-        ("wanda", None, 0.3), ("wanda", None, 0.5), ("wanda", "2:4", 0.5)]
+        ("wanda", None, 0.3), ("wanda", None, 0.5), ("wanda", "2:4", 0.5),
+        ("sparsegpt", None, 0.3), ("sparsegpt", None, 0.5), ("sparsegpt", "2:4", 0.5)]
     for r in one_shot:
         assert abs(r["sparsity"] - r["amount"]) < 0.02  # conv + linears, as the seed prunes
         assert 0 <= r["accuracy"] <= 1
     tuned = [r for r in rows if r["finetuned"]]
-    assert len(tuned) == 4 and all(r["iterative"] == 2 and r["epochs"] == 1 for r in tuned)
+    assert len(tuned) == 6 and all(r["iterative"] == 2 and r["epochs"] == 1 for r in tuned)
     # stacked iterative masks reach at least the target
     assert all(r["sparsity"] >= r["amount"] - 0.02 for r in tuned)
     md = study.markdown(rows)
-    assert "| wanda 2:4 | 0.50 |" in md
+    assert "| wanda 2:4 | 0.50 |" in md and "| sparsegpt 2:4 | 0.50 |" in md
 
 
 @pytest.mark.parametrize("kw,words", [({"methods": ["magic"]}, "methods"), ({"amounts": [1.5]}, "amount"),

@@ -116,3 +116,22 @@ def test_cli_convert_then_report(tmp_path, capsys, fmt, method, extra):
         assert sum(r["bytes"] for r in rows) < sum(r["dense_bytes"] for r in rows)
     assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+def test_cli_sparsegpt_prune_then_convert_compiles_its_weights(tmp_path, capsys):
+    model_args = ["--model", "vit_tiny_patch16_224", "--depth", "1"]
+    masks_path = str(tmp_path / "m.safetensors")
+    assert cli.main(["prune", *model_args, "--method", "sparsegpt", "--pattern", "2:4", "--blocksize", "64",
+                     "--calibration-batches", "1", "--out", masks_path]) == 0
+    masks = sp.MaskSet.load(masks_path)
+    assert masks.info["method"] == "sparsegpt" and masks.info["pattern"] == "2:4" and masks.info["blocksize"] == 64
+    assert set(masks.weights) == set(masks)
+    assert cli.main(["convert", *model_args, "--masks", masks_path, "--format", "2:4", "--backend", "torch",
+                     "--out", str(tmp_path / "ck")]) == 0
+    torch.manual_seed(0)
+    fast = sp.load(sp.models.vit("vit_tiny_patch16_224", num_hidden_layers=1), str(tmp_path / "ck"))
+    layer = fast.get_submodule("vit.layers.0.mlp.fc1")
+    assert isinstance(layer, sp.SparseLinear) and layer.format_name == "2:4"
+    torch.testing.assert_close(layer.weight, masks.weights["vit.layers.0.mlp.fc1.weight"])
+    assert cli.main(["prune", *model_args, "--method", "sparsegpt", "--pattern", "2:4", "--blocksize", "6"]) == 2
+    assert "blocksize" in capsys.readouterr().err

@@ -235,7 +235,7 @@ def test_include_conv_and_biases_never_pruned(hf_vit):
 @pytest.mark.parametrize("method", sp.METHODS)
 def test_model_never_modified(method, hf_vit, images):
     before = copy.deepcopy(hf_vit.state_dict())
-    kw = {"calibration": [images]} if method == "wanda" else {}
+    kw = {"calibration": [images]} if method in ("wanda", "sparsegpt") else {}
     if method != "nm":
         kw["amount"] = 0.5
     sp.prune(hf_vit, method, **kw)

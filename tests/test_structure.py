@@ -76,9 +76,9 @@ def test_coupled_exclude_skips_group(hf_vit):
     assert masks.layer_sparsity()["vit.layers.0.mlp.fc1.weight"] == 0.5
 
 
-# nm and wanda compare weights within a row: local only (global is tested as an error)
+# nm, wanda and sparsegpt compare weights within a row or block: local only (global is an error)
 METHOD_SCOPES = [(m, s) for m in sp.METHODS for s in ("local", "global")
-                 if not (m in ("nm", "wanda") and s == "global")]
+                 if not (m in ("nm", "wanda", "sparsegpt") and s == "global")]
 
 
 @pytest.mark.parametrize("fixture", MODELS)
@@ -86,7 +86,7 @@ METHOD_SCOPES = [(m, s) for m in sp.METHODS for s in ("local", "global")
 def test_every_method_and_scope(fixture, method, scope, request, images):
     model = request.getfixturevalue(fixture)
     kw = {"scope": scope}
-    if method == "wanda":
+    if method in ("wanda", "sparsegpt"):
         kw["calibration"] = [images]
     if method != "nm":
         kw["amount"] = 0.5

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from sparse_prune.bench.train import evaluate, train
 from sparse_prune.masks import MaskSet
-from sparse_prune.pruning import METHODS, check_amount, prune
+from sparse_prune.pruning import CALIBRATED, METHODS, check_amount, prune
 
 SEED_METHODS = ("random_unstructured", "l1_unstructured", "random_structured", "ln_structured")
-DEFAULT_METHODS = (*SEED_METHODS, "nm", "wanda")
+DEFAULT_METHODS = (*SEED_METHODS, "nm", "wanda", "sparsegpt")
 DEFAULT_AMOUNTS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 CLASSIFIER_NAMES = r"(^|\.)(classifier|head|heads)(\.|$)"
 
@@ -40,7 +40,7 @@ def _points(methods: Sequence[str], amounts: Sequence[float]) -> list[tuple[str,
             points.append((method, "2:4", 0.5))
             continue
         points += [(method, None, a) for a in amounts]
-        if method == "wanda":
+        if method in CALIBRATED:
             points.append((method, "2:4", 0.5))
     return points
 
@@ -48,17 +48,17 @@ def _points(methods: Sequence[str], amounts: Sequence[float]) -> list[tuple[str,
 def _prune(model: nn.Module, method: str, pattern: str | None, amount: float, scope: str,
            calibration: list[torch.Tensor], exclude: Sequence[str], seed: int) -> MaskSet:
     kw: dict[str, Any] = {"exclude": tuple(exclude), "seed": seed}
-    # As the seed: every layer but LayerNorm (the patch-embedding conv included). Wanda and N:M
-    # score Linear inputs/rows, so they prune the Linears.
-    kw["include"] = (nn.Linear,) if method in ("wanda", "nm") else (nn.Linear, nn.Conv2d)
-    if method == "wanda":
+    # As the seed: every layer but LayerNorm (the patch-embedding conv included). Wanda, N:M
+    # and SparseGPT score Linear inputs/rows, so they prune the Linears.
+    kw["include"] = (nn.Linear,) if method in ("nm", *CALIBRATED) else (nn.Linear, nn.Conv2d)
+    if method in CALIBRATED:
         kw["calibration"] = calibration
     if pattern is not None:
         kw["pattern"] = pattern
     else:
         kw["amount"] = amount
         if method in SEED_METHODS or scope == "global":
-            kw["scope"] = scope if method != "wanda" else "local"
+            kw["scope"] = scope if method not in CALIBRATED else "local"
     if method in ("random_structured", "ln_structured"):
         kw["dim"] = 0
     return prune(model, method, **kw)

@@ -54,7 +54,8 @@ def train(model: nn.Module, data: Dataset, epochs: int, lr: float = 1e-3, batch_
 
     With ``masks``, pruned weights start at zero and stay exactly zero: their gradients are
     multiplied by the mask (a hook) and the mask is re-applied after every step, so neither
-    momentum nor weight decay can revive them.
+    momentum nor weight decay can revive them. Reconstructed weights (``masks.weights``,
+    SparseGPT) are the starting point: written once, before the first step.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -70,7 +71,8 @@ def train(model: nn.Module, data: Dataset, epochs: int, lr: float = 1e-3, batch_
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
     handles = []
     if masks is not None:
-        masks.apply(model)
+        masks.apply(model)  # writes the reconstructed weights, if any, once
+        masks = masks.without_weights()
         handles = _mask_gradients(model, masks)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     model.train()
