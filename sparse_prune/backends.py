@@ -195,8 +195,12 @@ def resolve_backend(backend: str, format_name: str, fmt: Any = None,
 # the weight materialized once.
 
 
-def _on_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu"
+def _torch_path(op: str, x: torch.Tensor, *args):
+    """The op on the CPU (its CPU kernel is the reference, MKL sparse included); the reference
+    itself elsewhere (the explicit per-call rebuild of ``backend="torch"``)."""
+    if x.device.type == "cpu":
+        return getattr(torch.ops.sparse_prune, op)(x, *args)
+    return getattr(reference, op)(x, *args)
 
 
 def _dense(x, m):
@@ -208,8 +212,7 @@ def _materialized(x, m):
 
 
 def _csr_torch(x, m):
-    args = (x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias)
-    return torch.ops.sparse_prune.csr_linear(*args) if _on_cpu(x) else reference.csr_linear(*args)
+    return _torch_path("csr_linear", x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias)
 
 
 def _need_cuda(x: torch.Tensor, backend: str = "cuda") -> None:
@@ -230,8 +233,7 @@ def _csr_triton(x, m):
 
 
 def _bsr_torch(x, m):
-    args = (x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias)
-    return torch.ops.sparse_prune.bsr_linear(*args) if _on_cpu(x) else reference.bsr_linear(*args)
+    return _torch_path("bsr_linear", x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias)
 
 
 def _bsr_triton(x, m):
@@ -240,8 +242,7 @@ def _bsr_triton(x, m):
 
 
 def _semi24_torch(x, m):
-    args = (x, m.values, m.meta, m.bias)
-    return torch.ops.sparse_prune.semi24_linear(*args) if _on_cpu(x) else reference.semi24_linear(*args)
+    return _torch_path("semi24_linear", x, m.values, m.meta, m.bias)
 
 
 def _semi24_cuda(x, m):
@@ -289,8 +290,7 @@ def _semi24_triton(x, m):
 
 
 def _shrunk_torch(x, m):
-    args = (x, m.values, m.out_index, m.in_index, m.out_features, m.bias)
-    return torch.ops.sparse_prune.shrunk_linear(*args) if _on_cpu(x) else reference.shrunk_linear(*args)
+    return _torch_path("shrunk_linear", x, m.values, m.out_index, m.in_index, m.out_features, m.bias)
 
 
 def _shrunk_triton(x, m):
