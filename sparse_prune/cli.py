@@ -126,11 +126,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _gpu_backends() -> list[str]:
     """Every backend that can run on this GPU machine."""
+    from sparse_prune import backends
     from sparse_prune.kernels import triton_common
 
-    # torch's reference rebuilds dense weights per call on a GPU: timed only where nothing else runs
+    # torch's reference rebuilds dense weights per call on a GPU: timed only where nothing else
+    # runs; "auto" is a row of its own (what a user gets without choosing)
     fast = (["triton"] if triton_common.available() else []) + (["cuda"] if sp.has_cuda_extension() else [])
-    return fast or ["torch"]
+    fast += [b for b in ("cuda:sm90", "cusparselt") if backends.runs_on(b, "cuda")]
+    return ["auto", *fast] if fast else ["torch"]
 
 
 def _demo_latency(model: nn.Module, args: argparse.Namespace, out: Path) -> str:

@@ -290,3 +290,10 @@ def test_summarize_shows_wrong_rows_first_and_fails(tmp_path, capsys):
     assert "relative error 0.02" in out and "1 point(s) skipped" in out
     (tmp_path / "e2e" / "latency.json").write_text(json.dumps([ok]))
     assert summarize.main(str(tmp_path)) == 0
+
+
+def test_points_leave_out_formats_a_backend_has_no_kernel_for():
+    grid = latency.points(["csr", "bsr", "2:4"], ["cuda", "cuda:sm90", "cusparselt", "triton"], [0.9])
+    assert ("2:4", "cuda:sm90", 0.5) in grid and ("2:4", "cusparselt", 0.5) in grid and ("csr", "cuda", 0.9) in grid
+    assert not [p for p in grid if p[1] in ("cuda:sm90", "cusparselt") and p[0] != "2:4"]
+    assert ("bsr", "cuda", 0.9) not in grid and ("bsr", "triton", 0.9) in grid
