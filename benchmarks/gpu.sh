@@ -56,6 +56,7 @@ if has kernels; then
 fi
 if has e2e; then
     timeout -s INT 180 $PY -m sparse_prune.cli bench --device cuda --dtype bfloat16 --batch 1 8 64 256 \
+        --formats dense shrink 2:4 csr bsr auto \
         --sparsity 0.5 0.7 0.9 --reps 10 --out "$RES/e2e" || status=1
 fi
 if has extra; then

@@ -272,6 +272,12 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def latency_formats() -> tuple[str, ...]:
+    from sparse_prune.bench.latency import BENCH_FORMATS
+
+    return BENCH_FORMATS
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from sparse_prune.bench import latency
 
@@ -366,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     be = sub.add_parser("bench", help="latency of converted ViTs vs the dense model (JSON, Markdown, PNG)")
     _model_args(be)
-    be.add_argument("--formats", nargs="+", default=list(CONVERT_FORMATS), choices=CONVERT_FORMATS)
+    be.add_argument("--formats", nargs="+", default=list(CONVERT_FORMATS), choices=latency_formats(),
+                    help="formats to time (default: every fixed format; add 'auto' for the measured per-layer choice)")
     be.add_argument("--backends", nargs="+", default=None, choices=BACKENDS,
                     help="default: torch (+ triton on a GPU)")
     be.add_argument("--sparsity", type=float, nargs="+", default=None, help="default 0.5 0.7 0.9 (2:4 is 0.5)")

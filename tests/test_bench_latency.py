@@ -297,3 +297,13 @@ def test_points_leave_out_formats_a_backend_has_no_kernel_for():
     assert ("2:4", "cuda:sm90", 0.5) in grid and ("2:4", "cusparselt", 0.5) in grid and ("csr", "cuda", 0.9) in grid
     assert not [p for p in grid if p[1] in ("cuda:sm90", "cusparselt") and p[0] != "2:4"]
     assert ("bsr", "cuda", 0.9) not in grid and ("bsr", "triton", 0.9) in grid
+
+
+def test_auto_is_a_bench_point(hf_vit):
+    """format="auto" measured on the timed batch: a row like the others, checked and timed."""
+    rows = latency.bench_e2e(hf_vit, "tiny", 32, formats=["auto"], backends=["torch"], sparsities=[0.9],
+                             batches=[1], reps=1, warmup=0, progress=False)
+    assert [(r["format"], r["status"]) for r in rows] == [("auto", "ok")]
+    assert rows[0]["error"] <= rows[0]["allowed"] and rows[0]["converted_layers"] + rows[0]["dense_layers"] > 0
+    with pytest.raises(ValueError, match="formats"):
+        latency.points(["coo"], ["torch"], [0.5])

@@ -113,11 +113,16 @@ def layer_counts(converted: nn.Module, masks: MaskSet) -> tuple[int, int]:
     return done, len(masks) - done
 
 
-def _convert(model: nn.Module, masks: MaskSet, fmt: str, backend: str) -> tuple[nn.Module, str | None]:
-    """``convert`` with its warnings shown as usual and their text returned for the row."""
+def _convert(model: nn.Module, masks: MaskSet, fmt: str, backend: str,
+             example_inputs: Any = None) -> tuple[nn.Module, str | None]:
+    """``convert`` with its warnings shown as usual and their text returned for the row;
+    ``format="auto"`` measures its per-layer choice on ``example_inputs`` (the batch timed)."""
+    kw: dict[str, Any] = {"block": BSR_BLOCK} if fmt == "bsr" else {}
+    if fmt == "auto":
+        kw["example_inputs"] = example_inputs
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = convert(model, masks, format=fmt, backend=backend, **({"block": BSR_BLOCK} if fmt == "bsr" else {}))
+        out = convert(model, masks, format=fmt, backend=backend, **kw)
     for w in caught:  # re-issued under the caller's filters: nothing is hidden
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return out, "; ".join(str(w.message) for w in caught) or None
@@ -204,6 +209,8 @@ def bad_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("status") in ("wrong", "failed")]
 
 
+# "auto": per layer the fastest measured on the batch timed, dense included (L1 masks)
+BENCH_FORMATS = (*CONVERT_FORMATS, "auto")
 # backends that run some formats only
 ONLY_FORMATS = {"cuda": CUDA_FORMATS, "cuda:sm90": ("2:4",), "cusparselt": ("2:4",)}
 
@@ -212,10 +219,12 @@ def points(formats: Sequence[str], backends: Sequence[str], sparsities: Sequence
     """(format, backend, sparsity) of the grid; 2:4 has one sparsity (0.5)."""
     out = []
     for fmt in formats:
-        if fmt not in CONVERT_FORMATS:
-            raise ValueError(f"formats: unknown {fmt!r}; allowed: {', '.join(CONVERT_FORMATS)}")
-        # dense runs torch's GEMM under every backend, and coupled shrink leaves plain Linears
-        for backend in (["torch"] if fmt in ("dense", "shrink") else backends):
+        if fmt not in BENCH_FORMATS:
+            raise ValueError(f"formats: unknown {fmt!r}; allowed: {', '.join(BENCH_FORMATS)}")
+        # dense runs torch's GEMM under every backend, coupled shrink leaves plain Linears, and
+        # auto picks among every backend itself
+        fixed = {"dense": ["torch"], "shrink": ["torch"], "auto": ["auto"]}
+        for backend in fixed.get(fmt, backends):
             if backend not in BACKENDS:
                 raise ValueError(f"backends: unknown {backend!r}; allowed: {', '.join(BACKENDS)}")
             if fmt not in ONLY_FORMATS.get(backend, (fmt,)):
@@ -283,14 +292,14 @@ def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Se
                         sparse, warning = converted[(fmt, backend, s)]
                     else:
                         try:
-                            sparse, warning = _convert(model, masks, fmt, backend)
+                            sparse, warning = _convert(model, masks, fmt, backend, x)
                         except ValueError as exc:  # refused up front, e.g. triton where it cannot run
                             row.update(status="skipped", reason=str(exc))
                             continue
                         except Exception as exc:  # noqa: BLE001 - a conversion that crashes is a failed row
                             row.update(status="failed", reason=f"convert: {_failure(exc)}")
                             continue
-                        if keep:
+                        if keep and fmt != "auto":  # auto's choice depends on the batch: re-measured
                             converted[(fmt, backend, s)] = (sparse, warning)
                     used = sorted({m.backend for m in sparse.modules() if isinstance(m, SparseLinear)}) or ["torch"]
                     n_conv, n_dense = layer_counts(sparse, masks)
@@ -373,7 +382,7 @@ def bench_layers(shapes: Sequence[tuple[int, int]], model_name: str, tokens: int
                                      sparsity=masks.sparsity(), dense_bytes=n * k * masked.weight.element_size())
                         rows.append(row)
                         try:
-                            layer, warning = _convert(holder, masks, fmt, backend)
+                            layer, warning = _convert(holder, masks, fmt, backend, x)
                         except ValueError as exc:
                             row.update(status="skipped", reason=str(exc))
                             continue
