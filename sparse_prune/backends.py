@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from sparse_prune import ops
 from sparse_prune.constants import (
+    BACKEND_FORMATS,
     BACKENDS,
     BSR_BLOCK_SIDES,
-    CUDA_FORMATS,
     CUSPARSELT_ROW_MULTIPLE,
     CUSPARSELT_SEARCH_ROWS,
     CUSPARSELT_WEIGHT_MULTIPLE,
@@ -69,8 +69,9 @@ def cuda_reason(format_name: str, fmt: Any = None) -> str | None:
         return f"the CUDA extension is not loaded ({ops.extension_error()})"
     if format_name == "dense":
         return None
-    if format_name not in CUDA_FORMATS:
-        return f"no CUDA kernel for format {format_name!r} (kernels: {', '.join(CUDA_FORMATS)}; try 'triton')"
+    if format_name not in BACKEND_FORMATS["cuda"]:
+        return (f"no CUDA kernel for format {format_name!r} (kernels: {', '.join(BACKEND_FORMATS['cuda'])}; "
+                "try 'triton')")
     if fmt is not None:
         if fmt.dtype == torch.float64:
             return "dtype float64 (kernels take float16, bfloat16, float32)"
@@ -84,7 +85,7 @@ def cuda_reason(format_name: str, fmt: Any = None) -> str | None:
 
 def sm90_reason(format_name: str, fmt: Any = None, device: torch.device | None = None) -> str | None:
     """Why our CUTLASS sm90a 2:4 kernel cannot take this weight (on ``device``), or None."""
-    if format_name != "2:4":
+    if format_name not in BACKEND_FORMATS["cuda:sm90"]:
         return f"the sm90 kernel runs 2:4 weights only, not format {format_name!r}"
     from sparse_prune.kernels import sm90
 
@@ -103,7 +104,7 @@ def sm90_reason(format_name: str, fmt: Any = None, device: torch.device | None =
 
 def cusparselt_reason(format_name: str, fmt: Any = None) -> str | None:
     """Why torch's cuSPARSELt path cannot take this weight, or None."""
-    if format_name != "2:4":
+    if format_name not in BACKEND_FORMATS["cusparselt"]:
         return f"cuSPARSELt runs 2:4 weights only, not format {format_name!r}"
     if not torch.backends.cusparselt.is_available():
         return f"this torch ({torch.__version__}) has no cuSPARSELt"

@@ -18,6 +18,8 @@ DEFAULT_BSR_BLOCK = (32, 32)
 BSR_BLOCK_SIDES = (16, 32, 64)  # Triton's tl.dot needs every side >= 16
 
 CUDA_FORMATS = ("2:4", "csr")  # formats with a csrc/ kernel
+# backends that run some formats only (the others run every format)
+BACKEND_FORMATS = {"cuda": CUDA_FORMATS, "cuda:sm90": ("2:4",), "cusparselt": ("2:4",)}
 MMA_SP_K_STEP = 16  # one mma.sp m16n8k16 step: the CUDA 2:4 kernel needs K % 16 == 0
 
 # cuSPARSELt (torch._cslt_*): fp16/bf16 weights with both sides multiples of 16, dense rows

@@ -14,9 +14,14 @@ from torch import nn
 
 from sparse_prune import backends
 from sparse_prune import formats as F
-from sparse_prune.constants import BACKENDS
 
 ACTIVATIONS = (None, "gelu")
+
+
+def _checked_activation(activation: str | None) -> str | None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
 
 
 class SparseLinear(nn.Module):
@@ -41,11 +46,7 @@ class SparseLinear(nn.Module):
     def __init__(self, fmt: F.WeightFormat, bias: torch.Tensor | None, backend: str = "auto",
                  activation: str | None = None):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        self.activation = activation
+        self.activation = _checked_activation(activation)
         self.format_name = F.format_name(fmt)
         self.out_features, self.in_features = fmt.shape
         self.requested_backend = backend
@@ -131,9 +132,7 @@ class SparseLinear(nn.Module):
 
     def set_activation(self, activation: str | None) -> None:
         """Apply ``activation`` (see the class docstring) from now on."""
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        self.activation = activation
+        self.activation = _checked_activation(activation)
         self.fused_activation = activation is not None and self._kernel_key in backends.FUSED_GELU
 
     def extra_repr(self) -> str:

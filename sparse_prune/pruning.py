@@ -274,17 +274,17 @@ def _pruned_units_local(us: _UnitSet, scores: torch.Tensor | None, gen: torch.Ge
 # Wanda calibration
 
 
-def _move(batch: Any, device: torch.device) -> Any:
+def move_batch(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
+        return {k: move_batch(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device) for v in batch)
+        return type(batch)(move_batch(v, device) for v in batch)
     return batch
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
+def call_model(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (list, tuple)):
@@ -321,7 +321,7 @@ def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterab
             # nn.MultiheadAttention reads out_proj.weight without calling out_proj, so its
             # input is recomputed from the attention module's own call.
             handles.append(owners[id(t.module)].register_forward_hook(
-                _mha_out_proj_hook(hook_for(t)), with_kwargs=True))
+                mha_out_proj_hook(hook_for(t)), with_kwargs=True))
         else:
             handles.append(t.module.register_forward_hook(hook_for(t)))
     was_training = model.training
@@ -330,7 +330,7 @@ def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterab
     try:
         model.eval()
         for batch in tqdm(calibration, desc="wanda calibration", disable=not progress, leave=False):
-            _call(model, _move(batch, device))
+            call_model(model, move_batch(batch, device))
             batches += 1
     finally:
         for h in handles:
@@ -348,7 +348,7 @@ def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterab
 # The entry point
 
 
-def _mha_out_proj_hook(inner: Callable) -> Callable:
+def mha_out_proj_hook(inner: Callable) -> Callable:
     """Forward hook for ``nn.MultiheadAttention`` passing the out_proj input to ``inner``."""
 
     def hook(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:

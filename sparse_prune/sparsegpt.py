@@ -276,7 +276,7 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
     Returns ``(masks, weights)``, both keyed by parameter name; weights have the parameter's
     dtype and device, zero where pruned. ``model`` is not modified (the work is on a copy).
     """
-    from sparse_prune.pruning import _call, _mha_out_proj_hook, _move
+    from sparse_prune.pruning import call_model, mha_out_proj_hook, move_batch
 
     if not targets:
         return {}, {}
@@ -293,7 +293,7 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
         if isinstance(opts.get("amount"), int) and opts["amount"] > numel:
             raise ValueError(f"amount={opts['amount']} is larger than the {numel} weights of {t.param}")
     device = targets[0].weight.device
-    batches = [_move(b, device) for b in calibration]
+    batches = [move_batch(b, device) for b in calibration]
     if not batches:
         raise ValueError("calibration is empty: give an iterable of model inputs (tensors, tuples or dicts)")
     work = copy.deepcopy(model).eval()
@@ -306,7 +306,7 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
         mod = mods[param]
         if id(mod) in owners:
             return owners[id(mod)].register_forward_hook(
-                _mha_out_proj_hook(lambda m, args, out: inner(m, args[0])), with_kwargs=True)
+                mha_out_proj_hook(lambda m, args, out: inner(m, args[0])), with_kwargs=True)
         return mod.register_forward_pre_hook(lambda m, args: inner(m, args[0]))
 
     # 1. Call order (and every layer reached at all). Layers called one after another on the
@@ -329,7 +329,7 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
     handles = [hook_on(t.param, record(t.param)) for t in targets]
     try:
         for b in batches:
-            _call(work, b)
+            call_model(work, b)
             if len(order) == len(targets):
                 break
     finally:
@@ -365,7 +365,7 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
         try:
             for batch in batches[:only]:
                 try:
-                    _call(work, batch)
+                    call_model(work, batch)
                 except _Stop:
                     pass
         finally:
@@ -410,7 +410,7 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
         b = block_of(stage[0])
         runs: list[Callable[[], Any]]
         if b is None:
-            runs = [lambda batch=batch: _call(work, batch) for batch in batches]
+            runs = [lambda batch=batch: call_model(work, batch) for batch in batches]
         else:
             runs = [lambda i=i, blk=blocks[b]: blk(*i.args, **i.kwargs) for i in inputs_of(b)]
         h = hook_on(stage[0], take)

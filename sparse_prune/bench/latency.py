@@ -44,7 +44,7 @@ from sparse_prune.agreement import (
 )
 from sparse_prune.backends import resolve_backend
 from sparse_prune.bench.train import logits_of
-from sparse_prune.constants import BACKENDS, CUDA_FORMATS, DEFAULT_BSR_BLOCK
+from sparse_prune.constants import BACKEND_FORMATS, BACKENDS, DEFAULT_BSR_BLOCK
 from sparse_prune.convert import CONVERT_FORMATS, convert
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import SparseLinear
@@ -211,8 +211,6 @@ def bad_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # "auto": per layer the fastest measured on the batch timed, dense included (L1 masks)
 BENCH_FORMATS = (*CONVERT_FORMATS, "auto")
-# backends that run some formats only
-ONLY_FORMATS = {"cuda": CUDA_FORMATS, "cuda:sm90": ("2:4",), "cusparselt": ("2:4",)}
 
 
 def points(formats: Sequence[str], backends: Sequence[str], sparsities: Sequence[float]) -> list[tuple]:
@@ -227,7 +225,7 @@ def points(formats: Sequence[str], backends: Sequence[str], sparsities: Sequence
         for backend in fixed.get(fmt, backends):
             if backend not in BACKENDS:
                 raise ValueError(f"backends: unknown {backend!r}; allowed: {', '.join(BACKENDS)}")
-            if fmt not in ONLY_FORMATS.get(backend, (fmt,)):
+            if fmt not in BACKEND_FORMATS.get(backend, (fmt,)):
                 continue  # e.g. cuSPARSELt has no CSR: not a point, not even a skipped one
             for s in ([0.5] if fmt == "2:4" else sparsities):
                 if not 0.0 <= s < 1.0:
