@@ -1,4 +1,10 @@
-"""Build script: compiles csrc/ into ``sparse_prune._C`` where a CUDA toolkit exists.
+"""Build script: compiles csrc/cpu/ into ``sparse_prune._C_cpu`` on every machine, and csrc/
+into ``sparse_prune._C`` where a CUDA toolkit exists.
+
+``sparse_prune._C_cpu`` (csrc/cpu/) holds the CPU kernels of the csr/bsr/2:4 linear ops. It
+needs only a C++ compiler and torch (CPU-only or CUDA builds alike). Its AVX2+FMA unit is
+compiled for those instructions alone (a ``#pragma GCC target`` in the file) and called only
+after a runtime CPU check; the portable unit covers every other CPU.
 
 The extension is built whenever the installed torch is a CUDA build and a CUDA toolkit is
 found, with or without a GPU on the machine (compiling needs nvcc, not a device).
@@ -108,21 +114,42 @@ def _sm90_extension(CUDAExtension):
     )
 
 
+def _cpu_extension():
+    """sparse_prune._C_cpu (csrc/cpu/), or None when torch is not importable at build time."""
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        _say("torch not importable at build time: skipping the CPU kernels (sparse_prune._C_cpu)")
+        return None
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    _say(f"building sparse_prune._C_cpu (CPU kernels, AVX2+FMA and portable): {', '.join(sources)}")
+    return CppExtension(
+        name="sparse_prune._C_cpu",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc" / "cpu")],
+        # -fno-tree-loop-distribute-patterns: gcc otherwise turns accumulator-zeroing loops into
+        # memset calls and spills the accumulators (seen in a prototype of these kernels).
+        extra_compile_args={"cxx": ["-O3", "-fno-tree-loop-distribute-patterns"]
+                            if sys.platform.startswith("linux") else ["-O3"]},
+        py_limited_api=False,
+    )
+
+
 def _cuda_extension():
-    """Return ([ext_modules], {cmdclass}) or ([], {}) with the reason printed."""
+    """Return [ext_modules] (possibly empty) with the reason printed for what is skipped."""
     flag = os.environ.get("SPARSE_PRUNE_CUDA", "").strip()
     if flag not in ("", "0", "1"):
         raise SystemExit(f"SPARSE_PRUNE_CUDA must be 0 or 1, got {flag!r}")
     if flag == "0":
         _say("SPARSE_PRUNE_CUDA=0: skipping the CUDA extension")
-        return [], {}
+        return []
     try:
         import torch
     except ImportError:
         if flag == "1":
             raise SystemExit("SPARSE_PRUNE_CUDA=1 but torch is not importable at build time") from None
         _say("torch not importable at build time: skipping the CUDA extension")
-        return [], {}
+        return []
     cuda_home = _find_cuda_home()
     reason = None
     if torch.version.cuda is None:
@@ -133,13 +160,13 @@ def _cuda_extension():
         if flag == "1":
             raise SystemExit(f"SPARSE_PRUNE_CUDA=1 but {reason}")
         _say(f"skipping the CUDA extension: {reason}")
-        return [], {}
+        return []
 
     # torch reads CUDA_HOME when its cpp_extension module is first imported; without it, it
     # guesses /usr/local and fails to link -lcudart (seen on the CI machine).
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDAExtension
 
     # csrc/*.c* only: csrc/sm90/ is the separate sm_90a extension below.
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c*"))
@@ -157,8 +184,18 @@ def _cuda_extension():
     sm90 = _sm90_extension(CUDAExtension)
     if sm90 is not None:
         exts.append(sm90)
-    return exts, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    return exts
 
 
-ext_modules, cmdclass = _cuda_extension()
+def _extensions():
+    """([ext_modules], {cmdclass}): the CPU kernels wherever torch imports, plus CUDA's."""
+    cpu = _cpu_extension()
+    if cpu is None:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return [cpu, *_cuda_extension()], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -91,7 +91,7 @@ int dtype_code(const at::Tensor& x) {
 
 // Y = X · Wᵀ (+ b) with W in 2:4 layout, on sparse tensor cores (sm_80+; fp16/bf16).
 at::Tensor semi24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias, bool gelu) {
   const char* op = "semi24_linear (CUDA, mma.sp)";
   TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D [N, K/2], got ", values.sizes());
   check_common(op, x, values, bias, values.size(0));
@@ -113,7 +113,8 @@ at::Tensor semi24_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   C10_CUDA_CHECK(semi24_gemm_launch(xc.data_ptr(), vc.data_ptr(), mc.data_ptr<int16_t>(),
                                     bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(), M, N, K,
                                     dtype_code(xc), c10::cuda::getCurrentCUDAStream()));
-  return y;
+  // gelu: no epilogue of its own yet; the exact GELU in place, on the same stream
+  return gelu ? at::gelu_(y) : y;
 }
 
 // Y = X · Wᵀ (+ b) with W in CSR (int32 crow, int32/int16 col), fp16/bf16/fp32.
@@ -121,7 +122,7 @@ at::Tensor semi24_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
 at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                            const at::Tensor& col, int64_t out_features,
                            const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& row_order) {
+                           const std::optional<at::Tensor>& row_order, bool gelu) {
   const char* op = "csr_linear (CUDA)";
   check_common(op, x, values, bias, out_features);
   const auto dt = x.scalar_type();
@@ -159,7 +160,8 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
                                  cc.data_ptr(), cc.scalar_type() == at::kShort,
                                  order.data_ptr<int32_t>(), bc.defined() ? bc.data_ptr() : nullptr,
                                  yt.data_ptr(), M, N, dtype_code(x), c10::cuda::getCurrentCUDAStream()));
-  return yt.t().contiguous();
+  at::Tensor y = yt.t().contiguous();
+  return gelu ? at::gelu_(y) : y;  // gelu: after the product (no fused epilogue here yet)
 }
 
 }  // namespace sparse_prune
@@ -168,7 +170,7 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
 // TORCH_LIBRARY_IMPL: a library built from older sources whose signatures no longer match the
 // schemas in ops.py then raises a Python RuntimeError instead of aborting the interpreter at
 // import (seen: a stale build aborted `import sparse_prune` in another checkout).
-#define SPARSE_PRUNE_ABI 2  // bump with every schema change in sparse_prune/ops.py
+#define SPARSE_PRUNE_ABI 3  // bump with every schema change in sparse_prune/ops.py
 
 namespace {
 

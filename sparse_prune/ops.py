@@ -4,7 +4,10 @@ One op per format (pytorch/extension-cpp's pattern): ``dense_linear``, ``csr_lin
 ``bsr_linear``, ``semi24_linear``, ``shrunk_linear`` compute ``Y [M, N] = X [M, K]·Wᵀ (+ bias)``
 with W held in that format, plus ``compress_2to4``/``decompress_2to4``.
 
-* **CPU**: the pure-PyTorch reference (:mod:`sparse_prune.kernels.reference`).
+* **CPU**: our C++ kernels (csrc/cpu/, ``sparse_prune._C_cpu``: AVX2+FMA where the CPU has
+  it, a portable path elsewhere) for ``csr_linear``, ``bsr_linear`` and ``semi24_linear``; the
+  pure-PyTorch reference (:mod:`sparse_prune.kernels.reference`) for the others, and for all
+  of them when that library is not loaded (:func:`cpu_extension_error` says why).
 * **CUDA**: our fastest kernel for the format — the csrc/ kernels (``TORCH_LIBRARY_IMPL(
   sparse_prune, CUDA)``: ``semi24_linear`` on sparse tensor cores, ``csr_linear``,
   ``compress_2to4``) when the compiled library is loaded, otherwise the Triton kernels
@@ -49,11 +52,13 @@ LINEAR_OPS = {
 _lib.define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 # row_order: the rows longest-first (formats.CSR.row_order), computed once by SparseLinear for
 # the GPU kernels' load balance; None lets a kernel compute it (the reference ignores it).
+# gelu: apply the exact (erf) GELU to the output, inside the kernel's epilogue where it has one
+# (the CPU kernels of csrc/cpu/), after the product otherwise.
 _lib.define("csr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-            "int out_features, Tensor? bias, Tensor? row_order=None) -> Tensor")
+            "int out_features, Tensor? bias, Tensor? row_order=None, bool gelu=False) -> Tensor")
 _lib.define("bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-            "int out_features, Tensor? bias) -> Tensor")
-_lib.define("semi24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor")
+            "int out_features, Tensor? bias, bool gelu=False) -> Tensor")
+_lib.define("semi24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias, bool gelu=False) -> Tensor")
 _lib.define("shrunk_linear(Tensor x, Tensor values, Tensor out_index, Tensor in_index, "
             "int out_features, Tensor? bias) -> Tensor")
 
@@ -66,8 +71,56 @@ def _reference_impl(name: str):
     return run
 
 
+# Ops whose CPU kernel is ours (csrc/cpu/, sparse_prune._C_cpu) when that library is loaded.
+CPU_KERNEL_OPS = ("csr_linear", "bsr_linear", "semi24_linear")
+
+_CPU_EXTENSION_ERROR: str | None = "not loaded yet"
+# The op-schema version csrc/cpu/cpu_ops.cpp must be built for (SPARSE_PRUNE_CPU_ABI there).
+CPU_EXTENSION_ABI = 1
+
+
+def _load_cpu_extension(module: str = "sparse_prune._C_cpu") -> None:
+    """Import the CPU kernels, check their schema version, let them register; record any
+    failure in :func:`cpu_extension_error` (never raised: the reference serves instead)."""
+    global _CPU_EXTENSION_ERROR
+    try:
+        lib = importlib.import_module(module)
+        built_for = lib.abi_version()
+        if built_for != CPU_EXTENSION_ABI:
+            raise ImportError(f"{module} was built for op schemas v{built_for}, this sparse_prune has "
+                              f"v{CPU_EXTENSION_ABI}: rebuild it (pip install --no-build-isolation -e .)")
+        lib.register_kernels()
+    except (ImportError, AttributeError, OSError) as exc:
+        _CPU_EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+    except RuntimeError as exc:
+        _CPU_EXTENSION_ERROR = f"{type(exc).__name__}: kernels not registered: {exc}"
+    else:
+        _CPU_EXTENSION_ERROR = None
+
+
+def has_cpu_extension() -> bool:
+    """True when our CPU kernels (``sparse_prune._C_cpu``) serve csr/bsr/2:4 on the CPU."""
+    return _CPU_EXTENSION_ERROR is None
+
+
+def cpu_extension_error() -> str | None:
+    """Why the CPU kernels are not loaded (``None`` when they are)."""
+    return _CPU_EXTENSION_ERROR
+
+
+def cpu_isa() -> str | None:
+    """What our CPU kernels run float32 on now: ``"avx2"`` (AVX2+FMA, checked at run time) or
+    ``"portable"`` (every other CPU, or ``SPARSE_PRUNE_CPU_ISA=portable``); None when the CPU
+    kernels are not loaded. float64 always runs the portable path."""
+    if not has_cpu_extension():
+        return None
+    return importlib.import_module("sparse_prune._C_cpu").isa()
+
+
+_load_cpu_extension()
 for _name in LINEAR_OPS.values():
-    _lib.impl(_name, _reference_impl(_name), "CPU")
+    if not (has_cpu_extension() and _name in CPU_KERNEL_OPS):
+        _lib.impl(_name, _reference_impl(_name), "CPU")
 _lib.impl("dense_linear", reference.dense_linear, "CUDA")  # F.linear: cuBLAS
 
 
@@ -102,11 +155,11 @@ def _decompress_2to4_fake(values: torch.Tensor, meta: torch.Tensor, cols: int):
 torch.library.register_fake("sparse_prune::dense_linear")(
     lambda x, weight, bias: linear_fake(x, weight.shape[0]))
 torch.library.register_fake("sparse_prune::csr_linear")(
-    lambda x, values, crow, col, out_features, bias, row_order=None: linear_fake(x, out_features))
+    lambda x, values, crow, col, out_features, bias, row_order=None, gelu=False: linear_fake(x, out_features))
 torch.library.register_fake("sparse_prune::bsr_linear")(
-    lambda x, values, crow, col, out_features, bias: linear_fake(x, out_features))
+    lambda x, values, crow, col, out_features, bias, gelu=False: linear_fake(x, out_features))
 torch.library.register_fake("sparse_prune::semi24_linear")(
-    lambda x, values, meta, bias: linear_fake(x, values.shape[0]))
+    lambda x, values, meta, bias, gelu=False: linear_fake(x, values.shape[0]))
 torch.library.register_fake("sparse_prune::shrunk_linear")(
     lambda x, values, out_index, in_index, out_features, bias: linear_fake(x, out_features))
 
@@ -164,7 +217,7 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor, cols: int) -> torc
 
 _EXTENSION_ERROR: str | None = "not loaded yet"
 # The op-schema version csrc/register_ops.cpp must be built for (SPARSE_PRUNE_ABI there).
-EXTENSION_ABI = 2
+EXTENSION_ABI = 3
 
 
 def _load_extension(module: str = "sparse_prune._C") -> None:

@@ -7,8 +7,6 @@ within dtype tolerance where they compute.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 # 2:4 layout, shared with csrc/compress_2to4.cu (see docs/semi_structured_layout.md):
@@ -98,59 +96,31 @@ def shrunk_to_dense(values: torch.Tensor, out_index: torch.Tensor, in_index: tor
 
 # ---------------------------------------------------------------------------------------
 # Y = X·Wᵀ (+ bias) with W in a format; X is [M, K]. The reference rebuilds W densely and
-# calls F.linear: it is the oracle. On the CPU, CSR/BSR take torch.sparse (MKL) instead where
-# that was measured faster than rebuild + dense GEMM (see _cpu_sparse_wins).
-
-
-def _cpu_sparse_wins(x: torch.Tensor, density: float) -> bool:
-    """Whether torch.sparse.mm(W, xᵀ) beats rebuilding W + F.linear for this input.
-
-    Thresholds from an interleaved sweep on this project's 2-core AVX-512 CPU (torch 2.14,
-    MKL 2024.2), fp32, (N, K) ∈ {(768, 768), (3072, 768), (768, 3072)}, ratio = rebuild ms /
-    sparse ms: M=8 wins 3.8-7.4x at any density ≤ 0.5; M=64 1.35-4.5x ≤ 0.5; M=197 and 394
-    1.2-2.0x at 0.1 but 0.76-1.18x at 0.2; M=1576 1.4-1.7x at 0.05 but 0.76-0.92x at 0.1.
-    MKL has no fp16/bf16 kernel, so those always rebuild.
-    """
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return False
-    m = x.shape[0]
-    limit = 0.5 if m <= 64 else 0.1 if m <= 512 else 0.05
-    return round(density, 3) <= limit  # "90% pruned" rounds to a hair above 0.1 on odd shapes
-
-
-def _sparse_mm(make, crow, col, values, shape, x, bias):
-    """``x · Wᵀ (+ bias)`` with ``W = make(crow, col, values, shape)`` a torch sparse CSR/BSR."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
-        weight = make(crow, col.to(crow.dtype), values, shape, check_invariants=False)
-        y = torch.sparse.mm(weight, x.t()).t().contiguous()
-    return y.add_(bias) if bias is not None else y
+# calls F.linear (then the exact GELU when asked): it is the oracle, and the CPU kernel of an op
+# only where sparse_prune._C_cpu has none or is not loaded.
 
 
 def dense_linear(x, weight, bias):
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def csr_linear(x, values, crow, col, out_features, bias, row_order=None):
+def _act(y: torch.Tensor, gelu: bool) -> torch.Tensor:
+    return torch.nn.functional.gelu(y) if gelu else y
+
+
+def csr_linear(x, values, crow, col, out_features, bias, row_order=None, gelu=False):
     # row_order (the op's GPU row schedule) does not change the result: ignored here
     k = x.shape[-1]
-    if _cpu_sparse_wins(x, values.numel() / max(1, out_features * k)):
-        return _sparse_mm(torch.sparse_csr_tensor, crow, col, values, (out_features, k), x, bias)
-    return dense_linear(x, csr_to_dense(values, crow, col, out_features, k), bias)
+    return _act(dense_linear(x, csr_to_dense(values, crow, col, out_features, k), bias), gelu)
 
 
-def bsr_linear(x, values, crow, col, out_features, bias):
+def bsr_linear(x, values, crow, col, out_features, bias, gelu=False):
     k = x.shape[-1]
-    bm, bk = values.shape[1:]
-    divisible = out_features % bm == 0 and k % bk == 0
-    if bm == bk and divisible and _cpu_sparse_wins(x, values.shape[0] * bm * bk / max(1, out_features * k)):
-        # torch's BSR needs the shape divisible by the block and MKL square blocks
-        return _sparse_mm(torch.sparse_bsr_tensor, crow, col, values, (out_features, k), x, bias)
-    return dense_linear(x, bsr_to_dense(values, crow, col, out_features, k), bias)
+    return _act(dense_linear(x, bsr_to_dense(values, crow, col, out_features, k), bias), gelu)
 
 
-def semi24_linear(x, values, meta, bias):
-    return dense_linear(x, decompress_2to4(values, meta, x.shape[-1]), bias)
+def semi24_linear(x, values, meta, bias, gelu=False):
+    return _act(dense_linear(x, decompress_2to4(values, meta, x.shape[-1]), bias), gelu)
 
 
 def shrunk_linear(x, values, out_index, in_index, out_features, bias):

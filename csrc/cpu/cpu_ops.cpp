@@ -1,0 +1,420 @@
+// sparse_prune._C_cpu: the CPU kernels of the public linear ops (schemas in sparse_prune/ops.py)
+//   csr_linear, bsr_linear, semi24_linear : Y [M, N] = X [M, K] · Wᵀ (+ bias) (GELU if gelu)
+// This unit owns everything torch: argument checks (ValueError/TypeError naming the argument),
+// dtypes (float32 natively; float64 on the portable path; float16/bfloat16 computed in float32),
+// threads (at::parallel_for, so torch.set_num_threads holds; rows split by nonzeros), and the
+// choice of ISA: AVX2+FMA where the CPU has it (runtime check), the portable path elsewhere or
+// when SPARSE_PRUNE_CPU_ISA=portable.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "spmm.h"
+
+namespace sparse_prune {
+namespace cpu {
+namespace {
+
+bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has && avx2_f32::compiled();
+#else
+  return false;
+#endif
+}
+
+// "avx2" or "portable": what float32 runs on now. SPARSE_PRUNE_CPU_ISA=portable forces the
+// portable path (tests run both); =avx2 on a CPU without it is an error, never a SIGILL.
+std::string float_isa() {
+  const char* env = std::getenv("SPARSE_PRUNE_CPU_ISA");
+  const std::string want = env ? env : "";
+  TORCH_CHECK_VALUE(want.empty() || want == "auto" || want == "avx2" || want == "portable",
+                    "SPARSE_PRUNE_CPU_ISA must be one of auto, avx2, portable; got '", want, "'");
+  if (want == "portable") return "portable";
+  if (want == "avx2") {
+    TORCH_CHECK_VALUE(cpu_has_avx2_fma(), "SPARSE_PRUNE_CPU_ISA=avx2 but this CPU (or build) has no AVX2+FMA");
+    return "avx2";
+  }
+  return cpu_has_avx2_fma() ? "avx2" : "portable";
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  if (!env || !*env) return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end && *end == '\0' && v > 0, name, " must be a positive integer, got '", env, "'");
+  return v;
+}
+
+// Token tiles: as few tiles as 48-token tiles need, then the narrowest multiple of 8 that
+// covers M (M = 197 -> 5 tiles of 40, not 4 of 48 + one of 8).
+Problem plan(int64_t M, int64_t N, int64_t K, int64_t block_cols) {
+  Problem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  const int64_t max_tile = std::min<int64_t>(kMaxTile, env_int("SPARSE_PRUNE_CPU_TILE", kMaxTile) / kLanes * kLanes);
+  TORCH_CHECK_VALUE(max_tile >= kLanes, "SPARSE_PRUNE_CPU_TILE must be at least ", kLanes);
+  const int64_t tiles = std::max<int64_t>(1, (M + max_tile - 1) / max_tile);
+  p.tile = ((M + tiles - 1) / tiles + kLanes - 1) / kLanes * kLanes;
+  p.tile = std::max<int64_t>(kLanes, p.tile);
+  p.ntiles = (M + p.tile - 1) / p.tile;
+  p.kp = (K + block_cols - 1) / block_cols * block_cols;
+  // K-block: ~24 KiB of panel (L1 is 32 KiB on the CPUs we target), a multiple of 16 columns.
+  const int64_t l1_cols = std::max<int64_t>(16, 24576 / (p.tile * 4) / 16 * 16);
+  int64_t kb = env_int("SPARSE_PRUNE_CPU_KBLOCK", l1_cols);
+  kb = std::max<int64_t>(16, kb / 16 * 16);
+  if (block_cols > 1) kb = std::max<int64_t>(block_cols, kb / block_cols * block_cols);
+  p.kblock = kb;
+  return p;
+}
+
+void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+                   ": x dtype must be float32, float64, float16 or bfloat16, got ", dt);
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor like x, got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+                   " must match x's ", x.scalar_type());
+}
+
+const at::Tensor* check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x,
+                             int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  check_same(op, "bias", *bias, x);
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [out_features = ", N,
+                    "], got ", bias->sizes());
+  return &*bias;
+}
+
+int index_bytes(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  switch (t.scalar_type()) {
+    case at::kShort: return 2;
+    case at::kInt: return 4;
+    case at::kLong: return 8;
+    default: TORCH_CHECK_TYPE(false, op, ": ", name, " dtype must be int16, int32 or int64, got ", t.scalar_type());
+  }
+  return 0;
+}
+
+// crow as contiguous int64, checked: [rows + 1], starts at 0, non-decreasing, ends at `stored`.
+at::Tensor checked_crow(const char* op, const at::Tensor& crow, int64_t rows, int64_t stored) {
+  index_bytes(op, "crow_indices", crow);
+  TORCH_CHECK_VALUE(crow.size(0) == rows + 1, op, ": crow_indices must have ", rows + 1, " entries, got ",
+                    crow.size(0));
+  at::Tensor c = crow.to(at::kLong).contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(p[0] == 0, op, ": crow_indices must start at 0, got ", p[0]);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK_VALUE(p[r + 1] >= p[r], op, ": crow_indices must be non-decreasing (entry ", r + 1, ")");
+  TORCH_CHECK_VALUE(p[rows] == stored, op, ": crow_indices ends at ", p[rows], " but ", stored,
+                    " entries are stored");
+  return c;
+}
+
+void check_status(const char* op, const std::vector<int>& status, const char* what) {
+  for (int s : status) {
+    TORCH_CHECK_VALUE(s != kColOutOfRange, op, ": col_indices hold a ", what, " outside [0, in range)");
+    TORCH_CHECK_VALUE(s != kColUnsorted, op, ": col_indices must be strictly increasing within each row");
+  }
+}
+
+// Split units [0, n) into `parts` contiguous ranges of about equal cost(u) = weight(u) + alpha,
+// with cum(u) = Σ_{v<u} weight(v) read from a crow-like prefix array.
+std::vector<int64_t> split(const int64_t* cum, int64_t n, int64_t alpha, int64_t parts) {
+  std::vector<int64_t> cut(parts + 1, n);
+  cut[0] = 0;
+  const double total = static_cast<double>(cum[n]) + static_cast<double>(alpha) * n;
+  for (int64_t i = 1; i < parts; ++i) {
+    const double target = total * i / parts;
+    int64_t lo = cut[i - 1], hi = n;
+    while (lo < hi) {  // first u with cost(u) >= target
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<double>(cum[mid]) + static_cast<double>(alpha) * mid < target) lo = mid + 1; else hi = mid;
+    }
+    cut[i] = lo;
+  }
+  return cut;
+}
+
+int64_t worker_count(double flops) {
+  // Below ~1 MFLOP a second thread costs more than it saves.
+  return flops < 1e6 ? 1 : std::max<int64_t>(1, at::get_num_threads());
+}
+
+struct Isa {
+  void (*pack)(const Problem&, const void*, void*, int64_t, int64_t);
+  int (*csr)(const Problem&, const CsrWeight&, const void*, int64_t, int64_t, void*, int64_t*);
+  int (*bsr)(const Problem&, const BsrWeight&, const void*, int64_t, int64_t, void*, int64_t*);
+  int (*semi)(const Problem&, const Semi24Weight&, const void*, int64_t, int64_t, void*);
+};
+
+template <typename T, void (*P)(const Problem&, const T*, T*, int64_t, int64_t),
+          int (*C)(const Problem&, const CsrWeight&, const T*, int64_t, int64_t, T*, int64_t*),
+          int (*B)(const Problem&, const BsrWeight&, const T*, int64_t, int64_t, T*, int64_t*),
+          int (*S)(const Problem&, const Semi24Weight&, const T*, int64_t, int64_t, T*)>
+Isa make_isa() {
+  return Isa{
+      [](const Problem& p, const void* x, void* xp, int64_t a, int64_t b) { P(p, static_cast<const T*>(x), static_cast<T*>(xp), a, b); },
+      [](const Problem& p, const CsrWeight& w, const void* xp, int64_t a, int64_t b, void* yt, int64_t* bd) {
+        return C(p, w, static_cast<const T*>(xp), a, b, static_cast<T*>(yt), bd); },
+      [](const Problem& p, const BsrWeight& w, const void* xp, int64_t a, int64_t b, void* yt, int64_t* bd) {
+        return B(p, w, static_cast<const T*>(xp), a, b, static_cast<T*>(yt), bd); },
+      [](const Problem& p, const Semi24Weight& w, const void* xp, int64_t a, int64_t b, void* yt) {
+        return S(p, w, static_cast<const T*>(xp), a, b, static_cast<T*>(yt)); },
+  };
+}
+
+Isa isa_for(at::ScalarType compute) {
+  if (compute == at::kDouble)
+    return make_isa<double, portable_f64::pack_x, portable_f64::csr_rows, portable_f64::bsr_rows, portable_f64::semi24_rows>();
+  if (float_isa() == "avx2")
+    return make_isa<float, avx2_f32::pack_x, avx2_f32::csr_rows, avx2_f32::bsr_rows, avx2_f32::semi24_rows>();
+  return make_isa<float, portable_f32::pack_x, portable_f32::csr_rows, portable_f32::bsr_rows, portable_f32::semi24_rows>();
+}
+
+// float16/bfloat16 are computed in float32 (no half FMA on these CPUs) and rounded once.
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+
+// Pack X into panels (parallel over tiles) and allocate Y; returns (panels, y).
+std::pair<at::Tensor, at::Tensor> prepare(const Isa& isa, Problem& p, const at::Tensor& xc, int64_t workers) {
+  at::Tensor xp = at::empty({p.ntiles * p.kp * p.tile}, xc.options());
+  at::Tensor y = at::empty({p.M, p.N}, xc.options());
+  p.y = y.data_ptr();
+  const Problem& cp = p;
+  const void* xd = xc.data_ptr();
+  void* xpd = xp.data_ptr();
+  if (workers > 1) {
+    at::parallel_for(0, p.ntiles, 1, [&](int64_t a, int64_t b) { isa.pack(cp, xd, xpd, a, b); });
+  } else {
+    isa.pack(cp, xd, xpd, 0, p.ntiles);
+  }
+  return {xp, y};
+}
+
+at::Tensor finish(at::Tensor y, const at::Tensor& x) {
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
+                          const at::Tensor& col, int64_t out_features, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& /*row_order: a GPU schedule*/, bool gelu) {
+  const char* op = "csr_linear (CPU)";
+  check_x(op, x);
+  check_same(op, "values", values, x);
+  TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D [nnz], got shape ", values.sizes());
+  const int ib = index_bytes(op, "col_indices", col);
+  TORCH_CHECK_VALUE(col.size(0) == values.size(0), op, ": values and col_indices must both hold nnz entries, got ",
+                    values.size(0), " and ", col.size(0));
+  const at::Tensor* b = check_bias(op, bias, x, out_features);
+  const int64_t M = x.size(0), K = x.size(1), N = out_features, nnz = values.size(0);
+  const at::Tensor crow64 = checked_crow(op, crow, N, nnz);
+  const at::ScalarType ct = compute_type(x);
+  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
+  const at::Tensor xc = as_compute(x, ct), vc = as_compute(values, ct), cc = col.contiguous();
+  const at::Tensor bc = b ? as_compute(*b, ct) : at::Tensor();
+  Problem p = plan(M, N, K, 1);
+  p.bias = bc.defined() ? bc.data_ptr() : nullptr;
+  p.gelu = gelu;
+  const Isa isa = isa_for(ct);
+  const int64_t workers = worker_count(2.0 * nnz * M);
+  auto [xp, y] = prepare(isa, p, xc, workers);
+  const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;
+  const std::vector<int64_t> cut = split(crow64.data_ptr<int64_t>(), N, 2 * nkb, workers);
+  at::Tensor yt = at::empty({scratch_floats(p, N)}, xc.options());
+  at::Tensor bounds = at::empty({scratch_bounds(p, N)}, crow64.options());
+  CsrWeight w{vc.data_ptr(), crow64.data_ptr<int64_t>(), cc.data_ptr(), ib};
+  std::vector<int> status(workers, kOk);
+  auto work = [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) {
+      const int64_t r0 = cut[i], r1 = cut[i + 1];
+      if (r1 <= r0) continue;
+      status[i] = isa.csr(p, w, xp.data_ptr(), r0, r1,
+                          static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size(),
+                          bounds.data_ptr<int64_t>() + scratch_bounds(p, r0));
+    }
+  };
+  if (workers > 1) at::parallel_for(0, workers, 1, work); else work(0, 1);
+  check_status(op, status, "column");
+  return finish(y, x);
+}
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
+                          const at::Tensor& col, int64_t out_features, const std::optional<at::Tensor>& bias,
+                          bool gelu) {
+  const char* op = "bsr_linear (CPU)";
+  check_x(op, x);
+  check_same(op, "values", values, x);
+  TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(1) > 0 && values.size(2) > 0, op,
+                    ": values must be 3-D [nblocks, bm, bk] with bm, bk >= 1, got shape ", values.sizes());
+  const int ib = index_bytes(op, "col_indices", col);
+  const int64_t bm = values.size(1), bk = values.size(2), nb = values.size(0);
+  TORCH_CHECK_VALUE(col.size(0) == nb, op, ": col_indices must hold one entry per block (", nb, "), got ", col.size(0));
+  const at::Tensor* b = check_bias(op, bias, x, out_features);
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  const int64_t nbr = (N + bm - 1) / bm;
+  const at::Tensor crow64 = checked_crow(op, crow, nbr, nb);
+  const at::ScalarType ct = compute_type(x);
+  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
+  const at::Tensor xc = as_compute(x, ct), vc = as_compute(values, ct), cc = col.contiguous();
+  const at::Tensor bc = b ? as_compute(*b, ct) : at::Tensor();
+  Problem p = plan(M, N, K, bk);
+  p.bias = bc.defined() ? bc.data_ptr() : nullptr;
+  p.gelu = gelu;
+  const Isa isa = isa_for(ct);
+  const int64_t workers = worker_count(2.0 * nb * bm * bk * M);
+  auto [xp, y] = prepare(isa, p, xc, workers);
+  // cost of a block row: its stored weights (crow counts blocks: scale by the block size)
+  std::vector<int64_t> cum(nbr + 1);
+  const int64_t* c64 = crow64.data_ptr<int64_t>();
+  for (int64_t i = 0; i <= nbr; ++i) cum[i] = c64[i] * bm * bk;
+  const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;
+  const std::vector<int64_t> cut = split(cum.data(), nbr, 2 * nkb * bm, workers);
+  at::Tensor yt = at::empty({scratch_floats(p, nbr * bm)}, xc.options());
+  at::Tensor bounds = at::empty({scratch_bounds(p, nbr)}, crow64.options());
+  BsrWeight w{vc.data_ptr(), c64, cc.data_ptr(), ib, bm, bk};
+  std::vector<int> status(workers, kOk);
+  auto work = [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) {
+      const int64_t b0 = cut[i], b1 = cut[i + 1];
+      if (b1 <= b0) continue;
+      status[i] = isa.bsr(p, w, xp.data_ptr(), b0, b1,
+                          static_cast<char*>(yt.data_ptr()) + scratch_floats(p, b0 * bm) * yt.element_size(),
+                          bounds.data_ptr<int64_t>() + scratch_bounds(p, b0));
+    }
+  };
+  if (workers > 1) at::parallel_for(0, workers, 1, work); else work(0, 1);
+  check_status(op, status, "block column");
+  return finish(y, x);
+}
+
+at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                             const std::optional<at::Tensor>& bias, bool gelu) {
+  const char* op = "semi24_linear (CPU)";
+  check_x(op, x);
+  check_same(op, "values", values, x);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(K % 4 == 0, op, ": K = ", K, " (x.shape[1]) must be a multiple of 4 for 2:4");
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(1) * 2 == K, op, ": values must be [N, K/2 = ", K / 2,
+                    "], got shape ", values.sizes());
+  const int64_t N = values.size(0);
+  TORCH_CHECK_VALUE(meta.device().is_cpu(), op, ": meta must be a CPU tensor, got ", meta.device());
+  TORCH_CHECK_TYPE(meta.scalar_type() == at::kShort, op, ": meta dtype must be int16, got ", meta.scalar_type());
+  TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == N && meta.size(1) == (K + 15) / 16, op,
+                    ": meta must be [N, ceil(K/16)] = [", N, ", ", (K + 15) / 16, "], got shape ", meta.sizes());
+  const at::Tensor* b = check_bias(op, bias, x, N);
+  const at::ScalarType ct = compute_type(x);
+  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
+  const at::Tensor xc = as_compute(x, ct), vc = as_compute(values, ct), mc = meta.contiguous();
+  const at::Tensor bc = b ? as_compute(*b, ct) : at::Tensor();
+  Problem p = plan(M, N, K, 1);
+  p.bias = bc.defined() ? bc.data_ptr() : nullptr;
+  p.gelu = gelu;
+  const Isa isa = isa_for(ct);
+  const int64_t workers = worker_count(1.0 * N * K * M);
+  auto [xp, y] = prepare(isa, p, xc, workers);
+  std::vector<int64_t> cum(N + 1);
+  for (int64_t i = 0; i <= N; ++i) cum[i] = i * (K / 2);
+  const std::vector<int64_t> cut = split(cum.data(), N, 0, workers);
+  at::Tensor yt = at::empty({scratch_floats(p, N)}, xc.options());
+  Semi24Weight w{vc.data_ptr(), mc.data_ptr<int16_t>(), mc.size(1)};
+  auto work = [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) {
+      const int64_t r0 = cut[i], r1 = cut[i + 1];
+      if (r1 <= r0) continue;
+      isa.semi(p, w, xp.data_ptr(), r0, r1,
+               static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size());
+    }
+  };
+  if (workers > 1) at::parallel_for(0, workers, 1, work); else work(0, 1);
+  return finish(y, x);
+}
+
+}  // namespace cpu
+}  // namespace sparse_prune
+
+// Registered from Python after the ABI check (like sparse_prune._C): a stale build raises a
+// Python error instead of aborting the interpreter on a schema mismatch.
+#define SPARSE_PRUNE_CPU_ABI 1  // bump with every change of these ops' schemas in ops.py
+
+namespace {
+
+std::unique_ptr<torch::Library>& cpu_library() {
+  static std::unique_ptr<torch::Library> library;
+  return library;
+}
+
+PyObject* register_kernels(PyObject*, PyObject*) {
+  try {
+    if (!cpu_library()) {
+      auto library = std::make_unique<torch::Library>(torch::Library::IMPL, "sparse_prune",
+                                                      c10::DispatchKey::CPU, __FILE__, __LINE__);
+      library->impl("csr_linear", &sparse_prune::cpu::csr_linear_cpu);
+      library->impl("bsr_linear", &sparse_prune::cpu::bsr_linear_cpu);
+      library->impl("semi24_linear", &sparse_prune::cpu::semi24_linear_cpu);
+      cpu_library() = std::move(library);
+    }
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(SPARSE_PRUNE_CPU_ABI); }
+
+PyObject* isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(sparse_prune::cpu::float_isa().c_str());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* has_avx2(PyObject*, PyObject*) {
+  return PyBool_FromLong(sparse_prune::cpu::cpu_has_avx2_fma() ? 1 : 0);
+}
+
+PyMethodDef methods[] = {
+    {"register_kernels", register_kernels, METH_NOARGS, "Register the CPU kernels of sparse_prune's ops (idempotent)."},
+    {"abi_version", abi_version, METH_NOARGS, "The op-schema version these kernels were built for."},
+    {"isa", isa, METH_NOARGS, "What float32 runs on now: 'avx2' or 'portable' (SPARSE_PRUNE_CPU_ISA)."},
+    {"has_avx2", has_avx2, METH_NOARGS, "Whether this CPU and build have the AVX2+FMA kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+extern "C" PyObject* PyInit__C_cpu(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cpu", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,89 @@
+// CPU sparse x dense products Y [M, N] = X [M, K] · Wᵀ (+ bias, exact GELU) for the csr, bsr
+// and 2:4 formats: the plain-pointer interface between the torch-facing unit (cpu_ops.cpp:
+// checks, threads, dtypes) and the ISA units (spmm_avx2.cpp, spmm_portable.cpp).
+//
+// Orientation (XNNPACK's f32-spmm): the kernels compute Yᵀ = W·Xᵀ, so each stored weight meets
+// a contiguous run of tokens. X is first packed into token tiles ("panels"): panel t holds
+// Xᵀ[k][j] = X[t·tile + j][k] for k < kp, j < tile (zeros past M and past K), so one K-block
+// of a panel stays in L1 while every row of W streams over it.
+//
+// No torch (or other C++ library) header may be included by an ISA unit: an inline function
+// compiled there with AVX2 could be picked by the linker for every caller (a SIGILL on a CPU
+// without AVX2). The ISA units only use intrinsics, plain loops and this header.
+#pragma once
+
+#include <cstdint>
+
+namespace sparse_prune {
+namespace cpu {
+
+constexpr int64_t kLanes = 8;      // tokens per vector (one ymm of float)
+constexpr int64_t kMaxTile = 48;   // tokens per tile: 6 ymm accumulators per row
+
+// The problem every kernel shares.
+struct Problem {
+  int64_t M = 0, N = 0, K = 0;
+  int64_t tile = 8;     // tokens per panel (a multiple of kLanes, <= kMaxTile)
+  int64_t ntiles = 0;   // ceil(M / tile)
+  int64_t kp = 0;       // rows of a panel: K rounded up to the bsr block width (K otherwise)
+  int64_t kblock = 0;   // K-block in columns (a multiple of 16; bsr: of the block width)
+  const void* bias = nullptr;  // [N] of the compute type, or null
+  bool gelu = false;           // exact (erf) GELU after the bias
+  void* y = nullptr;           // [M, N] row-major of the compute type
+};
+
+// index_bytes: 2, 4 or 8 (int16, int32, int64 column indices).
+struct CsrWeight {
+  const void* values = nullptr;     // [nnz]
+  const int64_t* crow = nullptr;    // [N + 1], validated by the caller
+  const void* col = nullptr;        // [nnz], checked by the kernels (range, sorted rows)
+  int index_bytes = 4;
+};
+
+struct BsrWeight {
+  const void* values = nullptr;     // [nblocks, bm, bk]
+  const int64_t* crow = nullptr;    // [ceil(N / bm) + 1], validated by the caller
+  const void* col = nullptr;        // [nblocks] block columns, checked by the kernels
+  int index_bytes = 4;
+  int64_t bm = 1, bk = 1;
+};
+
+struct Semi24Weight {
+  const void* values = nullptr;     // [N, K/2]
+  const int16_t* meta = nullptr;    // [N, ceil(K/16)] (docs/semi_structured_layout.md)
+  int64_t meta_cols = 0;
+};
+
+// Kernel status codes (0 = ok); the caller turns them into errors naming the argument.
+constexpr int kOk = 0;
+constexpr int kColOutOfRange = 1;
+constexpr int kColUnsorted = 2;
+
+// Floats of scratch one worker needs for rows [r0, r1) (bsr: block rows): the Yᵀ tile and the
+// K-block boundaries (int64, counted in 8-byte slots). Same for every ISA.
+int64_t scratch_floats(const Problem& p, int64_t rows);
+int64_t scratch_bounds(const Problem& p, int64_t rows);
+
+#define SPARSE_PRUNE_CPU_ISA_API(ns, T)                                                           \
+  namespace ns {                                                                                  \
+  /* Pack tiles [t0, t1) of x [M, K] into xp (ntiles x kp x tile). */                             \
+  void pack_x(const Problem& p, const T* x, T* xp, int64_t t0, int64_t t1);                       \
+  /* Rows [r0, r1) of Y over every tile. Returns a status code. */                                \
+  int csr_rows(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0, int64_t r1,         \
+               T* yt, int64_t* bounds);                                                           \
+  /* Block rows [b0, b1). */                                                                      \
+  int bsr_rows(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0, int64_t b1,         \
+               T* yt, int64_t* bounds);                                                           \
+  int semi24_rows(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1,   \
+                  T* yt);                                                                         \
+  }
+
+namespace avx2_f32 { bool compiled(); }
+SPARSE_PRUNE_CPU_ISA_API(avx2_f32, float)
+SPARSE_PRUNE_CPU_ISA_API(portable_f32, float)
+SPARSE_PRUNE_CPU_ISA_API(portable_f64, double)
+
+#undef SPARSE_PRUNE_CPU_ISA_API
+
+}  // namespace cpu
+}  // namespace sparse_prune

@@ -1,0 +1,131 @@
+// Portable micro-kernels: plain C++ loops over fixed-width token runs that the compiler
+// vectorizes for whatever the build targets (SSE2 on x86-64, NEON on arm64). Every CPU runs
+// them: float32 where AVX2+FMA is missing (or SPARSE_PRUNE_CPU_ISA=portable), and float64.
+#include <cmath>
+
+#include "spmm.h"
+
+namespace sparse_prune {
+namespace cpu {
+namespace {
+
+#include "spmm_driver.h"
+
+template <typename T>
+inline T gelu(T x) {
+  return x * (T(0.5) * std::erfc(-x * T(0.70710678118654752440)));
+}
+
+template <typename T>
+struct Portable {
+  static void zero(T* p, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) p[i] = T(0);
+  }
+
+  template <int V, typename I>
+  static void csr_seg(const T* panel, int64_t tile, const T* val, const I* col, int64_t p0, int64_t p1,
+                      T* yt, bool first) {
+    constexpr int W = V * kLanes;
+    T a[W];
+    for (int j = 0; j < W; ++j) a[j] = first ? T(0) : yt[j];
+    for (int64_t q = p0; q < p1; ++q) {
+      const T w = val[q];
+      const T* x = panel + static_cast<int64_t>(col[q]) * tile;
+      for (int j = 0; j < W; ++j) a[j] += w * x[j];
+    }
+    for (int j = 0; j < W; ++j) yt[j] = a[j];
+  }
+
+  template <int V, typename I>
+  static void bsr_seg(const T* panel, int64_t tile, const T* val, int64_t bm, int64_t bk, int64_t nrows,
+                      const I* col, int64_t p0, int64_t p1, T* yt, bool first) {
+    constexpr int W = V * kLanes;
+    for (int64_t i = 0; i < nrows; ++i) {
+      T a[W];
+      T* out = yt + i * tile;
+      for (int j = 0; j < W; ++j) a[j] = first ? T(0) : out[j];
+      for (int64_t q = p0; q < p1; ++q) {
+        const T* w = val + (q * bm + i) * bk;
+        const T* x = panel + static_cast<int64_t>(col[q]) * bk * tile;
+        for (int64_t c = 0; c < bk; ++c)
+          for (int j = 0; j < W; ++j) a[j] += w[c] * x[c * tile + j];
+      }
+      for (int j = 0; j < W; ++j) out[j] = a[j];
+    }
+  }
+
+  template <int V>
+  static void semi_seg(const T* panel, int64_t tile, const T* val, const int16_t* meta, int64_t g0,
+                       int64_t g1, T* yt, bool first) {
+    constexpr int W = V * kLanes;
+    T a[W];
+    for (int j = 0; j < W; ++j) a[j] = first ? T(0) : yt[j];
+    for (int64_t g = g0; g < g1; ++g) {
+      int64_t c0, c1;
+      semi24_columns(meta, g, c0, c1);
+      const T w0 = val[2 * g], w1 = val[2 * g + 1];
+      const T* x0 = panel + c0 * tile;
+      const T* x1 = panel + c1 * tile;
+      for (int j = 0; j < W; ++j) a[j] += w0 * x0[j] + w1 * x1[j];
+    }
+    for (int j = 0; j < W; ++j) yt[j] = a[j];
+  }
+
+  static void epilogue(const Problem& p, const T* yt, int64_t t, int64_t r0, int64_t r1) {
+    const int64_t tok0 = t * p.tile;
+    const int64_t valid = p.M - tok0 < p.tile ? p.M - tok0 : p.tile;
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y) + tok0 * p.N;
+    for (int64_t j = 0; j < valid; ++j) {
+      T* out = y + j * p.N;
+      for (int64_t r = r0; r < r1; ++r) {
+        T v = yt[(r - r0) * p.tile + j] + (bias ? bias[r] : T(0));
+        out[r] = p.gelu ? gelu(v) : v;
+      }
+    }
+  }
+
+  static void pack(const Problem& p, const T* x, T* xp, int64_t t) {
+    const int64_t tok0 = t * p.tile;
+    T* panel = xp + t * p.kp * p.tile;
+    for (int64_t k = 0; k < p.kp; ++k)
+      for (int64_t j = 0; j < p.tile; ++j)
+        panel[k * p.tile + j] = (k < p.K && tok0 + j < p.M) ? x[(tok0 + j) * p.K + k] : T(0);
+  }
+};
+
+}  // namespace
+
+#define SPARSE_PRUNE_PORTABLE_ENTRIES(ns, T)                                                          \
+  namespace ns {                                                                                      \
+  void pack_x(const Problem& p, const T* x, T* xp, int64_t t0, int64_t t1) {                          \
+    for (int64_t t = t0; t < t1; ++t) Portable<T>::pack(p, x, xp, t);                                 \
+  }                                                                                                   \
+  int csr_rows(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0, int64_t r1, T* yt,      \
+               int64_t* bounds) {                                                                     \
+    return csr_dispatch<Portable<T>, T>(p, w, xp, r0, r1, yt, bounds);                                \
+  }                                                                                                   \
+  int bsr_rows(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0, int64_t b1, T* yt,      \
+               int64_t* bounds) {                                                                     \
+    return bsr_dispatch<Portable<T>, T>(p, w, xp, b0, b1, yt, bounds);                                \
+  }                                                                                                   \
+  int semi24_rows(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1,       \
+                  T* yt) {                                                                            \
+    return semi24_rows_impl<Portable<T>, T>(p, w, xp, r0, r1, yt);                                    \
+  }                                                                                                   \
+  }
+
+SPARSE_PRUNE_PORTABLE_ENTRIES(portable_f32, float)
+SPARSE_PRUNE_PORTABLE_ENTRIES(portable_f64, double)
+
+#undef SPARSE_PRUNE_PORTABLE_ENTRIES
+
+int64_t scratch_floats(const Problem& p, int64_t rows) { return rows * p.tile; }
+
+int64_t scratch_bounds(const Problem& p, int64_t rows) {
+  const int64_t nkb = p.kblock > 0 ? (p.kp + p.kblock - 1) / p.kblock : 0;
+  return rows * (nkb + 2);
+}
+
+}  // namespace cpu
+}  // namespace sparse_prune
