@@ -19,7 +19,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 # carries them under cutlass_library/source; --no-deps because only the headers are used.
 CUTLASS_PIN ?= nvidia-cutlass==4.2.0.0
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) $(wildcard csrc/sm90/*)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) $(wildcard csrc/cpu/*) $(wildcard csrc/sm90/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet setuptools wheel ninja
 	$(BIN)/pip install --quiet "torch>=2.6"

@@ -129,8 +129,11 @@ def _cpu_extension():
         include_dirs=[str(ROOT / "csrc" / "cpu")],
         # -fno-tree-loop-distribute-patterns: gcc otherwise turns accumulator-zeroing loops into
         # memset calls and spills the accumulators (seen in a prototype of these kernels).
-        extra_compile_args={"cxx": ["-O3", "-fno-tree-loop-distribute-patterns"]
+        # -fopenmp: at::parallel_for is an inline template over `#pragma omp parallel`; without
+        # the flag it silently runs on one thread (torch's own build uses OpenMP the same way).
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-fno-tree-loop-distribute-patterns"]
                             if sys.platform.startswith("linux") else ["-O3"]},
+        extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
         py_limited_api=False,
     )
 

@@ -7,7 +7,9 @@ reference, at most 2× the same-dtype dense error), and timed against it on that
 (:mod:`sparse_prune.timing`, rotating interleaved rounds). Candidates are only kernels that do
 not rebuild the weight per call (:func:`sparse_prune.backends.candidates`): on a GPU the
 reference path is never timed, dense cuBLAS is the baseline to beat. A layer where no sparse
-candidate beats dense stays a masked ``nn.Linear``. Decisions are cached in an optional JSON
+candidate beats dense by :data:`SPARSE_MARGIN` — first in the rounds with every candidate, then
+again in fresh rounds of the winner against dense alone — stays a masked ``nn.Linear``, so
+noise on shared cores never buys a slower layer. Decisions are cached in an optional JSON
 file by (device name, torch/Triton/CUDA versions, dtype, rows, shape, density, fitting
 candidates), so a second conversion skips the timing — and another GPU or library re-measures.
 """
@@ -30,7 +32,14 @@ from sparse_prune.nn import SparseLinear
 from sparse_prune.timing import describe_device, time_interleaved
 
 SPARSE_FORMATS = ("2:4", "csr", "bsr", "shrink")
-BSR_BLOCKS = ((32, 32), (16, 16))
+# BSR blocks tried per device type: Triton's tl.dot needs sides >= 16 on a GPU; our CPU kernels
+# take any block, and 4x1/8x1 (one loaded Xᵀ row feeds 4-8 rows) are the ones that pay there.
+BSR_BLOCKS = {"cuda": ((32, 32), (16, 16)), "cpu": ((4, 1), (8, 1), (1, 4), (16, 16))}
+# A sparse layer is chosen only when dense's median time is at least this many times its own,
+# in both measurements (on 2 shared cores, run-to-run noise of a layer is ~3-8%).
+SPARSE_MARGIN = 1.1
+# A BSR candidate storing more than this fraction of the dense weight cannot win: not timed.
+BSR_MAX_STORED = 0.6
 
 
 def _record_inputs(model: nn.Module, masks: MaskSet, example_inputs: Any) -> dict[str, torch.Tensor]:
@@ -61,12 +70,15 @@ def _candidates(weight: torch.Tensor, mask: torch.Tensor, backends_: list[str] |
     limited the backends, those of them that can run it)."""
     out = []
     for fmt_name in SPARSE_FORMATS:
-        variants = [{"block": b} for b in BSR_BLOCKS] if fmt_name == "bsr" else [{}]
+        blocks = BSR_BLOCKS["cuda" if weight.device.type == "cuda" else "cpu"]
+        variants = [{"block": b} for b in blocks] if fmt_name == "bsr" else [{}]
         for kw in variants:
             try:
                 fmt = F.FORMATS[fmt_name].from_dense(weight, mask, **kw)
             except ValueError:
                 continue  # this mask does not fit the format
+            if fmt_name == "bsr" and fmt.values.numel() > BSR_MAX_STORED * weight.numel():
+                continue
             runnable = backends.candidates(fmt_name, fmt, weight.device)
             for backend in (runnable if backends_ is None else backends_):
                 if backends_ is not None and backends.reason(fmt_name, backend, fmt, weight.device) is not None:
@@ -84,7 +96,10 @@ def _versions(device: torch.device) -> str:
         import triton as _triton
 
         triton = _triton.__version__
-    return f"{describe_device(device)}|torch {torch.__version__}|triton {triton}|cuda {torch.version.cuda}"
+    from sparse_prune import ops
+
+    return (f"{describe_device(device)}|torch {torch.__version__}|triton {triton}|cuda {torch.version.cuda}"
+            f"|cpu kernels {ops.cpu_isa()}")
 
 
 def _load_cache(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -150,9 +165,17 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
             meta[label] = (fmt_name, backend, kw)
         ms = time_interleaved(fns, device, warmup=2, reps=reps)
         best = min(ms, key=ms.get)
+        if best != "dense" and ms["dense"] < SPARSE_MARGIN * ms[best]:
+            best = "dense"
+        if best != "dense":  # confirm in fresh rounds, the winner against dense alone
+            again = time_interleaved({"dense": fns["dense"], best: fns[best]}, device, warmup=1, reps=reps)
+            ms[f"{best} (confirm)"], ms["dense (confirm)"] = again[best], again["dense"]
+            if again["dense"] < SPARSE_MARGIN * again[best]:
+                best = "dense"
         fmt_name, backend, kw = meta[best]
         decisions[name] = {"format": fmt_name, "backend": backend, "kw": {k: list(v) for k, v in kw.items()},
-                           "ratio": ms["dense"] / ms[best], "ms": ms, "rejected": rejected}
+                           "ratio": ms["dense"] / ms[best], "ms": ms, "rejected": rejected,
+                           "margin": SPARSE_MARGIN}
         store[key] = decisions[name]
     if cache is not None:
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)

@@ -3,11 +3,12 @@ may time, and the one table ``(format, backend) -> kernel``.
 
 Backends a user asks for (:data:`~sparse_prune.constants.BACKENDS`):
 
-* ``"auto"`` — on the CPU, ``torch`` (the reference: MKL ``torch.sparse`` for very sparse
-  CSR/BSR, otherwise rebuild + ``F.linear``); on CUDA, our csrc/ kernel where it fits, else
+* ``"auto"`` — on the CPU, ``torch``: the op's CPU kernel, which is ours for csr/bsr/2:4
+  (csrc/cpu/: AVX2+FMA or portable, bias and GELU fused; :func:`sparse_prune.ops.cpu_isa`) and
+  the reference (rebuild + ``F.linear``) where that library is not loaded; on CUDA, our csrc/ kernel where it fits, else
   our Triton kernel where it fits, else ``dense``: the masked weight materialized once and run
   by cuBLAS. ``auto`` never rebuilds the weight per call on a GPU.
-* ``"torch"`` — the reference. On CUDA it rebuilds the dense weight on every call; that is
+* ``"torch"`` — the op's CPU kernel on the CPU (above); the reference elsewhere. On CUDA it rebuilds the dense weight on every call; that is
   only ever done when asked for, and warns once.
 * ``"triton"`` / ``"cuda"`` — our Triton / csrc/ kernel; ``ValueError`` naming the reason
   where it cannot run or cannot take the weight.
@@ -197,8 +198,9 @@ def resolve_backend(backend: str, format_name: str, fmt: Any = None,
 
 
 def _torch_path(op: str, x: torch.Tensor, *args):
-    """The op on the CPU (its CPU kernel is the reference, MKL sparse included); the reference
-    itself elsewhere (the explicit per-call rebuild of ``backend="torch"``)."""
+    """The op on the CPU (its CPU kernel: ours from csrc/cpu/ where loaded, else the
+    reference); the reference itself elsewhere (the explicit per-call rebuild of
+    ``backend="torch"``)."""
     if x.device.type == "cpu":
         return getattr(torch.ops.sparse_prune, op)(x, *args)
     return getattr(reference, op)(x, *args)
@@ -213,7 +215,8 @@ def _materialized(x, m):
 
 
 def _csr_torch(x, m):
-    return _torch_path("csr_linear", x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias)
+    return _torch_path("csr_linear", x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias,
+                       None, m.fused_activation)
 
 
 def _need_cuda(x: torch.Tensor, backend: str = "cuda") -> None:
@@ -234,7 +237,8 @@ def _csr_triton(x, m):
 
 
 def _bsr_torch(x, m):
-    return _torch_path("bsr_linear", x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias)
+    return _torch_path("bsr_linear", x, m.values, m.crow_indices, m.col_indices, m.out_features, m.bias,
+                       m.fused_activation)
 
 
 def _bsr_triton(x, m):
@@ -243,7 +247,7 @@ def _bsr_triton(x, m):
 
 
 def _semi24_torch(x, m):
-    return _torch_path("semi24_linear", x, m.values, m.meta, m.bias)
+    return _torch_path("semi24_linear", x, m.values, m.meta, m.bias, m.fused_activation)
 
 
 def _semi24_cuda(x, m):
@@ -319,10 +323,12 @@ KERNELS: dict[tuple[str, str], Callable[[torch.Tensor, Any], torch.Tensor]] = {
     ("shrink", "dense"): _materialized,
 }
 
-# Kernels whose epilogue applies the exact GELU themselves (SparseLinear(activation="gelu")
-# applies F.gelu after the others).
+# Kernels that apply the exact GELU themselves (SparseLinear(activation="gelu") applies F.gelu
+# after the others): in the epilogue for Triton, sm90 and our CPU kernels; the reference
+# (``torch`` off the CPU, or without sparse_prune._C_cpu) applies F.gelu to its own output.
 FUSED_GELU: frozenset[tuple[str, str]] = frozenset(
-    {("csr", "triton"), ("bsr", "triton"), ("2:4", "triton"), ("shrink", "triton"), ("2:4", "cuda:sm90")})
+    {("csr", "triton"), ("bsr", "triton"), ("2:4", "triton"), ("shrink", "triton"), ("2:4", "cuda:sm90"),
+     ("csr", "torch"), ("bsr", "torch"), ("2:4", "torch")})
 
 # What each kernel really executes, for report(): name, and whether it skips pruned work.
 _LABELS = {
@@ -340,29 +346,37 @@ def kernel_label(format_name: str, backend: str, device: torch.device | str) -> 
     if backend == "dense":
         return "dense:F.linear (materialized)"
     if backend == "torch" and format_name in ("csr", "bsr", "2:4"):
-        if torch.device(device).type == "cpu" and format_name != "2:4":
-            return "torch:mkl-sparse|rebuild"
+        if cpu_kernel_runs(format_name, device):
+            return f"cpu:{format_name}-{ops.cpu_isa()}"
         return "torch:rebuild+F.linear"
     return _LABELS[(format_name, backend)]
 
 
 def flops_per_row(format_name: str, backend: str, fmt: Any) -> int:
     """Multiply-adds ×2 per input row that the kernel actually performs: dense ``2·N·K`` for
-    every rebuild path (``torch`` CSR/BSR/2:4 — on the CPU, MKL's sparse product is used for
-    very sparse weights, so this is an upper bound there), for ``dense`` and for the Triton 2:4
-    kernel (it expands to a dense ``tl.dot``); the stored work for kernels that skip the rest."""
+    every rebuild path (``torch`` CSR/BSR/2:4 off the CPU or without our CPU kernels), for
+    ``dense`` and for the Triton 2:4 kernel (it expands to a dense ``tl.dot``); the stored work
+    for kernels that skip the rest (our CPU kernels included: BSR counts whole blocks)."""
     n, k = fmt.shape
     dense = 2 * n * k
     if backend == "dense" or format_name == "dense":
         return dense
     if format_name == "shrink":
         return 2 * fmt.values.numel()
-    if backend == "torch":
+    if backend == "torch" and not cpu_kernel_runs(format_name, fmt.device):
         return dense
     if format_name == "csr":
         return 2 * fmt.nnz
     if format_name == "bsr":
         return 2 * fmt.values.numel()
     if format_name == "2:4":
-        return n * k if backend in ("cuda", "cuda:sm90", "cusparselt") else dense
+        return n * k if backend in ("cuda", "cuda:sm90", "cusparselt", "torch") else dense
     return dense
+
+
+def cpu_kernel_runs(format_name: str, device: torch.device | str) -> bool:
+    """Whether ``backend="torch"`` runs our CPU kernel (csrc/cpu/) for ``format_name`` on
+    ``device``, rather than the reference's dense rebuild."""
+    return (torch.device(device).type == "cpu" and ops.has_cpu_extension()
+            and {"csr": "csr_linear", "bsr": "bsr_linear", "2:4": "semi24_linear"}.get(format_name)
+            in ops.CPU_KERNEL_OPS)

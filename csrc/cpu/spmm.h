@@ -3,9 +3,10 @@
 // checks, threads, dtypes) and the ISA units (spmm_avx2.cpp, spmm_portable.cpp).
 //
 // Orientation (XNNPACK's f32-spmm): the kernels compute Yᵀ = W·Xᵀ, so each stored weight meets
-// a contiguous run of tokens. X is first packed into token tiles ("panels"): panel t holds
-// Xᵀ[k][j] = X[t·tile + j][k] for k < kp, j < tile (zeros past M and past K), so one K-block
-// of a panel stays in L1 while every row of W streams over it.
+// a contiguous run of tokens. X is first packed into token tiles ("panels"): panel t starts at
+// t·kp·tile and holds Xᵀ[k][j] = X[t·tile + j][k] for k < kp, j < its width (rows `width`
+// floats apart; zeros past M and past K), so one K-block of a panel stays in L1 while every
+// row of W streams over it.
 //
 // No torch (or other C++ library) header may be included by an ISA unit: an inline function
 // compiled there with AVX2 could be picked by the linker for every caller (a SIGILL on a CPU
@@ -17,16 +18,17 @@
 namespace sparse_prune {
 namespace cpu {
 
-constexpr int64_t kLanes = 8;      // tokens per vector (one ymm of float)
-constexpr int64_t kMaxTile = 48;   // tokens per tile: 6 ymm accumulators per row
 
 // The problem every kernel shares.
 struct Problem {
   int64_t M = 0, N = 0, K = 0;
-  int64_t tile = 8;     // tokens per panel (a multiple of kLanes, <= kMaxTile)
-  int64_t ntiles = 0;   // ceil(M / tile)
+  int64_t tile = 8;       // tokens per panel (a multiple of the ISA's vector width)
+  int64_t last_tile = 8;  // tokens in the last panel (<= tile, same multiple): the others are `tile`
+  int64_t ntiles = 0;     // panels: ceil(M / tile)
   int64_t kp = 0;       // rows of a panel: K rounded up to the bsr block width (K otherwise)
   int64_t kblock = 0;   // K-block in columns (a multiple of 16; bsr: of the block width)
+  int64_t weight_budget = 0;  // bytes of stored weight per row block (kept in L2 across tiles)
+  int64_t panel_budget = 0;   // bytes of X panels per tile group (kept in L2 across row blocks)
   const void* bias = nullptr;  // [N] of the compute type, or null
   bool gelu = false;           // exact (erf) GELU after the bias
   void* y = nullptr;           // [M, N] row-major of the compute type
@@ -59,8 +61,8 @@ constexpr int kOk = 0;
 constexpr int kColOutOfRange = 1;
 constexpr int kColUnsorted = 2;
 
-// Floats of scratch one worker needs for rows [r0, r1) (bsr: block rows): the Yᵀ tile and the
-// K-block boundaries (int64, counted in 8-byte slots). Same for every ISA.
+// Scratch one worker needs for rows [r0, r1) (bsr: block rows): the Yᵀ tile of a row block (at
+// most all its rows; floats) and the K-block boundaries (int64). Same for every ISA.
 int64_t scratch_floats(const Problem& p, int64_t rows);
 int64_t scratch_bounds(const Problem& p, int64_t rows);
 
@@ -79,7 +81,9 @@ int64_t scratch_bounds(const Problem& p, int64_t rows);
   }
 
 namespace avx2_f32 { bool compiled(); }
+namespace avx512_f32 { bool compiled(); }
 SPARSE_PRUNE_CPU_ISA_API(avx2_f32, float)
+SPARSE_PRUNE_CPU_ISA_API(avx512_f32, float)
 SPARSE_PRUNE_CPU_ISA_API(portable_f32, float)
 SPARSE_PRUNE_CPU_ISA_API(portable_f64, double)
 

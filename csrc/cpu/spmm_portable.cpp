@@ -18,6 +18,9 @@ inline T gelu(T x) {
 
 template <typename T>
 struct Portable {
+  static constexpr int kLanes = 8;
+  static constexpr int kMaxV = 6;
+
   static void zero(T* p, int64_t n) {
     for (int64_t i = 0; i < n; ++i) p[i] = T(0);
   }
@@ -37,12 +40,12 @@ struct Portable {
   }
 
   template <int V, typename I>
-  static void bsr_seg(const T* panel, int64_t tile, const T* val, int64_t bm, int64_t bk, int64_t nrows,
-                      const I* col, int64_t p0, int64_t p1, T* yt, bool first) {
+  static void bsr_seg(const T* panel, int64_t tile, int64_t ys, const T* val, int64_t bm, int64_t bk,
+                      int64_t nrows, const I* col, int64_t p0, int64_t p1, T* yt, bool first) {
     constexpr int W = V * kLanes;
     for (int64_t i = 0; i < nrows; ++i) {
       T a[W];
-      T* out = yt + i * tile;
+      T* out = yt + i * ys;
       for (int j = 0; j < W; ++j) a[j] = first ? T(0) : out[j];
       for (int64_t q = p0; q < p1; ++q) {
         const T* w = val + (q * bm + i) * bk;
@@ -87,10 +90,11 @@ struct Portable {
 
   static void pack(const Problem& p, const T* x, T* xp, int64_t t) {
     const int64_t tok0 = t * p.tile;
+    const int64_t width = tile_width(p, t);
     T* panel = xp + t * p.kp * p.tile;
     for (int64_t k = 0; k < p.kp; ++k)
-      for (int64_t j = 0; j < p.tile; ++j)
-        panel[k * p.tile + j] = (k < p.K && tok0 + j < p.M) ? x[(tok0 + j) * p.K + k] : T(0);
+      for (int64_t j = 0; j < width; ++j)
+        panel[k * width + j] = (k < p.K && tok0 + j < p.M) ? x[(tok0 + j) * p.K + k] : T(0);
   }
 };
 

@@ -52,7 +52,7 @@ from sparse_prune.pruning import collect_targets, prune
 from sparse_prune.report import report
 from sparse_prune.timing import describe_device, git_commit, spread, time_samples
 
-ROW_KEYS = ("kind", "model", "device", "dtype", "batch", "format", "backend", "sparsity", "status", "reason",
+ROW_KEYS = ("kind", "model", "device", "dtype", "batch", "format", "block", "backend", "sparsity", "status", "reason",
             "dense_ms", "dense_q1", "dense_q3", "sparse_ms", "sparse_q1", "sparse_q3", "speedup", "reps",
             "error", "baseline_error", "allowed", "converted_layers", "dense_layers", "warning", "bytes",
             "dense_bytes", "torch", "triton", "commit")
@@ -82,15 +82,16 @@ def block_masks(model: nn.Module, sparsity: float, block: tuple[int, int] = BSR_
     return MaskSet(out, info={"method": "block_l1", "amount": sparsity, "block": list(block)})
 
 
-def natural_masks(model: nn.Module, fmt: str, sparsity: float, exclude: Sequence[str] = (CLASSIFIER,)) -> MaskSet:
+def natural_masks(model: nn.Module, fmt: str, sparsity: float, exclude: Sequence[str] = (CLASSIFIER,),
+                  block: tuple[int, int] = BSR_BLOCK) -> MaskSet:
     """The pruning a user would pair with ``fmt``: coupled structured for shrink, 2:4 for
-    ``2:4``, block magnitude for bsr, L1 unstructured for csr and dense."""
+    ``2:4``, ``block`` magnitude for bsr, L1 unstructured for csr and dense."""
     if fmt == "shrink":
         return prune(model, "ln_structured", amount=sparsity, coupled=True, exclude=tuple(exclude))
     if fmt == "2:4":
         return prune(model, "nm", pattern="2:4", exclude=tuple(exclude))
     if fmt == "bsr":
-        return block_masks(model, sparsity, BSR_BLOCK, exclude)
+        return block_masks(model, sparsity, block, exclude)
     return prune(model, "l1_unstructured", amount=sparsity, exclude=tuple(exclude))
 
 
@@ -114,10 +115,10 @@ def layer_counts(converted: nn.Module, masks: MaskSet) -> tuple[int, int]:
 
 
 def _convert(model: nn.Module, masks: MaskSet, fmt: str, backend: str,
-             example_inputs: Any = None) -> tuple[nn.Module, str | None]:
+             example_inputs: Any = None, block: tuple[int, int] = BSR_BLOCK) -> tuple[nn.Module, str | None]:
     """``convert`` with its warnings shown as usual and their text returned for the row;
     ``format="auto"`` measures its per-layer choice on ``example_inputs`` (the batch timed)."""
-    kw: dict[str, Any] = {"block": BSR_BLOCK} if fmt == "bsr" else {}
+    kw: dict[str, Any] = {"block": tuple(block)} if fmt == "bsr" else {}
     if fmt == "auto":
         kw["example_inputs"] = example_inputs
     with warnings.catch_warnings(record=True) as caught:
@@ -246,10 +247,11 @@ def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Se
               backends: Sequence[str], sparsities: Sequence[float], batches: Sequence[int],
               dtype: torch.dtype = torch.float32, device: str = "cpu", compile_: bool = False,
               cuda_graphs: bool = False, reps: int = 5, warmup: int = 2, progress: bool = True,
-              notes: list[str] | None = None) -> list[dict[str, Any]]:
+              notes: list[str] | None = None, bsr_block: tuple[int, int] = BSR_BLOCK) -> list[dict[str, Any]]:
     """End-to-end rows (``kind="e2e"``), one per batch × (format, backend, sparsity), in grid
-    order; see the module docstring for ``status``. A Ctrl-C (or ``timeout -s INT``) keeps the
-    rows so far and appends a line to ``notes``."""
+    order; see the module docstring for ``status``. ``bsr`` points keep whole ``bsr_block``
+    blocks (the row's ``block``). A Ctrl-C (or ``timeout -s INT``) keeps the rows so far and
+    appends a line to ``notes``."""
     dev = torch.device(device)
     model = copy.deepcopy(model).to(device=dev, dtype=dtype).eval()
     common = {"kind": "e2e", **_common(model_name, dev, dtype), "compile": compile_, "cuda_graphs": cuda_graphs}
@@ -267,7 +269,7 @@ def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Se
             x = x.to(device=dev, dtype=dtype)
             for key, pts in groups.items():
                 if key not in masks_cache:
-                    masks_cache[key] = natural_masks(model, pts[0][1][0], key[1])
+                    masks_cache[key] = natural_masks(model, pts[0][1][0], key[1], block=bsr_block)
                 masks = masks_cache[key]
                 ref_dtype = reference_dtype(dev)
                 ref_model = masks.apply(copy.deepcopy(model).to(ref_dtype))
@@ -283,14 +285,14 @@ def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Se
                 for i, (fmt, backend, s) in pts:
                     bar.update()
                     row = _blank(**common, batch=batch, format=fmt, backend=backend, sparsity=masks.sparsity(),
-                                 dense_bytes=dense_bytes)
+                                 dense_bytes=dense_bytes, block=list(bsr_block) if fmt == "bsr" else None)
                     done.append((bi, i, row))
                     what = f"{fmt}/{backend} sparsity {s} batch {batch}"
                     if (fmt, backend, s) in converted:
                         sparse, warning = converted[(fmt, backend, s)]
                     else:
                         try:
-                            sparse, warning = _convert(model, masks, fmt, backend, x)
+                            sparse, warning = _convert(model, masks, fmt, backend, x, bsr_block)
                         except ValueError as exc:  # refused up front, e.g. triton where it cannot run
                             row.update(status="skipped", reason=str(exc))
                             continue
@@ -403,6 +405,11 @@ def bench_layers(shapes: Sequence[tuple[int, int]], model_name: str, tokens: int
     return [row for row in rows if row["status"] is not None]
 
 
+def _format(r: dict[str, Any]) -> str:
+    block = r.get("block")
+    return f"{r['format']} {block[0]}x{block[1]}" if block else r["format"]
+
+
 def _ms(r: dict[str, Any], side: str, digits: int) -> str:
     if r.get(f"{side}_ms") is None:
         return "-"
@@ -442,7 +449,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
                 "| batch | format | backend | sparsity | status | layers | dense ms (q1-q3) | sparse ms (q1-q3) "
                 "| speedup | MB (sparse / dense) |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['batch']} | {r['format']} | {r['backend']} | {r['sparsity']:.2f} | {_status(r)} | {_layers(r)} | "
+        out += [f"| {r['batch']} | {_format(r)} | {r['backend']} | {r['sparsity']:.2f} | {_status(r)} | {_layers(r)} | "
                 f"{_ms(r, 'dense', 2)} | {_ms(r, 'sparse', 2)} | "
                 f"{'-' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} | "
                 f"{'-' if r['bytes'] is None else format(r['bytes'] / 1e6, '.1f')} / {r['dense_bytes'] / 1e6:.1f} |"
@@ -486,7 +493,7 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[tuple, list] = {}
     for r in e2e:
-        lines.setdefault((r["format"], r["backend"], r["batch"]), []).append((r["sparsity"], r["speedup"]))
+        lines.setdefault((_format(r), r["backend"], r["batch"]), []).append((r["sparsity"], r["speedup"]))
     for (fmt, backend, batch), pts in sorted(lines.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{fmt}/{backend} b{batch}")

@@ -1,0 +1,74 @@
+// AVX-512F micro-kernels (float32): the same loop nest and register tiling as the AVX2 unit,
+// with 16-float zmm vectors (up to 4 per accumulator set: 64-token tiles). Compiled for
+// avx512f,avx2,fma by the pragma below and only called after a runtime check (cpu_ops.cpp);
+// the panel packing and the epilogue are the AVX2 ones (spmm_x86_common.h). Like every ISA
+// unit, it includes no C++ library header and exports only its entry points.
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx512f,avx2,fma")
+#define SPARSE_PRUNE_HAVE_AVX512 1
+#include <immintrin.h>
+#endif
+
+#include "spmm.h"
+
+namespace sparse_prune {
+namespace cpu {
+namespace avx512_f32 {
+
+#if SPARSE_PRUNE_HAVE_AVX512
+
+bool compiled() { return true; }
+
+namespace {
+
+#include "spmm_driver.h"
+
+#include "spmm_x86_common.h"
+
+struct Zmm {
+  using R = __m512;
+  static constexpr int kLanes = 16;
+  static inline R zero() { return _mm512_setzero_ps(); }
+  static inline R load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static inline R bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static inline R fma(R w, R x, R a) { return _mm512_fmadd_ps(w, x, a); }
+  static inline R add(R a, R b) { return _mm512_add_ps(a, b); }
+};
+
+using Avx512 = SimdMicro<Zmm, 8>;  // up to 128 tokens: 8 zmm per accumulator set
+
+}  // namespace
+
+void pack_x(const Problem& p, const float* x, float* xp, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) Avx512::pack(p, x, xp, t);
+}
+
+int csr_rows(const Problem& p, const CsrWeight& w, const float* xp, int64_t r0, int64_t r1,
+             float* yt, int64_t* bounds) {
+  return csr_dispatch<Avx512, float>(p, w, xp, r0, r1, yt, bounds);
+}
+
+int bsr_rows(const Problem& p, const BsrWeight& w, const float* xp, int64_t b0, int64_t b1,
+             float* yt, int64_t* bounds) {
+  return bsr_dispatch<Avx512, float>(p, w, xp, b0, b1, yt, bounds);
+}
+
+int semi24_rows(const Problem& p, const Semi24Weight& w, const float* xp, int64_t r0, int64_t r1,
+                float* yt) {
+  return semi24_rows_impl<Avx512, float>(p, w, xp, r0, r1, yt);
+}
+
+#else  // not x86-64: the entry points exist but are never called (compiled() is false)
+
+bool compiled() { return false; }
+void pack_x(const Problem&, const float*, float*, int64_t, int64_t) {}
+int csr_rows(const Problem&, const CsrWeight&, const float*, int64_t, int64_t, float*, int64_t*) { return kOk; }
+int bsr_rows(const Problem&, const BsrWeight&, const float*, int64_t, int64_t, float*, int64_t*) { return kOk; }
+int semi24_rows(const Problem&, const Semi24Weight&, const float*, int64_t, int64_t, float*) { return kOk; }
+
+#endif
+
+}  // namespace avx512_f32
+}  // namespace cpu
+}  // namespace sparse_prune

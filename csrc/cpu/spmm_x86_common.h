@@ -1,0 +1,251 @@
+// AVX2 pieces shared by the x86 ISA units (spmm_avx2.cpp, spmm_avx512.cpp): the exact GELU,
+// the 8x8 transposes of the panel packing and of the epilogue. Included inside each unit's
+// anonymous namespace, after its `#pragma GCC target`, so each copy is compiled for that unit.
+
+// exp(a + b) for a + b <= 0, with a exact and |b| small (Cephes' expf: Cody-Waite reduction
+// by ln 2, degree-5 polynomial). Reducing a before adding b keeps the relative error ~1e-7
+// even when |a| is large (exp(-z²) in the GELU tails). Results below e^-87.3 flush to 0.
+inline __m256 exp_split(__m256 a, __m256 b) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 x = _mm256_max_ps(_mm256_add_ps(a, b), lo);
+  const __m256 fx = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), _mm256_max_ps(a, lo));
+  r = _mm256_add_ps(r, b);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// Exact GELU x·Φ(x) with Φ from erfc (Numerical Recipes' erfcc, fractional error < 1.2e-7),
+// so both tails keep their relative accuracy: z² = x²/2 is carried as an exact float plus its
+// FMA residual. NaN stays NaN, +inf stays +inf, -inf gives NaN (-inf·0), as F.gelu.
+inline __m256 gelu(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  // |x| capped at 20 (Φ is 1 or < 1e-88 beyond): keeps x² finite; NaN maps to 20 here, and
+  // x·Φ below is NaN again
+  const __m256 ax = _mm256_min_ps(_mm256_andnot_ps(sign, x), _mm256_set1_ps(20.0f));
+  const __m256 z = _mm256_mul_ps(ax, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f)));
+  __m256 q = _mm256_set1_ps(0.17087277f);
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-0.82215223f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(1.48851587f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-1.13520398f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(0.27886807f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-0.18628806f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(0.09678418f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(0.37409196f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(1.00002368f));
+  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-1.26551223f));
+  const __m256 x2 = _mm256_mul_ps(ax, ax);
+  const __m256 x2_err = _mm256_fmsub_ps(ax, ax, x2);  // x² = x2 + x2_err exactly
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 e = exp_split(_mm256_mul_ps(x2, _mm256_set1_ps(-0.5f)), _mm256_fnmadd_ps(x2_err, half, q));
+  // half_erfc = Φ(-|x|) = 0.5·erfc(|x|/√2)
+  const __m256 half_erfc = _mm256_mul_ps(_mm256_mul_ps(t, half), e);
+  const __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+  const __m256 phi = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), half_erfc), half_erfc, neg);
+  return _mm256_mul_ps(x, phi);
+}
+
+inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
+                       __m256& r6, __m256& r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r0 = _mm256_permute2f128_ps(s0, s4, 0x20); r1 = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r2 = _mm256_permute2f128_ps(s2, s6, 0x20); r3 = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r4 = _mm256_permute2f128_ps(s0, s4, 0x31); r5 = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r6 = _mm256_permute2f128_ps(s2, s6, 0x31); r7 = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+struct X86Common {
+  static void zero(float* p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) _mm256_store_ps(p + i, _mm256_setzero_ps());
+  }
+
+  // Y[t·tile + j][r] = act(yt[r - r0][j] + bias[r]) for the tile's valid tokens.
+  static void epilogue(const Problem& p, const float* yt, int64_t t, int64_t r0, int64_t r1) {
+    const int64_t tok0 = t * p.tile;
+    const int64_t valid = p.M - tok0 < p.tile ? p.M - tok0 : p.tile;
+    const float* bias = static_cast<const float*>(p.bias);
+    float* y = static_cast<float*>(p.y) + tok0 * p.N;
+    const int64_t rows = r1 - r0;
+    const int64_t r8 = rows / 8 * 8;
+    // Token blocks outer, rows inner: each group of 8 output rows (tokens) is written left to
+    // right in whole cache lines (rows inner wrote each line in two halves, far apart in time:
+    // measured 3x slower on M = 1576).
+    for (int64_t j = 0; j < valid; j += 8) {
+      const int64_t n = valid - j < 8 ? valid - j : 8;
+      for (int64_t r = 0; r < r8; r += 8) {
+        const __m256 bv = bias ? _mm256_loadu_ps(bias + r0 + r) : _mm256_setzero_ps();
+        const float* s = yt + r * p.tile + j;
+        __m256 v0 = _mm256_load_ps(s), v1 = _mm256_load_ps(s + p.tile), v2 = _mm256_load_ps(s + 2 * p.tile),
+               v3 = _mm256_load_ps(s + 3 * p.tile), v4 = _mm256_load_ps(s + 4 * p.tile),
+               v5 = _mm256_load_ps(s + 5 * p.tile), v6 = _mm256_load_ps(s + 6 * p.tile),
+               v7 = _mm256_load_ps(s + 7 * p.tile);
+        transpose8(v0, v1, v2, v3, v4, v5, v6, v7);
+        __m256 out[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
+        for (int64_t u = 0; u < n; ++u) {
+          __m256 o = _mm256_add_ps(out[u], bv);
+          if (p.gelu) o = gelu(o);
+          _mm256_storeu_ps(y + (j + u) * p.N + r0 + r, o);
+        }
+      }
+    }
+    int64_t r = r8;
+    if (r < rows) {  // the last < 8 rows: one token at a time through a lane buffer
+      const int64_t n = rows - r;
+      alignas(32) float lane[8];
+      for (int64_t j = 0; j < valid; ++j) {
+        for (int64_t u = 0; u < 8; ++u) lane[u] = u < n ? yt[(r + u) * p.tile + j] + (bias ? bias[r0 + r + u] : 0.0f) : 0.0f;
+        if (p.gelu) _mm256_store_ps(lane, gelu(_mm256_load_ps(lane)));
+        for (int64_t u = 0; u < n; ++u) y[j * p.N + r0 + r + u] = lane[u];
+      }
+    }
+  }
+
+  // Panel t: xp[k][j] = x[tok0 + j][k] (zero past M and past K), rows of the tile's width, in
+  // 8x8 transposes.
+  static void pack(const Problem& p, const float* x, float* xp, int64_t t) {
+    const int64_t tok0 = t * p.tile;
+    const int64_t width = tile_width(p, t);
+    float* panel = xp + t * p.kp * p.tile;
+    const int64_t k8 = p.K / 8 * 8;
+    for (int64_t j = 0; j < width; j += 8) {
+      const int64_t n = p.M - tok0 - j < 8 ? p.M - tok0 - j : 8;  // valid tokens (may be <= 0)
+      const float* src = x + (tok0 + j) * p.K;
+      for (int64_t k = 0; k < k8; k += 8) {
+        __m256 v[8];
+        for (int64_t u = 0; u < 8; ++u) v[u] = u < n ? _mm256_loadu_ps(src + u * p.K + k) : _mm256_setzero_ps();
+        transpose8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+        for (int64_t u = 0; u < 8; ++u) _mm256_storeu_ps(panel + (k + u) * width + j, v[u]);
+      }
+      for (int64_t k = k8; k < p.kp; ++k)
+        for (int64_t u = 0; u < 8; ++u)
+          panel[k * width + j + u] = (u < n && k < p.K) ? src[u * p.K + k] : 0.0f;
+    }
+  }
+};
+
+// The micro-kernels over one vector type Vt (Ymm here; Zmm in spmm_avx512.cpp): Vt::R is the
+// register, kLanes its floats. Two accumulator sets (stored weights alternate between them)
+// hide the 4-cycle FMA latency when V is small. Panel rows of a tile are `ps` floats apart
+// (the tile's width, a multiple of kLanes), Yᵀ rows `ys` apart.
+template <class Vt, int MaxV>
+struct SimdMicro : X86Common {
+  using R = typename Vt::R;
+  static constexpr int kLanes = Vt::kLanes;
+  static constexpr int kMaxV = MaxV;
+
+  template <int V>
+  static inline void start(R (&a)[V], R (&b)[V], const float* yt, bool first) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      a[v] = first ? Vt::zero() : Vt::load(yt + kLanes * v);
+      b[v] = Vt::zero();
+    }
+  }
+
+  template <int V>
+  static inline void finish(const R (&a)[V], const R (&b)[V], float* yt) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) Vt::store(yt + kLanes * v, Vt::add(a[v], b[v]));
+  }
+
+  template <int V>
+  static inline void fma_row(R (&a)[V], R w, const float* x) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) a[v] = Vt::fma(w, Vt::load(x + kLanes * v), a[v]);
+  }
+
+  // The panel stride is the tile's width, V·kLanes: a compile-time constant, so the address of
+  // a column is a shift/lea, not an imul, behind every index load.
+  template <int V, typename I>
+  static void csr_seg(const float* panel, int64_t /*width*/, const float* val, const I* col, int64_t p0,
+                      int64_t p1, float* yt, bool first) {
+    constexpr int64_t ps = V * kLanes;
+    R a[V], b[V];
+    start<V>(a, b, yt, first);
+    int64_t q = p0;
+    for (; q + 2 <= p1; q += 2) {
+      const float* x0 = panel + static_cast<int64_t>(col[q]) * ps;
+      const float* x1 = panel + static_cast<int64_t>(col[q + 1]) * ps;
+      fma_row<V>(a, Vt::bcast(val + q), x0);
+      fma_row<V>(b, Vt::bcast(val + q + 1), x1);
+    }
+    if (q < p1) fma_row<V>(a, Vt::bcast(val + q), panel + static_cast<int64_t>(col[q]) * ps);
+    finish<V>(a, b, yt);
+  }
+
+  // One block row: nrows (<= bm) rows, blocks [p0, p1); row i reads values[blk][i][0..bk).
+  template <int V, typename I>
+  static void bsr_seg(const float* panel, int64_t /*width*/, int64_t ys, const float* val, int64_t bm,
+                      int64_t bk, int64_t nrows, const I* col, int64_t p0, int64_t p1, float* yt, bool first) {
+    constexpr int64_t ps = V * kLanes;
+    for (int64_t i = 0; i < nrows; ++i) {
+      R a[V], b[V];
+      float* out = yt + i * ys;
+      start<V>(a, b, out, first);
+      if (bk == 1) {
+        int64_t q = p0;
+        for (; q + 2 <= p1; q += 2) {
+          fma_row<V>(a, Vt::bcast(val + q * bm + i), panel + static_cast<int64_t>(col[q]) * ps);
+          fma_row<V>(b, Vt::bcast(val + (q + 1) * bm + i), panel + static_cast<int64_t>(col[q + 1]) * ps);
+        }
+        if (q < p1) fma_row<V>(a, Vt::bcast(val + q * bm + i), panel + static_cast<int64_t>(col[q]) * ps);
+      } else {
+        for (int64_t q = p0; q < p1; ++q) {
+          const float* w = val + (q * bm + i) * bk;
+          const float* x = panel + static_cast<int64_t>(col[q]) * bk * ps;
+          int64_t j = 0;
+          for (; j + 2 <= bk; j += 2) {
+            fma_row<V>(a, Vt::bcast(w + j), x + j * ps);
+            fma_row<V>(b, Vt::bcast(w + j + 1), x + (j + 1) * ps);
+          }
+          if (j < bk) fma_row<V>(a, Vt::bcast(w + j), x + j * ps);
+        }
+      }
+      finish<V>(a, b, out);
+    }
+  }
+
+  // 2:4: groups [g0, g1) of one row; the two columns of a group come from its nibble.
+  template <int V>
+  static void semi_seg(const float* panel, int64_t /*width*/, const float* val, const int16_t* meta,
+                       int64_t g0, int64_t g1, float* yt, bool first) {
+    constexpr int64_t ps = V * kLanes;
+    R a[V], b[V];
+    start<V>(a, b, yt, first);
+    for (int64_t g = g0; g < g1; ++g) {
+      int64_t c0, c1;
+      semi24_columns(meta, g, c0, c1);
+      fma_row<V>(a, Vt::bcast(val + 2 * g), panel + c0 * ps);
+      fma_row<V>(b, Vt::bcast(val + 2 * g + 1), panel + c1 * ps);
+    }
+    finish<V>(a, b, yt);
+  }
+};
+
+struct Ymm {
+  using R = __m256;
+  static constexpr int kLanes = 8;
+  static inline R zero() { return _mm256_setzero_ps(); }
+  static inline R load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static inline R bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static inline R fma(R w, R x, R a) { return _mm256_fmadd_ps(w, x, a); }
+  static inline R add(R a, R b) { return _mm256_add_ps(a, b); }
+};

@@ -1,0 +1,295 @@
+"""Our CPU kernels (csrc/cpu/, sparse_prune._C_cpu) behind the public csr/bsr/2:4 ops.
+
+Against the fp64 masked-dense oracle (the agreement rule), on odd shapes, both ISAs (AVX2 and the
+portable path, forced with SPARSE_PRUNE_CPU_ISA), 1 and 2 threads (bitwise equal: rows never
+change their summation order with the split), every dtype, fused bias + GELU, non-finite
+inputs, malformed indices, opcheck, torch.compile and torch.export.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from sparse_prune import agreement, ops
+from sparse_prune import formats as F
+
+pytestmark = pytest.mark.skipif(not ops.has_cpu_extension(),
+                                reason=f"CPU kernels not built: {ops.cpu_extension_error()}")
+
+ISAS = ["avx2", "portable"]
+BLOCKS = [(1, 4), (4, 1), (8, 1), (1, 8), (16, 1), (4, 4), (16, 16), (32, 32), (3, 5)]
+SHAPES = [(0, 8, 16), (1, 1, 1), (5, 123, 20), (5, 7, 123), (197, 64, 48), (37, 200, 36), (9, 1, 64)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    if request.param == "avx2" and not importlib_cpu().has_avx2():
+        pytest.skip("this CPU has no AVX2+FMA")
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_ISA", request.param)
+    assert ops.cpu_isa() == request.param
+    return request.param
+
+
+def importlib_cpu():
+    import importlib
+
+    return importlib.import_module("sparse_prune._C_cpu")
+
+
+def _problem(m, n, k, density, dtype=torch.float32, seed=0, empty_rows=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    mask = torch.rand(n, k, generator=g) < density
+    if empty_rows and n > 2:
+        mask[1] = False          # an empty row
+        mask[:, k // 2] = False  # an all-zero column
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    return w, mask, x, b
+
+
+def _two_four(w, seed=0):
+    n, k = w.shape
+    score = torch.rand(n, k // 4, 4, generator=torch.Generator().manual_seed(seed))
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    keep.scatter_(-1, score.topk(2, dim=-1).indices, True)
+    return keep.reshape(n, k)
+
+
+def _run(fmt, x, b, gelu=False):
+    n = fmt.shape[0]
+    if isinstance(fmt, F.CSR):
+        return ops.torch.ops.sparse_prune.csr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, b,
+                                                     None, gelu)
+    if isinstance(fmt, F.BSR):
+        return torch.ops.sparse_prune.bsr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices, n, b, gelu)
+    return torch.ops.sparse_prune.semi24_linear(x, fmt.values, fmt.meta, b, gelu)
+
+
+def _check(fmt, x, b, gelu=False):
+    """The kernel's output against the fp64 masked dense model, allowance from the same-dtype one."""
+    got = _run(fmt, x, b, gelu)
+    dense = fmt.to_dense()
+    act = Fn.gelu if gelu else (lambda t: t)
+    ref = act(Fn.linear(x.double(), dense.double(), None if b is None else b.double()))
+    base = act(Fn.linear(x, dense, b))
+    assert got.shape == ref.shape and got.dtype == x.dtype
+    if got.numel():
+        agreement.check_matches(got, ref, base)
+    return got
+
+
+@pytest.mark.parametrize("m, n, k", SHAPES)
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_csr_matches_reference(isa, no_reference, m, n, k, density, gelu):
+    w, mask, x, b = _problem(m, n, k, density)
+    _check(F.CSR.from_dense(w, mask), x, b, gelu)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_csr_index_dtypes_and_no_bias(isa, no_reference, index_dtype):
+    w, mask, x, _ = _problem(41, 33, 77, 0.3)
+    fmt = F.CSR.from_dense(w, mask, index_dtype=index_dtype)
+    _check(fmt, x, None)
+    # int64 indices (e.g. a state dict written by other code) are read as they are
+    wide = F.CSR(fmt.values, fmt.crow_indices.long(), fmt.col_indices.long(), fmt.shape)
+    assert torch.equal(_run(wide, x, None), _run(fmt, x, None))
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("m, n, k", [(5, 123, 20), (197, 64, 48), (1, 37, 29), (40, 32, 64)])
+def test_bsr_matches_reference(isa, no_reference, block, m, n, k):
+    w, mask, x, b = _problem(m, n, k, 0.2)
+    _check(F.BSR.from_dense(w, mask, block=block), x, b, gelu=block == (4, 1))
+
+
+@pytest.mark.parametrize("m, n, k", [(0, 8, 16), (1, 1, 4), (5, 123, 20), (197, 64, 48), (37, 9, 132)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_semi24_matches_reference(isa, no_reference, m, n, k, gelu):
+    w, _, x, b = _problem(m, n, k, 1.0, empty_rows=False)
+    mask = _two_four(w)
+    mask[0, :4] = False  # a group that keeps nothing (padded with stored zeros)
+    _check(F.SemiStructured.from_dense(w, mask), x, b, gelu)
+
+
+def test_large_m_both_isas_agree(no_reference, monkeypatch):
+    """M = 1576 (ViT-B/16 batch 8): many 48-token tiles and a partial last one."""
+    w, mask, x, b = _problem(1576, 96, 200, 0.3)
+    fmt = F.CSR.from_dense(w, mask)
+    outs = {}
+    for isa in ISAS:
+        if isa == "avx2" and not importlib_cpu().has_avx2():
+            continue
+        monkeypatch.setenv("SPARSE_PRUNE_CPU_ISA", isa)
+        outs[isa] = _check(fmt, x, b)
+    if len(outs) == 2:
+        torch.testing.assert_close(outs["avx2"], outs["portable"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["csr", "bsr", "2:4"])
+def test_other_dtypes(no_reference, dtype, kind):
+    """float64 runs the portable path in float64; float16/bfloat16 compute in float32."""
+    w, mask, x, b = _problem(197, 48, 64, 0.4, dtype=dtype, empty_rows=False)
+    fmt = (F.CSR.from_dense(w, mask) if kind == "csr" else F.BSR.from_dense(w, mask, block=(4, 1))
+           if kind == "bsr" else F.SemiStructured.from_dense(w, _two_four(w)))
+    _check(fmt, x, b, gelu=True)
+
+
+@pytest.mark.parametrize("kind", ["csr", "bsr", "2:4"])
+def test_threads_split_rows_bitwise_equal(isa, kind):
+    w, mask, x, b = _problem(197, 300, 96, 0.3, empty_rows=False)
+    fmt = (F.CSR.from_dense(w, mask) if kind == "csr" else F.BSR.from_dense(w, mask, block=(8, 1))
+           if kind == "bsr" else F.SemiStructured.from_dense(w, _two_four(w)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(fmt, x, b, True)
+        torch.set_num_threads(2)
+        two = _run(fmt, x, b, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("kind", ["csr", "bsr", "2:4"])
+def test_non_finite_inputs(isa, kind):
+    """Lower bound: an output that a kept weight connects to a NaN/inf input is not finite.
+    Upper bound: an output with no stored weight on that input column stays finite (the kernels
+    skip what is not stored; masked dense would spread the NaN through 0·NaN)."""
+    w, mask, x, b = _problem(20, 64, 48, 0.3, empty_rows=False)
+    if kind == "2:4":
+        mask = _two_four(w)
+    fmt = (F.CSR.from_dense(w, mask) if kind == "csr" else F.BSR.from_dense(w, mask, block=(4, 1))
+           if kind == "bsr" else F.SemiStructured.from_dense(w, mask))
+    x[3, 7] = float("nan")
+    x[11, 30] = float("inf")
+    got = _run(fmt, x, b)
+    kept = fmt.to_dense() != 0
+    if kind == "csr":
+        stored = mask
+    elif kind == "bsr":
+        stored = mask.reshape(16, 4, 48).any(1, keepdim=True).expand(16, 4, 48).reshape(64, 48)
+    else:
+        from sparse_prune.kernels import reference
+
+        cols = reference.unpack_2to4_indices(fmt.meta, 48) + torch.arange(12).repeat_interleave(2) * 4
+        stored = torch.zeros(64, 48, dtype=torch.bool).scatter_(1, cols, True)
+    for token, column in ((3, 7), (11, 30)):
+        row = got[token]
+        assert not row[kept[:, column]].isfinite().any()
+        assert row[~stored[:, column]].isfinite().all()
+    others = [t for t in range(20) if t not in (3, 11)]
+    assert got[others].isfinite().all()
+
+
+def test_gelu_tails_and_specials(isa):
+    """The fused exact GELU keeps its relative accuracy in both tails; NaN and +inf pass."""
+    x = torch.linspace(-12, 12, 2401).reshape(-1, 1)
+    fmt = F.CSR.from_dense(torch.ones(1, 1))
+    got = _run(fmt, x, None, gelu=True)[:, 0]
+    ref = Fn.gelu(x[:, 0].double())
+    close = (got.double() - ref).abs() <= 1e-6 * ref.abs() + 1e-30
+    assert close.all(), x[:, 0][~close][:5]
+    special = _run(fmt, torch.tensor([[float("nan")], [float("inf")]]), None, gelu=True)[:, 0]
+    assert special[0].isnan() and special[1] == float("inf")
+
+
+# ---------------------------------------------------------------------------------------
+# Malformed arguments: ValueError/TypeError naming the argument, never garbage or a crash.
+
+
+def _csr(n=6, k=10):
+    w, mask, x, b = _problem(4, n, k, 0.5, empty_rows=False)
+    return F.CSR.from_dense(w, mask), x, b
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda c: c.col_indices.clone().fill_(10**6), "col_indices"),
+    (lambda c: c.col_indices.clone().fill_(-1), "col_indices"),
+    (lambda c: c.col_indices.flip(0).contiguous(), "col_indices"),
+])
+def test_csr_bad_columns_raise(isa, bad, message):
+    c, x, b = _csr()
+    with pytest.raises(ValueError, match=message):
+        torch.ops.sparse_prune.csr_linear(x, c.values, c.crow_indices, bad(c), c.shape[0], b)
+
+
+@pytest.mark.parametrize("crow, message", [
+    (lambda c: c.crow_indices.flip(0).contiguous(), "crow_indices"),
+    (lambda c: torch.cat([c.crow_indices[:-1], c.crow_indices[-1:] + 5]), "crow_indices"),
+    (lambda c: c.crow_indices[:-1].contiguous(), "crow_indices"),
+    (lambda c: c.crow_indices.float(), "crow_indices"),
+])
+def test_csr_bad_crow_raise(crow, message):
+    c, x, b = _csr()
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.sparse_prune.csr_linear(x, c.values, crow(c), c.col_indices, c.shape[0], b)
+
+
+def test_bad_dtypes_and_shapes_raise():
+    c, x, b = _csr()
+    with pytest.raises(TypeError, match="values dtype"):
+        torch.ops.sparse_prune.csr_linear(x, c.values.double(), c.crow_indices, c.col_indices, 6, b)
+    with pytest.raises(TypeError, match="x dtype"):
+        torch.ops.sparse_prune.csr_linear(x.int(), c.values, c.crow_indices, c.col_indices, 6, b)
+    with pytest.raises(ValueError, match="bias"):
+        torch.ops.sparse_prune.csr_linear(x, c.values, c.crow_indices, c.col_indices, 6, b[:3])
+    with pytest.raises(ValueError, match="2-D"):
+        torch.ops.sparse_prune.csr_linear(x[0], c.values, c.crow_indices, c.col_indices, 6, b)
+    w = torch.randn(4, 8)
+    s = F.SemiStructured.from_dense(w, _two_four(w))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        torch.ops.sparse_prune.semi24_linear(torch.randn(3, 6), s.values, s.meta, None)
+    with pytest.raises(TypeError, match="meta dtype"):
+        torch.ops.sparse_prune.semi24_linear(torch.randn(3, 8), s.values, s.meta.int(), None)
+    blk = F.BSR.from_dense(w, w != 0, block=(2, 4))
+    bad_col = blk.col_indices.clone().fill_(2)  # only block columns 0..1 exist for K = 8
+    with pytest.raises(ValueError, match="col_indices"):
+        torch.ops.sparse_prune.bsr_linear(torch.randn(3, 8), blk.values, blk.crow_indices, bad_col, 4, None)
+
+
+def test_isa_switch_refuses_unknown(monkeypatch):
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="SPARSE_PRUNE_CPU_ISA"):
+        ops.cpu_isa()
+
+
+# ---------------------------------------------------------------------------------------
+# The ops as torch sees them: opcheck, torch.compile, torch.export.
+
+
+@pytest.mark.parametrize("kind", ["csr", "bsr", "2:4"])
+def test_opcheck(kind):
+    w, mask, x, b = _problem(9, 16, 32, 0.4, empty_rows=False)
+    if kind == "csr":
+        c = F.CSR.from_dense(w, mask)
+        torch.library.opcheck(torch.ops.sparse_prune.csr_linear.default,
+                              (x, c.values, c.crow_indices, c.col_indices, 16, b, None, True))
+    elif kind == "bsr":
+        c = F.BSR.from_dense(w, mask, block=(4, 1))
+        torch.library.opcheck(torch.ops.sparse_prune.bsr_linear.default,
+                              (x, c.values, c.crow_indices, c.col_indices, 16, b, True))
+    else:
+        c = F.SemiStructured.from_dense(w, _two_four(w))
+        torch.library.opcheck(torch.ops.sparse_prune.semi24_linear.default, (x, c.values, c.meta, b, True))
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, fmt, bias):
+        super().__init__()
+        self.fmt, self.bias = fmt, bias
+
+    def forward(self, x):
+        return _run(self.fmt, x, self.bias, gelu=True)
+
+
+def test_compile_and_export():
+    w, mask, x, b = _problem(13, 24, 40, 0.3, empty_rows=False)
+    layer = _Layer(F.CSR.from_dense(w, mask), b)
+    eager = layer(x)
+    compiled = torch.compile(layer, backend="inductor", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    exported = torch.export.export(layer, (x,))
+    torch.testing.assert_close(exported.module()(x), eager)
