@@ -24,7 +24,9 @@ namespace {
 
 #include "spmm_x86_common.h"
 
-using Avx2 = SimdMicro<Ymm, 6>;  // up to 48 tokens: 6 ymm per accumulator set
+// up to 48 tokens: 6 ymm per accumulator set; 4-row blocks 2 ymm at a time (8 accumulators +
+// 4 broadcasts + 1 load of 16 registers)
+using Avx2 = SimdMicro<Ymm, 6, 2>;
 
 }  // namespace
 

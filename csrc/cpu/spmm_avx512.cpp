@@ -36,7 +36,9 @@ struct Zmm {
   static inline R add(R a, R b) { return _mm512_add_ps(a, b); }
 };
 
-using Avx512 = SimdMicro<Zmm, 8>;  // up to 128 tokens: 8 zmm per accumulator set
+// up to 128 tokens: 8 zmm per accumulator set; 4-row blocks 4 zmm at a time (16 accumulators
+// + 4 broadcasts + 1 load of 32 registers)
+using Avx512 = SimdMicro<Zmm, 8, 4>;
 
 }  // namespace
 

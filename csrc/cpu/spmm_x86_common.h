@@ -144,7 +144,7 @@ struct X86Common {
 // register, kLanes its floats. Two accumulator sets (stored weights alternate between them)
 // hide the 4-cycle FMA latency when V is small. Panel rows of a tile are `ps` floats apart
 // (the tile's width, a multiple of kLanes), Yᵀ rows `ys` apart.
-template <class Vt, int MaxV>
+template <class Vt, int MaxV, int RowChunk>
 struct SimdMicro : X86Common {
   using R = typename Vt::R;
   static constexpr int kLanes = Vt::kLanes;
@@ -190,12 +190,56 @@ struct SimdMicro : X86Common {
     finish<V>(a, b, yt);
   }
 
+  // Four rows of a block row at once, over C vectors of the tile starting at vector v0: every
+  // loaded Xᵀ vector feeds four FMAs (one per row), so blocks with bm >= 4 (4x1, 8x1, 16x1,
+  // 4x4, ...) are FMA-bound rather than load-bound like one row at a time.
+  template <int C, int64_t ps, typename I>
+  static inline void bsr_rows4(const float* panel, int64_t v0, int64_t ys, const float* val, int64_t bm,
+                               int64_t bk, int64_t i0, const I* col, int64_t p0, int64_t p1, float* yt,
+                               bool first) {
+    R acc[4][C];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i)
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c)
+        acc[i][c] = first ? Vt::zero() : Vt::load(yt + (i0 + i) * ys + (v0 + c) * kLanes);
+    for (int64_t q = p0; q < p1; ++q) {
+      const float* x = panel + static_cast<int64_t>(col[q]) * bk * ps + v0 * kLanes;
+      const float* w = val + (q * bm + i0) * bk;
+      for (int64_t j = 0; j < bk; ++j) {
+        const R w0 = Vt::bcast(w + j), w1 = Vt::bcast(w + bk + j), w2 = Vt::bcast(w + 2 * bk + j),
+                w3 = Vt::bcast(w + 3 * bk + j);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+          const R xv = Vt::load(x + j * ps + c * kLanes);
+          acc[0][c] = Vt::fma(w0, xv, acc[0][c]);
+          acc[1][c] = Vt::fma(w1, xv, acc[1][c]);
+          acc[2][c] = Vt::fma(w2, xv, acc[2][c]);
+          acc[3][c] = Vt::fma(w3, xv, acc[3][c]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i)
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) Vt::store(yt + (i0 + i) * ys + (v0 + c) * kLanes, acc[i][c]);
+  }
+
   // One block row: nrows (<= bm) rows, blocks [p0, p1); row i reads values[blk][i][0..bk).
+  // Rows go four at a time (bsr_rows4, RowChunk vectors per pass), the rest one at a time.
   template <int V, typename I>
   static void bsr_seg(const float* panel, int64_t /*width*/, int64_t ys, const float* val, int64_t bm,
                       int64_t bk, int64_t nrows, const I* col, int64_t p0, int64_t p1, float* yt, bool first) {
     constexpr int64_t ps = V * kLanes;
-    for (int64_t i = 0; i < nrows; ++i) {
+    int64_t i4 = 0;
+    for (; i4 + 4 <= nrows; i4 += 4) {
+      for (int64_t v0 = 0; v0 < V; v0 += RowChunk) {
+        with_vectors<RowChunk>(V - v0 < RowChunk ? V - v0 : RowChunk, [&](auto cc) {
+          bsr_rows4<decltype(cc)::value, ps, I>(panel, v0, ys, val, bm, bk, i4, col, p0, p1, yt, first);
+        });
+      }
+    }
+    for (int64_t i = i4; i < nrows; ++i) {
       R a[V], b[V];
       float* out = yt + i * ys;
       start<V>(a, b, out, first);
