@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 import sparse_prune as sp
 from sparse_prune.constants import BACKENDS
 from sparse_prune.convert import CONVERT_FORMATS
-from sparse_prune.pruning import CALIBRATED
+from sparse_prune.pruning import BLOCK_SCORES, CALIBRATED
 
 # (label, method, keyword arguments) — the seed's four methods, then what we add.
 DEMO_RECIPES: list[tuple[str, str, dict[str, Any]]] = [
@@ -154,7 +154,7 @@ def _demo_latency(model: nn.Module, args: argparse.Namespace, out: Path) -> str:
     if bad:  # as loud as `sparse-prune bench`: the demo fails (the files above keep the rows)
         raise RuntimeError(f"{len(bad)} converted model(s) WRONG or FAILED: " + "; ".join(r["reason"] for r in bad))
     return ("\n## Latency against the dense model\n\nEach format converted from the pruning natural to it "
-            "(coupled L2 structured for shrink, 2:4 magnitude, 32x32-block L1 for bsr, L1 unstructured for "
+            "(coupled L2 structured for shrink, 2:4 magnitude, 32x32 blocks by L2 norm (method block) for bsr, L1 unstructured for "
             "csr and the masked dense baseline); every converted model checked against its masked dense "
             "model before timing; dense and sparse timed interleaved (median).\n\n" + table +
             "\n![speedup](latency/speedup.png) ![memory](latency/memory.png)\n")
@@ -190,9 +190,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         kw["blocksize"], kw["percdamp"] = args.blocksize, args.percdamp
     if args.method in ("ln_structured", "random_structured"):
         kw["dim"] = args.dim
-    if args.method == "ln_structured":
+    if args.method in ("ln_structured", "block"):
         kw["n"] = args.n
-    if args.method in CALIBRATED:
+    if args.block is not None:  # prune() refuses them for methods other than block
+        kw["block"] = tuple(args.block)
+    if args.score is not None:
+        kw["score"] = args.score
+    if args.method in CALIBRATED or (args.method == "block" and args.score == "wanda"):
         size = _image_size(model)
         gen = torch.Generator().manual_seed(args.seed)
         kw["calibration"] = [torch.randn(2, 3, size, size, generator=gen) for _ in range(args.calibration_batches)]
@@ -265,7 +269,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     rows = study.run_study(model, train_data, test_data, model_name=args.model, data_name=args.data,
                            methods=args.methods, amounts=amounts, scope=args.scope, finetune_epochs=epochs,
                            finetune_amounts=args.finetune_amounts, iterative=args.iterative,
-                           keep_classifier=args.keep_classifier, seed=args.seed)
+                           keep_classifier=args.keep_classifier, seed=args.seed, blocks=args.blocks)
     paths = study.write_study(rows, out)
     print(study.markdown(rows))
     print(f"study took {time.perf_counter() - t0:.0f} s; wrote {', '.join(str(p) for p in paths)}")
@@ -314,6 +318,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 130 if notes else 0
 
 
+def _block_shape(value: str) -> tuple[int, int]:
+    """``"4x1"`` -> ``(4, 1)`` (``--blocks`` of the accuracy study)."""
+    try:
+        bm, bk = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a block is BMxBK with two positive ints, e.g. 4x1; got {value!r}") from None
+    if bm < 1 or bk < 1:
+        raise argparse.ArgumentTypeError(f"a block is BMxBK with two positive ints, e.g. 4x1; got {value!r}")
+    return bm, bk
+
+
 def _norm(value: str) -> float | str:
     return value if value == "fro" else float(value)
 
@@ -335,14 +350,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--method", required=True, choices=sp.METHODS)
     pr.add_argument("--amount", type=float, default=0.5)
     pr.add_argument("--scope", default="local", choices=("local", "global"))
-    pr.add_argument("--n", type=_norm, default=2.0, help='norm for ln_structured: number, inf, -inf or "fro"')
+    pr.add_argument("--n", type=_norm, default=2.0,
+                    help='norm for ln_structured (number, inf, -inf or "fro") and block (> 0, inf or "fro")')
     pr.add_argument("--dim", type=int, default=0)
     pr.add_argument("--pattern", default=None, help='"N:M" for nm / wanda / sparsegpt')
+    pr.add_argument("--block", type=int, nargs=2, default=None, metavar=("BM", "BK"),
+                    help="block method: rows x columns of the blocks kept or pruned whole (default 32 32; "
+                         "e.g. 4 1 or 16 16); --amount is the fraction of blocks pruned")
+    pr.add_argument("--score", default=None, choices=BLOCK_SCORES,
+                    help="block method: rank blocks by |W| (magnitude, default) or |W|·‖X‖ (wanda; "
+                         "calibrated on --calibration-batches random images)")
     pr.add_argument("--coupled", action="store_true")
     pr.add_argument("--exclude", nargs="*", default=[], help="module name regexes to keep dense")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--calibration-batches", type=int, default=2,
-                    help="wanda/sparsegpt: batches of 2 random images (no data set is downloaded)")
+                    help="wanda/sparsegpt/block --score wanda: batches of 2 random images (no data set is downloaded)")
     pr.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per lazy-update block")
     pr.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: Hessian dampening (of its mean diagonal)")
     pr.add_argument("--out", default=None, help="masks file (.safetensors)")
@@ -367,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rp.add_argument("--json", action="store_true", help="print the rows as JSON")
     rp.set_defaults(func=cmd_report)
 
-    from sparse_prune.bench.accuracy import DEFAULT_METHODS
+    from sparse_prune.bench.accuracy import DEFAULT_BLOCKS, DEFAULT_METHODS
     from sparse_prune.bench.latency import DTYPES
 
     be = sub.add_parser("bench", help="latency of converted ViTs vs the dense model (JSON, Markdown, PNG)")
@@ -397,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ac.add_argument("--data", default="digits", help="digits | imagefolder:PATH (PATH/train + PATH/val, or one folder)")
     ac.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sp.METHODS)
     ac.add_argument("--amounts", type=float, nargs="+", default=None, help="default 0.1 .. 0.9")
+    ac.add_argument("--blocks", type=_block_shape, nargs="+", default=list(DEFAULT_BLOCKS), metavar="BMxBK",
+                    help="block shapes of method block, each swept over the amounts (default 4x1 16x16)")
     ac.add_argument("--scope", default="local", choices=("local", "global"))
     ac.add_argument("--finetune-epochs", type=int, default=None, help="default 5 (3 with --quick); 0 = none")
     ac.add_argument("--finetune-amounts", type=float, nargs="+", default=[0.5])

@@ -9,6 +9,8 @@ Methods (``METHODS``) and the ``torch.nn.utils.prune`` function each one mirrors
 * ``ln_structured``        = ``prune.ln_structured`` (identical masks, ties included)
 * ``nm``                   N:M semi-structured by magnitude (no torch equivalent)
 * ``wanda``                activation-aware |W|·‖X‖₂ per output row (Sun et al., 2023)
+* ``block``                whole ``(bm, bk)`` blocks of each weight by their Ln norm, or of the
+                           Wanda score with ``score="wanda"`` (BSR-friendly masks; no torch equivalent)
 * ``sparsegpt``            OBS mask choice + reconstruction of the kept weights, layer after
                            layer (Frantar & Alistarh, 2023; :mod:`sparse_prune.sparsegpt`)
 
@@ -30,13 +32,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparse_prune import sparsegpt as sg
+from sparse_prune.calibration import input_norms
+from sparse_prune.constants import DEFAULT_BSR_BLOCK
 from sparse_prune.masks import MaskSet
 from sparse_prune.structure import Member, find_groups
 
 UNSTRUCTURED = ("random_unstructured", "l1_unstructured")
 STRUCTURED = ("random_structured", "ln_structured")
-METHODS = (*UNSTRUCTURED, *STRUCTURED, "nm", "wanda", "sparsegpt")
+METHODS = (*UNSTRUCTURED, *STRUCTURED, "nm", "wanda", "sparsegpt", "block")
 CALIBRATED = ("wanda", "sparsegpt")  # need calibration=; take amount= or pattern=
+BLOCK_SCORES = ("magnitude", "wanda")  # method "block": score="wanda" also needs calibration=
 SCOPES = ("local", "global")
 
 # Weights of these modules are never pruned (DESIGN: LayerNorm, embeddings, biases).
@@ -101,6 +107,25 @@ def check_norm(n: Any) -> float | str:
     if isinstance(n, bool) or not isinstance(n, numbers.Real) or math.isnan(n):
         raise ValueError(f'n must be a real number, inf, -inf or "fro", got {n!r}')
     return n if isinstance(n, numbers.Integral) else float(n)
+
+
+def check_block(block: Any) -> tuple[int, int]:
+    """``(bm, bk)``: a tuple or list of two positive ints (not bools or floats)."""
+    if (isinstance(block, (tuple, list)) and len(block) == 2
+            and all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in block)):
+        return int(block[0]), int(block[1])
+    raise ValueError(f"block must be a tuple or list of two positive ints (rows, columns of a block), "
+                     f"e.g. (32, 32) or (4, 1); got {block!r}")
+
+
+def _check_block_norm(n: Any) -> float:
+    """Norm order of the ``block`` method: a positive real, ``inf`` or ``"fro"`` (= 2)."""
+    n = check_norm(n)
+    if n == "fro":
+        return 2.0
+    if not n > 0:
+        raise ValueError(f'n must be > 0, inf or "fro" for method \'block\' (a block\'s norm), got {n!r}')
+    return float(n)
 
 
 def _check_dim(dim: Any, ndim: int, where: str) -> int:
@@ -210,11 +235,78 @@ def _nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def _as_rows(w: torch.Tensor, param: str, m: int | None = None) -> torch.Tensor:
     """Weights as GEMM rows [out, K] (Conv: K = in/groups · kh · kw, im2col order)."""
     if w.dim() < 2:
-        raise ValueError(f"{param} is {w.dim()}-D; N:M and wanda need a >= 2-D weight")
+        raise ValueError(f"{param} is {w.dim()}-D; N:M, wanda and block need a >= 2-D weight")
     rows = w.reshape(w.shape[0], -1)
     if m is not None and rows.shape[1] % m:
         raise ValueError(f"{param}: in_features (K = {rows.shape[1]}) is not divisible by M = {m}")
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks
+
+
+def block_scores(score: torch.Tensor, block: tuple[int, int], n: float = 2.0) -> torch.Tensor:
+    """Per-element power mean ``‖b‖ₙ / numel(b)^(1/n)`` of every ``block`` of ``score``.
+
+    ``score`` is ``[N, K]`` and non-negative (``|W|`` or Wanda's ``|W|·‖X‖₂``); the result is
+    ``[ceil(N / bm), ceil(K / bk)]`` in fp64. Edge blocks hold fewer entries when ``N`` or ``K``
+    is not a multiple of the block side; dividing by ``numel(b)^(1/n)`` (the RMS for n = 2, the
+    mean for n = 1, the max for ``inf``) ranks them fairly against full blocks. For full blocks
+    the order is that of the plain norm.
+    """
+    bm, bk = block
+    rows, cols = score.shape
+    padded = nn.functional.pad(score.double(), (0, -cols % bk, 0, -rows % bm))
+    tiles = padded.reshape(padded.shape[0] // bm, bm, padded.shape[1] // bk, bk)
+    norms = torch.linalg.vector_norm(tiles, ord=n, dim=(1, 3))
+    if math.isinf(n):
+        return norms
+    r = torch.full((tiles.shape[0],), bm, dtype=torch.float64, device=score.device)
+    c = torch.full((tiles.shape[2],), bk, dtype=torch.float64, device=score.device)
+    r[-1], c[-1] = rows - (tiles.shape[0] - 1) * bm, cols - (tiles.shape[2] - 1) * bk
+    return norms / (r[:, None] * c[None, :]) ** (1.0 / n)
+
+
+def _keep_lowest_pruned(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-flags of a 1-D ``scores``: the ``k`` lowest pruned (ties: the lower index first)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        keep[scores.argsort(stable=True)[:k]] = False
+    return keep
+
+
+def _block_mask(keep: torch.Tensor, block: tuple[int, int], weight: torch.Tensor) -> torch.Tensor:
+    """Per-block keep flags ``[R, C]`` -> a bool mask of ``weight``'s shape."""
+    rows = weight.shape[0]
+    cols = weight.numel() // rows
+    full = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
+    return full.reshape(weight.shape).to(weight.device)
+
+
+def _prune_blocks(targets: Sequence[Target], amount: Amount, amount_for: Callable, scope: str,
+                  block: tuple[int, int], n: float, norms: Mapping[str, torch.Tensor],
+                  masks: dict[str, torch.Tensor], progress: bool) -> None:
+    pool: list[tuple[Target, torch.Tensor]] = []
+    for t in tqdm(targets, desc="prune block", disable=not progress, leave=False):
+        rows = _as_rows(t.weight, t.param)
+        score = rows.abs().float()
+        if norms:
+            score = score * norms[t.param].to(score.device)[None, :]
+        scores = block_scores(score, block, n)
+        layer_amount, from_rule = amount_for(t.param)
+        if scope == "global" and not from_rule:
+            pool.append((t, scores))
+            continue
+        k = count_to_prune(layer_amount, scores.numel(), f"{t.param} ({block[0]}x{block[1]} blocks)")
+        masks[t.param] = _block_mask(_keep_lowest_pruned(scores.flatten(), k).view(scores.shape), block, t.weight)
+    if pool:
+        # One ranking over the blocks of every pooled layer, raw scores (no per-layer scaling).
+        flat = torch.cat([s.flatten().cpu() for _, s in pool])
+        k = count_to_prune(amount, flat.numel(), f"all pruned layers ({block[0]}x{block[1]} blocks)")
+        keep = _keep_lowest_pruned(flat, k)
+        for (t, s), part in zip(pool, keep.split([s.numel() for _, s in pool]), strict=True):
+            masks[t.param] = _block_mask(part.view(s.shape), block, t.weight)
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,103 +363,7 @@ def _pruned_units_local(us: _UnitSet, scores: torch.Tensor | None, gen: torch.Ge
 
 
 # ---------------------------------------------------------------------------------------
-# Wanda calibration
-
-
-def move_batch(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: move_batch(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_batch(v, device) for v in batch)
-    return batch
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        return model(*batch)
-    return model(batch)
-
-
-@torch.no_grad()
-def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterable[Any],
-                progress: bool = False) -> dict[str, torch.Tensor]:
-    """‖X_j‖₂ over all calibration tokens for every input column j of each target ([K], fp32).
-
-    Statistics are gathered with forward hooks (no copy of the model). Conv2d inputs are
-    reduced per input channel and repeated over the kernel window (im2col column order).
-    """
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook_for(t: Target) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            x = inputs[0].detach().float()
-            if isinstance(module, nn.Conv2d):
-                if module.groups != 1:
-                    raise ValueError(f"wanda supports ungrouped Conv2d only; {t.module_name} has groups={module.groups}")
-                sq = x.pow(2).sum(dim=(0, 2, 3)).repeat_interleave(module.kernel_size[0] * module.kernel_size[1])
-            else:
-                sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
-            sums[t.param] = sums[t.param] + sq if t.param in sums else sq
-        return hook
-
-    owners = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    handles = []
-    for t in targets:
-        if id(t.module) in owners:
-            # nn.MultiheadAttention reads out_proj.weight without calling out_proj, so its
-            # input is recomputed from the attention module's own call.
-            handles.append(owners[id(t.module)].register_forward_hook(
-                mha_out_proj_hook(hook_for(t)), with_kwargs=True))
-        else:
-            handles.append(t.module.register_forward_hook(hook_for(t)))
-    was_training = model.training
-    device = next(model.parameters()).device
-    batches = 0
-    try:
-        model.eval()
-        for batch in tqdm(calibration, desc="wanda calibration", disable=not progress, leave=False):
-            call_model(model, move_batch(batch, device))
-            batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if batches == 0:
-        raise ValueError("calibration is empty: give an iterable of model inputs (tensors, tuples or dicts)")
-    missing = [t.param for t in targets if t.param not in sums]
-    if missing:
-        raise ValueError(f"calibration inputs never reached {len(missing)} layer(s), e.g. {missing[0]}")
-    return {name: s.sqrt() for name, s in sums.items()}
-
-
-# ---------------------------------------------------------------------------------------
 # The entry point
-
-
-def mha_out_proj_hook(inner: Callable) -> Callable:
-    """Forward hook for ``nn.MultiheadAttention`` passing the out_proj input to ``inner``."""
-
-    def hook(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
-        names = ("query", "key", "value")
-        q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
-        if mha.batch_first:
-            q, k, v = (x.transpose(0, 1) for x in (q, k, v))
-        e = mha.embed_dim
-        eye = torch.eye(e, dtype=q.dtype, device=q.device)
-        pre, _ = nn.functional.multi_head_attention_forward(
-            q, k, v, e, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k,
-            mha.bias_v, mha.add_zero_attn, 0.0, eye, torch.zeros(e, dtype=q.dtype, device=q.device),
-            training=False, key_padding_mask=kwargs.get("key_padding_mask"), need_weights=False,
-            attn_mask=kwargs.get("attn_mask"), use_separate_proj_weight=not mha._qkv_same_embed_dim,
-            q_proj_weight=mha.q_proj_weight, k_proj_weight=mha.k_proj_weight,
-            v_proj_weight=mha.v_proj_weight, is_causal=kwargs.get("is_causal", False))
-        inner(mha.out_proj, (pre,), None)
-
-    return hook
 
 
 def _per_layer_rules(per_layer: Any) -> list[tuple[str, Amount]]:
@@ -405,6 +401,8 @@ def prune(
     progress: bool = False,
     blocksize: int | None = None,
     percdamp: float | None = None,
+    block: Any = None,
+    score: str | None = None,
 ) -> MaskSet:
     """Compute pruning masks for ``model``; the model is never modified.
 
@@ -412,11 +410,13 @@ def prune(
         method: one of ``METHODS``.
         amount: float in [0, 1] (fraction) or int (count), as in ``torch.nn.utils.prune``.
             Not used by ``nm``; ``wanda`` takes a fraction per output row unless ``pattern``;
-            ``sparsegpt`` a fraction (or count) per layer, chosen per column block.
+            ``sparsegpt`` a fraction (or count) per layer, chosen per column block; ``block``
+            a fraction or count of blocks (per layer, or of all blocks with ``scope="global"``).
         scope: ``"local"`` (each weight, or each dependency group, on its own) or ``"global"``
             (one ranking over all weights / units; see README for how structured units of
             different layers are made comparable). ``nm``, ``wanda`` and ``sparsegpt`` are local only.
-        n: norm order for ``ln_structured`` (real number, ``inf``, ``-inf`` or ``"fro"``).
+        n: norm order for ``ln_structured`` (real number, ``inf``, ``-inf`` or ``"fro"``) and for
+            ``block`` (a block's norm: a real number > 0, ``inf`` or ``"fro"``; default 2).
         dim: axis of the structured units (0 = output neurons of a Linear); negative allowed.
         pattern: ``"N:M"`` for ``nm`` (default ``"2:4"``), ``wanda`` and ``sparsegpt`` (optional).
         seed: seed of the random methods; independent of the global RNG.
@@ -433,6 +433,13 @@ def prune(
             of M for N:M).
         percdamp: ``sparsegpt`` only: Hessian dampening as a fraction of its mean diagonal
             (default 0.01).
+        block: ``block`` only: ``(bm, bk)`` rows x columns of a block of the weight ``[N, K]``
+            (Conv: the ``[out, in·kh·kw]`` GEMM rows), two positive ints; default
+            ``constants.DEFAULT_BSR_BLOCK`` (32, 32). Edge blocks are partial when ``N`` or ``K``
+            is not a multiple; blocks are ranked by ``‖b‖ₙ / numel(b)^(1/n)`` so those compare
+            fairly (see :func:`block_scores`); ties: the earlier block (row-major) is pruned first.
+        score: ``block`` only: ``"magnitude"`` (``|W|``, default) or ``"wanda"`` (``|W_ij|·‖X_j‖₂``
+            from ``calibration``, gathered as for method ``wanda``).
 
     Returns:
         ``MaskSet`` with a ``torch.bool`` mask (True = keep) for every pruned parameter;
@@ -449,6 +456,18 @@ def prune(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")
     rules = _per_layer_rules(per_layer)
+    if method != "block" and (block is not None or score is not None):
+        raise ValueError(f"block= and score= apply to method 'block', not {method!r}")
+    if method == "block":
+        block = check_block(DEFAULT_BSR_BLOCK if block is None else block)
+        score = "magnitude" if score is None else score
+        if score not in BLOCK_SCORES:
+            raise ValueError(f"score must be one of {BLOCK_SCORES} for method 'block', got {score!r}")
+        n = _check_block_norm(n)
+        if score == "wanda" and calibration is None:
+            raise ValueError("method 'block' with score='wanda' needs calibration= (an iterable of model inputs)")
+        if score == "magnitude" and calibration is not None:
+            raise ValueError("calibration= is used by score='wanda' only; method 'block' scores by magnitude here")
     nm = None
     if method == "nm":
         if amount is not None:
@@ -476,8 +495,6 @@ def prune(
     if method != "sparsegpt" and (blocksize is not None or percdamp is not None):
         raise ValueError(f"blocksize= and percdamp= apply to 'sparsegpt', not {method!r}")
     if method == "sparsegpt":
-        from sparse_prune import sparsegpt as sg
-
         blocksize, percdamp = sg.check_options(sg.DEFAULT_BLOCKSIZE if blocksize is None else blocksize,
                                                sg.DEFAULT_PERCDAMP if percdamp is None else percdamp, nm)
         if nm is not None and rules:
@@ -498,6 +515,8 @@ def prune(
         info["n"] = n if isinstance(n, str) else float(n)
     if method in STRUCTURED:
         info["dim"] = dim
+    if method == "block":
+        info.update(block=list(block), score=score, n=n)
     if nm is not None:
         info["pattern"] = f"{nm[0]}:{nm[1]}"
     masks: dict[str, torch.Tensor] = {}
@@ -517,7 +536,11 @@ def prune(
         order = [name for name, _ in model.named_parameters() if name in masks]
         return MaskSet({name: masks[name] for name in order}, info)
 
-    norms = input_norms(model, targets, calibration, progress) if method == "wanda" else {}
+    wanda_score = method == "wanda" or (method == "block" and score == "wanda")
+    norms = input_norms(model, targets, calibration, progress) if wanda_score else {}
+    if method == "block":
+        _prune_blocks(targets, amount, amount_for, scope, block, n, norms, masks, progress)
+        return MaskSet({t.param: masks[t.param] for t in targets}, info)
     global_pool: list[Target] = []
     for t in tqdm(targets, desc=f"prune {method}", disable=not progress, leave=False):
         layer_amount, from_rule = amount_for(t.param)

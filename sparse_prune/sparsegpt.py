@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparse_prune.calibration import call_model, mha_out_proj_hook, move_batch
+
 DEFAULT_BLOCKSIZE = 128
 DEFAULT_PERCDAMP = 0.01
 
@@ -276,8 +278,6 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
     Returns ``(masks, weights)``, both keyed by parameter name; weights have the parameter's
     dtype and device, zero where pruned. ``model`` is not modified (the work is on a copy).
     """
-    from sparse_prune.pruning import call_model, mha_out_proj_hook, move_batch
-
     if not targets:
         return {}, {}
     for t in targets:  # every per-layer check before any work

@@ -70,31 +70,37 @@ def test_run_study_rows(digits_small):
     model, train_data, test_data = digits_small
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = study.run_study(model, train_data, test_data, model_name="tiny", data_name="digits",
-                           methods=["l1_unstructured", "nm", "wanda", "sparsegpt"], amounts=[0.3, 0.5],
-                           finetune_epochs=1, iterative=2, progress=False)
+                           methods=["l1_unstructured", "nm", "wanda", "sparsegpt", "block"], amounts=[0.3, 0.5],
+                           finetune_epochs=1, iterative=2, progress=False, blocks=[(4, 1), (2, 2)])
     # the model is never modified
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    keys = {"model", "data", "method", "pattern", "scope", "amount", "sparsity", "accuracy",
+    keys = {"model", "data", "method", "pattern", "block", "scope", "amount", "sparsity", "accuracy",
             "dense_accuracy", "finetuned", "epochs", "iterative", "prune_s", "finetune_s"}
     assert all(set(r) == keys for r in rows)
     one_shot = [r for r in rows if not r["finetuned"]]
-    assert [(r["method"], r["pattern"], r["amount"]) for r in one_shot] == [
-        ("l1_unstructured", None, 0.3), ("l1_unstructured", None, 0.5), ("nm", "2:4", 0.5),
-        ("wanda", None, 0.3), ("wanda", None, 0.5), ("wanda", "2:4", 0.5),
-        ("sparsegpt", None, 0.3), ("sparsegpt", None, 0.5), ("sparsegpt", "2:4", 0.5)]
+    assert [(r["method"], r["pattern"], r["block"], r["amount"]) for r in one_shot] == [
+        ("l1_unstructured", None, None, 0.3), ("l1_unstructured", None, None, 0.5), ("nm", "2:4", None, 0.5),
+        ("wanda", None, None, 0.3), ("wanda", None, None, 0.5), ("wanda", "2:4", None, 0.5),
+        ("sparsegpt", None, None, 0.3), ("sparsegpt", None, None, 0.5), ("sparsegpt", "2:4", None, 0.5),
+        ("block", None, [4, 1], 0.3), ("block", None, [4, 1], 0.5),
+        ("block", None, [2, 2], 0.3), ("block", None, [2, 2], 0.5)]
     for r in one_shot:
         assert abs(r["sparsity"] - r["amount"]) < 0.02  # conv + linears, as the seed prunes
         assert 0 <= r["accuracy"] <= 1
     tuned = [r for r in rows if r["finetuned"]]
-    assert len(tuned) == 6 and all(r["iterative"] == 2 and r["epochs"] == 1 for r in tuned)
+    assert len(tuned) == 8 and all(r["iterative"] == 2 and r["epochs"] == 1 for r in tuned)
+    assert [r["block"] for r in tuned if r["method"] == "block"] == [[4, 1], [2, 2]]
     # stacked iterative masks reach at least the target
     assert all(r["sparsity"] >= r["amount"] - 0.02 for r in tuned)
     md = study.markdown(rows)
     assert "| wanda 2:4 | 0.50 |" in md and "| sparsegpt 2:4 | 0.50 |" in md
+    assert "| block 4x1 | 0.30 |" in md and "| block 2x2 | 0.50 |" in md
 
 
 @pytest.mark.parametrize("kw,words", [({"methods": ["magic"]}, "methods"), ({"amounts": [1.5]}, "amount"),
-                                      ({"iterative": 0}, "iterative"), ({"scope": "row"}, "scope")])
+                                      ({"iterative": 0}, "iterative"), ({"scope": "row"}, "scope"),
+                                      ({"blocks": [(0, 1)]}, "block"), ({"blocks": [(4.0, 1)]}, "block"),
+                                      ({"methods": ["block"], "blocks": []}, "blocks")])
 def test_run_study_bad_args(digits_small, kw, words):
     model, train_data, test_data = digits_small
     with pytest.raises(ValueError, match=words):
@@ -144,11 +150,16 @@ def test_cli_accuracy_imagefolder_with_local_checkpoint(tmp_path, capsys):
 
 
 def test_cli_accuracy_digits_and_errors(tmp_path, capsys):
-    rc = cli.main(["accuracy", "--train-epochs", "1", "--methods", "l1_unstructured", "--amounts", "0.5",
-                   "--finetune-epochs", "1", "--out", str(tmp_path)])
+    rc = cli.main(["accuracy", "--train-epochs", "1", "--methods", "l1_unstructured", "block", "--blocks", "4x1",
+                   "--amounts", "0.5", "--finetune-epochs", "1", "--out", str(tmp_path)])
     assert rc == 0
     assert list((tmp_path / "cache").glob("digits_vit_e1_s0.safetensors"))
     rows = json.loads((tmp_path / "accuracy.json").read_text())
-    assert [r["finetuned"] for r in rows] == [False, True]
+    assert [(r["method"], r["block"], r["finetuned"]) for r in rows] == [
+        ("l1_unstructured", None, False), ("l1_unstructured", None, True), ("block", [4, 1], False),
+        ("block", [4, 1], True)]
+    with pytest.raises(SystemExit):
+        cli.main(["accuracy", "--blocks", "4x", "--out", str(tmp_path)])
+    assert "BMxBK" in capsys.readouterr().err
     assert cli.main(["accuracy", "--model", "vit_tiny_patch16_224", "--out", str(tmp_path)]) == 2
     assert "digits-vit" in capsys.readouterr().err

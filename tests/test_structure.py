@@ -90,6 +90,8 @@ def test_every_method_and_scope(fixture, method, scope, request, images):
         kw["calibration"] = [images]
     if method != "nm":
         kw["amount"] = 0.5
+    if method == "block":  # the default 32x32 is a whole layer of these 32-wide ViTs
+        kw["block"] = (4, 4)
     masks = sp.prune(model, method, **kw)
     # Linear weights: HF q,k,v,o,fc1,fc2; timm qkv,proj,fc1,fc2; torchvision out_proj + MLP
     assert len(masks) == {"hf_vit": 13, "timm_vit": 9, "tv_vit": 7}[fixture]

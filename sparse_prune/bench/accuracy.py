@@ -1,7 +1,7 @@
 """The seed's accuracy study: top-1 accuracy against pruning ratio per method, with finetuning.
 
 ``run_study(...)`` returns rows (dicts) with ``model``, ``data``, ``method``, ``pattern``,
-``scope``, ``amount``, ``sparsity`` (measured over the pruned parameters), ``accuracy``,
+``block`` (``[bm, bk]`` for method ``block``, else None), ``scope``, ``amount``, ``sparsity`` (measured over the pruned parameters), ``accuracy``,
 ``dense_accuracy``, ``finetuned``, ``epochs``, ``iterative`` (rounds), ``prune_s`` and
 ``finetune_s``. ``write_study(rows, out)`` writes ``accuracy.json``, ``accuracy.md`` and,
 with matplotlib, ``accuracy.png`` (one panel per method; finetuned points marked).
@@ -24,52 +24,65 @@ from tqdm.auto import tqdm
 
 from sparse_prune.bench.train import evaluate, train
 from sparse_prune.masks import MaskSet
-from sparse_prune.pruning import CALIBRATED, METHODS, check_amount, prune
+from sparse_prune.pruning import CALIBRATED, METHODS, check_amount, check_block, prune
 
 SEED_METHODS = ("random_unstructured", "l1_unstructured", "random_structured", "ln_structured")
-DEFAULT_METHODS = (*SEED_METHODS, "nm", "wanda", "sparsegpt")
+DEFAULT_METHODS = (*SEED_METHODS, "nm", "wanda", "sparsegpt", "block")
+# Method "block" sweeps the same amounts once per block shape: a CPU-friendly 4x1 and a GPU 16x16.
+DEFAULT_BLOCKS = ((4, 1), (16, 16))
 DEFAULT_AMOUNTS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 CLASSIFIER_NAMES = r"(^|\.)(classifier|head|heads)(\.|$)"
 
 
-def _points(methods: Sequence[str], amounts: Sequence[float]) -> list[tuple[str, str | None, float]]:
-    """(method, pattern, amount) for every evaluation: N:M methods add one 2:4 point."""
-    points = []
+Point = tuple[str, str | None, tuple[int, int] | None, float]
+
+
+def _points(methods: Sequence[str], amounts: Sequence[float],
+            blocks: Sequence[tuple[int, int]] = DEFAULT_BLOCKS) -> list[Point]:
+    """(method, pattern, block, amount) for every evaluation: N:M methods add one 2:4 point,
+    ``block`` sweeps the amounts once per block shape."""
+    points: list[Point] = []
     for method in methods:
         if method == "nm":
-            points.append((method, "2:4", 0.5))
+            points.append((method, "2:4", None, 0.5))
             continue
-        points += [(method, None, a) for a in amounts]
+        if method == "block":
+            points += [(method, None, tuple(b), a) for b in blocks for a in amounts]
+            continue
+        points += [(method, None, None, a) for a in amounts]
         if method in CALIBRATED:
-            points.append((method, "2:4", 0.5))
+            points.append((method, "2:4", None, 0.5))
     return points
 
 
-def _prune(model: nn.Module, method: str, pattern: str | None, amount: float, scope: str,
-           calibration: list[torch.Tensor], exclude: Sequence[str], seed: int) -> MaskSet:
+def _prune(model: nn.Module, method: str, pattern: str | None, block: tuple[int, int] | None, amount: float,
+           scope: str, calibration: list[torch.Tensor], exclude: Sequence[str], seed: int) -> MaskSet:
     kw: dict[str, Any] = {"exclude": tuple(exclude), "seed": seed}
     # As the seed: every layer but LayerNorm (the patch-embedding conv included). Wanda, N:M
-    # and SparseGPT score Linear inputs/rows, so they prune the Linears.
-    kw["include"] = (nn.Linear,) if method in ("nm", *CALIBRATED) else (nn.Linear, nn.Conv2d)
+    # and SparseGPT score Linear inputs/rows, so they prune the Linears; block masks are for
+    # BSR, which converts Linears, so block prunes the Linears too.
+    kw["include"] = (nn.Linear,) if method in ("nm", "block", *CALIBRATED) else (nn.Linear, nn.Conv2d)
     if method in CALIBRATED:
         kw["calibration"] = calibration
+    if block is not None:
+        kw["block"] = block
     if pattern is not None:
         kw["pattern"] = pattern
     else:
         kw["amount"] = amount
-        if method in SEED_METHODS or scope == "global":
+        if method in (*SEED_METHODS, "block") or scope == "global":
             kw["scope"] = scope if method not in CALIBRATED else "local"
     if method in ("random_structured", "ln_structured"):
         kw["dim"] = 0
     return prune(model, method, **kw)
 
 
-def _iterative(model, method, pattern, amount, rounds, epochs, train_data, **kw):
+def _iterative(model, method, pattern, block, amount, rounds, epochs, train_data, **kw):
     """Prune in ``rounds`` steps of equal kept fraction, finetuning after each; masks stacked."""
     masks, seconds = None, 0.0
     for r in range(1, rounds + 1):
         step = 1 - (1 - amount) ** (r / rounds) if pattern is None else amount
-        new = _prune(model, method, pattern, step, **kw)
+        new = _prune(model, method, pattern, block, step, **kw)
         masks = new if masks is None else masks & new
         seconds += train(model, train_data, epochs, masks=masks, desc=f"round {r}/{rounds}")
     return masks, seconds
@@ -79,18 +92,24 @@ def run_study(model: nn.Module, train_data: Dataset | None, test_data: Dataset, 
               model_name: str, data_name: str, methods: Sequence[str] = DEFAULT_METHODS,
               amounts: Sequence[float] = DEFAULT_AMOUNTS, scope: str = "local",
               finetune_epochs: int = 0, finetune_amounts: Sequence[float] = (0.5,), iterative: int = 1,
-              keep_classifier: bool = False, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+              keep_classifier: bool = False, seed: int = 0, progress: bool = True,
+              blocks: Sequence[tuple[int, int]] = DEFAULT_BLOCKS) -> list[dict[str, Any]]:
     """Prune ``model`` (never modified) with each method at each amount and evaluate.
+
+    Method ``block`` is evaluated at every amount for each shape in ``blocks``.
 
     Points whose amount is in ``finetune_amounts`` (and the 2:4 points when 0.5 is) are also
     finetuned ``finetune_epochs`` epochs on ``train_data`` with the pruned weights held at zero;
     ``iterative > 1`` reaches those points in that many prune+finetune rounds instead.
-    Raises ``ValueError`` for unknown methods, bad amounts or scope, finetuning without
+    Raises ``ValueError`` for unknown methods, bad amounts, blocks or scope, finetuning without
     training data, or ``iterative < 1``.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
+    blocks = [check_block(b) for b in blocks]
+    if "block" in methods and not blocks:
+        raise ValueError("blocks: method 'block' needs at least one block shape, e.g. [(4, 1)]")
     for a in (*amounts, *finetune_amounts):
         check_amount(a)
         if not isinstance(a, float):
@@ -109,20 +128,21 @@ def run_study(model: nn.Module, train_data: Dataset | None, test_data: Dataset, 
     common = {"model": model_name, "data": data_name, "scope": scope, "dense_accuracy": dense_acc}
     prune_kw = {"scope": scope, "calibration": calibration, "exclude": exclude, "seed": seed}
     rows = []
-    points = _points(methods, amounts)
-    for method, pattern, amount in tqdm(points, desc="accuracy", disable=not progress):
+    points = _points(methods, amounts, blocks)
+    for method, pattern, block, amount in tqdm(points, desc="accuracy", disable=not progress):
         t0 = time.perf_counter()
-        masks = _prune(model, method, pattern, amount, **prune_kw)
+        masks = _prune(model, method, pattern, block, amount, **prune_kw)
         prune_s = time.perf_counter() - t0
         pruned = masks.apply(copy.deepcopy(model))
-        base = {**common, "method": method, "pattern": pattern, "amount": amount, "prune_s": prune_s}
+        base = {**common, "method": method, "pattern": pattern, "block": list(block) if block else None,
+                "amount": amount, "prune_s": prune_s}
         rows.append({**base, "sparsity": masks.sparsity(), "accuracy": evaluate(pruned, test_data),
                      "finetuned": False, "epochs": 0, "iterative": 1, "finetune_s": 0.0})
         wanted = any(math.isclose(amount, a) for a in finetune_amounts)
         if wanted and (finetune_epochs > 0 or iterative > 1):
             tuned = copy.deepcopy(model)
             if iterative > 1:
-                masks, seconds = _iterative(tuned, method, pattern, amount, iterative, finetune_epochs,
+                masks, seconds = _iterative(tuned, method, pattern, block, amount, iterative, finetune_epochs,
                                             train_data, **prune_kw)
             else:
                 seconds = train(tuned, train_data, finetune_epochs, masks=masks, desc="finetune")
@@ -132,8 +152,14 @@ def run_study(model: nn.Module, train_data: Dataset | None, test_data: Dataset, 
     return rows
 
 
+def _panel(row: dict[str, Any]) -> str:
+    """A method's curve: ``block`` has one per block shape (``"block 4x1"``)."""
+    block = row.get("block")
+    return row["method"] + (f" {block[0]}x{block[1]}" if block else "")
+
+
 def _label(row: dict[str, Any]) -> str:
-    return row["method"] + (f" {row['pattern']}" if row["pattern"] else "")
+    return _panel(row) + (f" {row['pattern']}" if row["pattern"] else "")
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -160,12 +186,12 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(_panel(r) for r in rows))
     cols = 2 if len(methods) <= 4 else 3
     nrows = math.ceil(len(methods) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
     for ax, method in zip(axes.flat, methods, strict=False):
-        mine = [r for r in rows if r["method"] == method]
+        mine = [r for r in rows if _panel(r) == method]
         sweep = [r for r in mine if not r["finetuned"] and not r["pattern"]]
         if sweep:
             ax.plot([r["amount"] for r in sweep], [100 * r["accuracy"] for r in sweep], "o-", label="one-shot")

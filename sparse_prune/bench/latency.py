@@ -48,7 +48,7 @@ from sparse_prune.constants import BACKEND_FORMATS, BACKENDS, DEFAULT_BSR_BLOCK
 from sparse_prune.convert import CONVERT_FORMATS, convert
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import SparseLinear
-from sparse_prune.pruning import collect_targets, prune
+from sparse_prune.pruning import prune
 from sparse_prune.report import report
 from sparse_prune.timing import describe_device, git_commit, spread, time_samples
 
@@ -64,22 +64,10 @@ CLASSIFIER = r"(^|\.)(classifier|head|heads)(\.|$)"
 
 def block_masks(model: nn.Module, sparsity: float, block: tuple[int, int] = BSR_BLOCK,
                 exclude: Sequence[str] = ()) -> MaskSet:
-    """Block-aligned magnitude masks: per Linear, keep the ``1 - sparsity`` share of
-    ``block`` tiles (zero-padded at the edges) with the largest L1 norm, whole."""
-    bm, bk = block
-    out = {}
-    for target in collect_targets(model, exclude=tuple(exclude)):
-        name, w = target.param, target.weight
-        n, k = w.shape
-        padded = torch.nn.functional.pad(w.abs().float(), (0, -k % bk, 0, -n % bm))
-        norms = padded.reshape(padded.shape[0] // bm, bm, -1, bk).sum((1, 3))
-        drop = round(sparsity * norms.numel())
-        keep = torch.ones(norms.numel(), dtype=torch.bool)
-        if drop:
-            keep[norms.flatten().argsort(stable=True)[:drop]] = False
-        grid = keep.reshape(norms.shape).repeat_interleave(bm, 0).repeat_interleave(bk, 1)
-        out[name] = grid[:n, :k].to(w.device).contiguous()
-    return MaskSet(out, info={"method": "block_l1", "amount": sparsity, "block": list(block)})
+    """Block-aligned magnitude masks for bsr: ``sp.prune(model, "block", ...)`` (L2 block
+    score, ``sparsity`` of each Linear's ``block`` tiles pruned whole). Kept as a name for
+    the scripts that import it; the method itself lives in :mod:`sparse_prune.pruning`."""
+    return prune(model, "block", amount=sparsity, block=block, exclude=tuple(exclude))
 
 
 def natural_masks(model: nn.Module, fmt: str, sparsity: float, exclude: Sequence[str] = (CLASSIFIER,),
