@@ -412,6 +412,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         return f"{x['median']:.2f}x ({x['q1']:.2f}-{x['q3']:.2f})" if x else ""
 
     smoke = " **Smoke run (fewer than 5 rounds): not a result.**" if meta["rounds"] < 5 else ""
+    if meta["loadavg_start"][0] > 0.5 * (meta["cpu_count"] or 1):  # others were running
+        smoke += (f" **The CPU was busy before this run (load {meta['loadavg_start'][0]:.1f} on "
+                  f"{meta['cpu_count']} cores): OpenMP-threaded torch suffers more from contention than "
+                  f"the peers' pools, so the ratios may be contention artefacts.**")
     lines = [f"# {meta['model']} end to end on the CPU: sparse_prune vs DeepSparse and ONNX Runtime "
              f"(batch {meta['batch']})",
              "",
