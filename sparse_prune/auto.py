@@ -115,9 +115,11 @@ def _load_cache(path: str | os.PathLike | None) -> dict[str, Any]:
 
 def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: list[str] | None = None,
            cache: str | os.PathLike | None = None, reps: int = 7) -> dict[str, dict[str, Any]]:
-    """Per masked Linear weight name: ``{"format", "backend", "kw", "ratio", "ms", "rejected"}``
-    of the fastest choice (``format`` is ``"dense"`` where dense wins; ``ratio`` = dense ms /
-    chosen ms; ``rejected`` lists candidates whose output failed the agreement check)."""
+    """Per masked Linear weight name: ``{"format", "backend", "kw", "ratio", "ms", "rejected",
+    "margin", "confirm"}`` of the choice (``format`` is ``"dense"`` where no sparse candidate
+    beats dense by ``margin`` in ``ms`` and again in ``confirm``, the fresh rounds of the winner
+    against dense; ``ratio`` = dense ms / chosen ms in ``ms``; ``rejected`` lists candidates
+    whose output failed the agreement check)."""
     if example_inputs is None:
         raise ValueError("format='auto' needs example_inputs (a batch like the ones you will run)")
     params = dict(model.named_parameters())
@@ -167,15 +169,15 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
         best = min(ms, key=ms.get)
         if best != "dense" and ms["dense"] < SPARSE_MARGIN * ms[best]:
             best = "dense"
+        confirm = None
         if best != "dense":  # confirm in fresh rounds, the winner against dense alone
-            again = time_interleaved({"dense": fns["dense"], best: fns[best]}, device, warmup=1, reps=reps)
-            ms[f"{best} (confirm)"], ms["dense (confirm)"] = again[best], again["dense"]
-            if again["dense"] < SPARSE_MARGIN * again[best]:
+            confirm = time_interleaved({"dense": fns["dense"], best: fns[best]}, device, warmup=1, reps=reps)
+            if confirm["dense"] < SPARSE_MARGIN * confirm[best]:
                 best = "dense"
         fmt_name, backend, kw = meta[best]
         decisions[name] = {"format": fmt_name, "backend": backend, "kw": {k: list(v) for k, v in kw.items()},
                            "ratio": ms["dense"] / ms[best], "ms": ms, "rejected": rejected,
-                           "margin": SPARSE_MARGIN}
+                           "margin": SPARSE_MARGIN, "confirm": confirm}
         store[key] = decisions[name]
     if cache is not None:
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)

@@ -115,10 +115,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         {k: {"info": m.info, "overall": m.sparsity(), "layers": m.layer_sparsity(), "seconds": timings[k]}
          for k, m in results.items()}, indent=1, default=str))
     print(table)
+    latency_rows: list[dict[str, Any]] = []
+    accuracy_rows: list[dict[str, Any]] = []
     if not args.skip_latency:
-        report += _demo_latency(model, args, out / "latency")
+        text, latency_rows = _demo_latency(model, args, out / "latency")
+        report += text
     if not args.skip_accuracy:
-        report += _demo_accuracy(out / "accuracy")
+        text, accuracy_rows = _demo_accuracy(out / "accuracy")
+        report += text
+    if latency_rows and accuracy_rows:
+        picks = _pick_a_point(latency_rows, accuracy_rows)
+        print("\n" + picks)
+        report += picks
     (out / "report.md").write_text(report)
     print(f"\nwrote {out / 'report.md'}, {out / 'sparsity.json'} and the masks (*.safetensors)")
     return 0
@@ -136,15 +144,23 @@ def _gpu_backends() -> list[str]:
     return ["auto", *fast] if fast else ["torch"]
 
 
-def _demo_latency(model: nn.Module, args: argparse.Namespace, out: Path) -> str:
-    """Every format against dense on this machine: CPU batch 1, or the full grid on a GPU."""
+# The block a CPU demo prunes for bsr: 4x1 runs our CPU kernel 5.3x faster than dense on fc1 at
+# 90% (benchmarks/results/cpu-*/gemm.md) and keeps accuracy far better than 16x16 or 32x32
+# (the accuracy study); Triton on a GPU needs sides >= 16.
+CPU_DEMO_BLOCK = (4, 1)
+
+
+def _demo_latency(model: nn.Module, args: argparse.Namespace, out: Path) -> tuple[str, list[dict[str, Any]]]:
+    """Every format (and ``auto``) against dense on this machine at 50/70/90%: CPU batch 1, or
+    the full grid on a GPU. Returns the report section and the rows."""
     from sparse_prune.bench import latency
 
     gpu = torch.cuda.is_available()
-    kw = dict(formats=list(CONVERT_FORMATS), sparsities=[0.5, 0.9] if not gpu else [0.5, 0.7, 0.9],
+    kw = dict(formats=[*CONVERT_FORMATS, "auto"], sparsities=[0.5, 0.7, 0.9],
               batches=[1] if not gpu else [1, 8, 64, 256], device="cuda" if gpu else "cpu",
               dtype=torch.bfloat16 if gpu else torch.float32,
-              backends=_gpu_backends() if gpu else ["torch"])
+              backends=_gpu_backends() if gpu else ["torch"],
+              bsr_block=latency.BSR_BLOCK if gpu else CPU_DEMO_BLOCK)
     print(f"\nlatency vs dense on {kw['device']} ({kw['dtype']}, batch {kw['batches']}):")
     rows = latency.bench_e2e(model, args.model, _image_size(model), reps=5 if not gpu else 20, **kw)
     latency.write_latency(rows, out)
@@ -153,14 +169,15 @@ def _demo_latency(model: nn.Module, args: argparse.Namespace, out: Path) -> str:
     bad = latency.bad_rows(rows)
     if bad:  # as loud as `sparse-prune bench`: the demo fails (the files above keep the rows)
         raise RuntimeError(f"{len(bad)} converted model(s) WRONG or FAILED: " + "; ".join(r["reason"] for r in bad))
+    block = "x".join(map(str, kw["bsr_block"]))
     return ("\n## Latency against the dense model\n\nEach format converted from the pruning natural to it "
-            "(coupled L2 structured for shrink, 2:4 magnitude, 32x32 blocks by L2 norm (method block) for bsr, L1 unstructured for "
-            "csr and the masked dense baseline); every converted model checked against its masked dense "
-            "model before timing; dense and sparse timed interleaved (median).\n\n" + table +
-            "\n![speedup](latency/speedup.png) ![memory](latency/memory.png)\n")
+            f"(coupled L2 structured for shrink, 2:4 magnitude, {block} blocks by L2 norm (method block) for bsr, "
+            "L1 unstructured for csr, auto and the masked dense baseline); every converted model checked against "
+            "its masked dense model before timing; dense and sparse timed interleaved (median).\n\n" + table +
+            "\n![speedup](latency/speedup.png) ![memory](latency/memory.png)\n"), rows
 
 
-def _demo_accuracy(out: Path) -> str:
+def _demo_accuracy(out: Path) -> tuple[str, list[dict[str, Any]]]:
     """The quick accuracy study on the digits ViT (trained here, cached)."""
     from sparse_prune.bench import accuracy as study
     from sparse_prune.bench.data import load_data
@@ -175,7 +192,36 @@ def _demo_accuracy(out: Path) -> str:
     table = study.markdown(rows)
     print(table)
     return ("\n## Accuracy against pruning ratio (digits ViT, `sparse-prune accuracy --quick`)\n\n" + table +
-            "\n![accuracy](accuracy/accuracy.png)\n")
+            "\n![accuracy](accuracy/accuracy.png)\n"), rows
+
+
+# The format each pruning method's masks are run in (csr takes any unstructured mask).
+METHOD_FORMAT = {"l1_unstructured": "csr", "wanda": "csr", "sparsegpt": "csr", "nm": "2:4", "block": "bsr",
+                 "ln_structured": "shrink"}
+
+
+def _pick_a_point(latency_rows: Sequence[dict[str, Any]], accuracy_rows: Sequence[dict[str, Any]]) -> str:
+    """Speed (ViT-B/16, batch 1, this machine) beside accuracy (digits ViT) per (method, format,
+    sparsity): each accuracy point joined with the latency row of its format (same bsr block)
+    within 0.05 of its sparsity."""
+    speed = [r for r in latency_rows if r.get("status") == "ok" and r.get("kind") == "e2e" and r["batch"] == 1]
+    lines = ["\n## Pick a point: speed and accuracy side by side\n",
+             "Speedup: ViT-B/16 batch 1 on this machine (table above); accuracy: the digits ViT (one-shot, and "
+             "after the study's finetuning). Blank: that format/sparsity was not timed.\n",
+             "| method | format | sparsity | speedup | accuracy one-shot | accuracy finetuned |", "|---|---|---|---|---|---|"]
+    tuned = {(r["method"], str(r.get("block")), r["amount"]): r for r in accuracy_rows if r.get("finetuned")}
+    for r in accuracy_rows:
+        fmt = METHOD_FORMAT.get(r["method"])
+        if r.get("finetuned") or fmt is None:
+            continue
+        near = [s for s in speed if s["format"] == fmt and abs(s["sparsity"] - r["sparsity"]) <= 0.05
+                and (fmt != "bsr" or s.get("block") == r.get("block"))]
+        label = fmt + (f" {r['block'][0]}x{r['block'][1]}" if r.get("block") else "")
+        t = tuned.get((r["method"], str(r.get("block")), r["amount"]))
+        lines.append(f"| {r['method']} | {label} | {r['sparsity']:.2f} | "
+                     f"{format(near[0]['speedup'], '.2f') + 'x' if near else ''} | {100 * r['accuracy']:.1f}% | "
+                     f"{'' if t is None else format(100 * t['accuracy'], '.1f') + '%'} |")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

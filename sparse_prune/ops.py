@@ -109,12 +109,21 @@ def cpu_extension_error() -> str | None:
 
 
 def cpu_isa() -> str | None:
-    """What our CPU kernels run float32 on now: ``"avx2"`` (AVX2+FMA, checked at run time) or
-    ``"portable"`` (every other CPU, or ``SPARSE_PRUNE_CPU_ISA=portable``); None when the CPU
-    kernels are not loaded. float64 always runs the portable path."""
+    """What our CPU kernels run float32 on now: the widest of ``"avx512"`` (AVX-512F), ``"avx2"``
+    (AVX2+FMA) and ``"portable"`` this CPU has (checked at run time), or the one
+    ``SPARSE_PRUNE_CPU_ISA`` names; None when the CPU kernels are not loaded. float64 always runs
+    the portable path."""
     if not has_cpu_extension():
         return None
     return importlib.import_module("sparse_prune._C_cpu").isa()
+
+
+def cpu_isas() -> list[str]:
+    """Every ISA our CPU kernels can run float32 on here, widest first (``"avx512"``, ``"avx2"``,
+    ``"portable"``); empty when the CPU kernels are not loaded."""
+    if not has_cpu_extension():
+        return []
+    return list(importlib.import_module("sparse_prune._C_cpu").isas())
 
 
 _load_cpu_extension()

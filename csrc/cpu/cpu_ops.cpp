@@ -448,8 +448,8 @@ PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(SPARSE_PRUN
 PyObject* isa(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(sparse_prune::cpu::float_isa().c_str());
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const c10::Error& e) {  // one line, without the C++ backtrace
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
   }
 }
