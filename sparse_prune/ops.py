@@ -31,6 +31,7 @@ import torch
 from sparse_prune.checks import check_nm_mask, check_weight_and_mask
 from sparse_prune.constants import FLOAT_DTYPES
 from sparse_prune.kernels import reference
+from sparse_prune.kernels.fakes import linear_fake
 
 _lib = torch.library.Library("sparse_prune", "DEF")  # noqa: TOR901 (long-lived on purpose)
 
@@ -135,12 +136,6 @@ _lib.impl("dense_linear", reference.dense_linear, "CUDA")  # F.linear: cuBLAS
 
 # ---------------------------------------------------------------------------------------
 # Fake kernels: one shape rule for every linear op, ours and the Triton custom ops.
-
-
-def linear_fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The output of any linear op: ``[M, out_features]`` like ``x [M, K]``."""
-    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
-    return x.new_empty((x.shape[0], out_features))
 
 
 @torch.library.register_fake("sparse_prune::compress_2to4")

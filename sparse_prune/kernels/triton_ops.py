@@ -1,5 +1,5 @@
 """The ``triton`` backend: one ``torch.library.custom_op`` per format (``<op>_triton``), with the
-public op's arguments in the same order, and its fake from :func:`sparse_prune.ops.linear_fake`.
+public op's arguments in the same order, and its fake from :func:`sparse_prune.kernels.fakes.linear_fake`.
 
 Imported on first use, so ``import sparse_prune`` never needs Triton. These ops are what
 ``backend="triton"`` forces (and what the interpreter tests run on the CPU); on CUDA the public
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from sparse_prune.kernels import triton_bsr, triton_csr, triton_semi24, triton_shrunk
-from sparse_prune.ops import linear_fake
+from sparse_prune.kernels.fakes import linear_fake
 
 
 @torch.library.custom_op("sparse_prune::csr_linear_triton", mutates_args=())
