@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 
 import sparse_prune as sp
 from sparse_prune.bench import latency
-from sparse_prune.timing import _cpu_name
+from sparse_prune.timing import cpu_slug
 
 MODEL = "vit_base_patch16_224"
 
@@ -53,8 +52,7 @@ def main() -> int:
         rows += latency.bench_e2e(model, formats=["auto"], sparsities=[0.5, 0.7, 0.9], **common)
     for text in args.blocks:
         rows += latency.bench_e2e(model, formats=["bsr"], sparsities=[0.7, 0.9], bsr_block=_block(text), **common)
-    slug = re.sub(r"[^a-z0-9]+", "-", _cpu_name().lower()).strip("-")
-    out = Path(args.out or f"benchmarks/results/cpu-{slug}")
+    out = Path(args.out or f"benchmarks/results/cpu-{cpu_slug()}")
     out.mkdir(parents=True, exist_ok=True)
     meta = {"threads": args.threads, "cpu_isa": sp.ops.cpu_isa(), "reps": args.reps}
     (out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import warnings
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from tqdm import tqdm
 import sparse_prune as sp
 from sparse_prune import agreement
 from sparse_prune.bench.latency import block_masks
-from sparse_prune.timing import _cpu_name, git_commit, spread, time_samples
+from sparse_prune.timing import _cpu_name, cpu_slug, git_commit, spread, time_samples
 
 SHAPES = {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)}  # (N, K)
 BLOCKS = [(1, 4), (4, 1), (8, 1), (1, 8), (16, 1), (4, 4), (16, 16), (32, 32)]
@@ -162,8 +161,7 @@ def main() -> None:
     for name in tqdm(args.shapes, desc="shapes"):
         for m in args.m:
             rows += bench_shape(name, m, args.rounds, gen)
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
-    out = Path(args.out or f"benchmarks/results/cpu-{slug}")
+    out = Path(args.out or f"benchmarks/results/cpu-{cpu_slug()}")
     write(rows, meta, out)
     print((out / "gemm.md").read_text())
 

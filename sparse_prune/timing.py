@@ -4,6 +4,7 @@ hits all alike; medians and spreads of the samples."""
 from __future__ import annotations
 
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -21,6 +22,14 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_slug() -> str:
+    """This CPU's model name as a folder name (``cpu-`` is the caller's): lower case, trademark
+    marks dropped, runs of other characters as ``-`` ("Intel(R) Xeon(R) Processor" ->
+    ``intel-xeon-processor``). Results of a CPU go to ``benchmarks/results/cpu-<slug>/``."""
+    name = re.sub(r"\((r|tm)\)", "", _cpu_name().lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
 
 
 def describe_device(device: str | torch.device) -> str:
