@@ -301,3 +301,30 @@ def test_compile_and_export():
     torch.testing.assert_close(compiled, eager)
     exported = torch.export.export(layer, (x,))
     torch.testing.assert_close(exported.module()(x), eager)
+
+
+# ---------------------------------------------------------------------------------------
+# A converted model whose state dict was tampered with: the CPU kernel refuses, never reads out
+# of bounds (issue 21's segfault came from MKL's unchecked sparse tensors on this path).
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("col_indices", 10**6, "col_indices"),
+    ("col_indices", -1, "col_indices"),
+    ("crow_indices", 10**6, "crow_indices"),
+])
+def test_tampered_state_dict_is_refused_at_forward(field, value, message):
+    import sparse_prune as sp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    masks = sp.prune(model, "l1_unstructured", amount=0.5)
+    fast = sp.convert(model, masks, format="csr")
+    sd = fast.state_dict()
+    if field == "crow_indices":
+        sd["0.crow_indices"][-1] = value
+    else:
+        sd[f"0.{field}"][:] = value
+    fast.load_state_dict(sd)
+    with pytest.raises(ValueError, match=message):
+        fast(torch.randn(3, 32))
