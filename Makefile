@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*) $(wildcard csrc/cpu/*) $(wi
 	$(BIN)/pip install --no-build-isolation -e ".[dev]"
 	$(BIN)/python -c "import sparse_prune as sp; print('sparse_prune', sp.__version__, '| CUDA extension loaded:', sp.has_cuda_extension(), '|', sp.extension_error() or 'ok')"
 	$(BIN)/python -c "from sparse_prune.kernels import sm90; print('sm90 CUTLASS extension loaded:', sm90.has_sm90_extension(), '|', sm90.sm90_extension_error() or 'ok')"
+	$(BIN)/python -c "import sparse_prune as sp; print('CPU kernels loaded:', sp.ops.has_cpu_extension(), '| float32 runs on:', sp.ops.cpu_isa(), '|', sp.ops.cpu_extension_error() or 'ok')"
 	touch $(STAMP)
 
 setup: $(STAMP)
