@@ -6,7 +6,8 @@
 //   for each group of token tiles      (panels of about p.panel_budget bytes: stay in L2)
 //     for each block of rows            (stored weights of about p.weight_budget bytes: L2)
 //       for each token tile t of the group (panel t: Xᵀ of its tokens, kp x width)
-//         for each K-block b            (kblock columns of the panel: ~24 KiB, stays in L1)
+//         for each K-block b            (kblock columns of the panel: ~24 KiB in L1 for dense
+//                                        rows, wider for sparse ones: see plan() in cpu_ops.cpp)
 //           for each row r of the block:  yt[r] (+)= Σ_{stored w of row r in b} w · panel[col]
 //         epilogue: Y[t·tile + j, r] = act(yt[r][j] + bias[r])  (transposed in 8x8 blocks)
 // Measured on fc1 (3072x768, M = 197, 50%): streaming the whole weight once per token tile
