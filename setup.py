@@ -194,6 +194,8 @@ def _extensions():
     """([ext_modules], {cmdclass}): the CPU kernels wherever torch imports, plus CUDA's."""
     cpu = _cpu_extension()
     if cpu is None:
+        if os.environ.get("SPARSE_PRUNE_CUDA", "").strip() == "1":
+            raise SystemExit("SPARSE_PRUNE_CUDA=1 but torch is not importable at build time")
         return [], {}
     from torch.utils.cpp_extension import BuildExtension
 

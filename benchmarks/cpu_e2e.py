@@ -5,11 +5,11 @@ Usage: ``python benchmarks/cpu_e2e.py [--batches 1 8] [--reps 7] [--threads 2]
 
 ViT-B/16 (transformers, random weights), fp32, eager. Points: ``csr`` at 50/70/90% (L1
 unstructured on every encoder Linear), ``2:4`` (magnitude), ``bsr`` at 70/90% for each block
-(whole blocks kept by L1 norm), coupled ``shrink`` at 50%, and ``format="auto"`` on the L1 masks
+(whole blocks kept by L2 norm, ``sp.prune(..., "block")``), coupled ``shrink`` at 50%, and ``format="auto"`` on the L1 masks
 (measured per layer on the batch timed). Each point's converted model is checked against its
 masked dense model (fp64 reference) before it is timed against the masked dense model in
-rotating rounds (:func:`sparse_prune.bench.latency.bench_e2e`). Writes ``e2e.json``, ``e2e.md``
-and ``e2e.png``; exits 1 if any point is wrong or failed.
+rotating rounds (:func:`sparse_prune.bench.latency.bench_e2e`). Writes ``e2e.json``, ``e2e.md``,
+``e2e_speedup.png`` and ``e2e_memory.png``; exits 1 if any point is wrong or failed.
 """
 
 from __future__ import annotations

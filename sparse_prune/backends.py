@@ -341,13 +341,15 @@ _LABELS = {
 }
 
 
-def kernel_label(format_name: str, backend: str, device: torch.device | str) -> str:
-    """What runs, in words: e.g. ``cuda:mma.sp``, ``torch:rebuild+F.linear``, ``dense:F.linear``."""
+def kernel_label(format_name: str, backend: str, device: torch.device | str,
+                 dtype: torch.dtype | None = None) -> str:
+    """What runs, in words: e.g. ``cuda:mma.sp``, ``cpu:csr-avx512``, ``torch:rebuild+F.linear``,
+    ``dense:F.linear``. Our CPU kernels run float64 on their portable path."""
     if backend == "dense":
         return "dense:F.linear (materialized)"
     if backend == "torch" and format_name in ("csr", "bsr", "2:4"):
         if cpu_kernel_runs(format_name, device):
-            return f"cpu:{format_name}-{ops.cpu_isa()}"
+            return f"cpu:{format_name}-{'portable' if dtype == torch.float64 else ops.cpu_isa()}"
         return "torch:rebuild+F.linear"
     return _LABELS[(format_name, backend)]
 

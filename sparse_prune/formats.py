@@ -315,6 +315,10 @@ class BSR(WeightFormat):
             same_row[crow[1:-1][crow[1:-1] < cols.numel()]] = False
             _need(bool(((cols[1:] > cols[:-1]) | ~same_row[1:]).all()), "col_indices",
                   "must be strictly increasing within each block row")
+        pad_k = pk - self.shape[1]
+        if pad_k and cols.numel():  # the CPU kernel multiplies the padding with zero inputs
+            last = self.values[cols == nc - 1][:, :, bk - pad_k:]
+            _need(bool((last == 0).all()), "values", "the padding past K of the last block column must be 0")
 
 
 def _check_block(block) -> tuple[int, int]:

@@ -67,7 +67,7 @@ class SparseLinear(nn.Module):
         buffers are not persistent: ``state_dict`` holds the format only."""
         fmt = self.weight_format
         self.backend = backends.resolve_backend(self.requested_backend, self.format_name, fmt)
-        self.kernel_name = backends.kernel_label(self.format_name, self.backend, fmt.device)
+        self.kernel_name = backends.kernel_label(self.format_name, self.backend, fmt.device, fmt.dtype)
         self._kernel_key = (self.format_name, self.backend)
         self._bound_key = self._bound_to()
         self.fused_activation = self.activation is not None and self._kernel_key in backends.FUSED_GELU

@@ -52,7 +52,7 @@ def test_auto_on_cuda_picks_our_kernels_else_dense_never_the_rebuild(monkeypatch
     monkeypatch.setattr(triton_common, "unavailable_reason", lambda: "triton is not installed")
     assert backends.resolve_backend("auto", "2:4", _fmt("2:4", torch.float32), cuda) == "dense"
     assert backends.resolve_backend("auto", "bsr", _fmt("bsr", block=(16, 16)), cuda) == "dense"
-    # on the CPU auto is the reference (MKL sparse / rebuild): there is nothing faster there
+    # on the CPU auto is "torch": the op's CPU kernel (ours from csrc/cpu/, the reference without it)
     assert backends.resolve_backend("auto", "csr", _fmt("csr")) == "torch"
 
 

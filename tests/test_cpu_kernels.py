@@ -328,3 +328,79 @@ def test_tampered_state_dict_is_refused_at_forward(field, value, message):
     fast.load_state_dict(sd)
     with pytest.raises(ValueError, match=message):
         fast(torch.randn(3, 32))
+
+
+# ---------------------------------------------------------------------------------------
+# Found by a hostile review: shapes that overflow sizes, padding, metadata, far tails, knobs.
+
+
+def test_huge_block_side_is_a_value_error():
+    x = torch.randn(1, 4)
+    empty = torch.tensor([], dtype=torch.long)
+    with pytest.raises(ValueError, match="block sides"):
+        torch.ops.sparse_prune.bsr_linear(x, torch.ones(0, 1, 2**59), torch.tensor([0, 0]), empty, 1, None)
+    with pytest.raises(ValueError, match="block sides"):
+        torch.ops.sparse_prune.bsr_linear(torch.randn(300, 64), torch.ones(0, 2**60, 1), torch.tensor([0, 0]),
+                                          empty, 1, torch.ones(1), True)
+
+
+def test_bsr_padding_must_be_zero():
+    values = torch.ones(1, 1, 4)
+    values[0, 0, 3] = float("inf")  # K = 3: column 3 of the block is padding
+    args = (torch.randn(2, 3), values, torch.tensor([0, 1]), torch.tensor([0]), 1, None)
+    with pytest.raises(ValueError, match="padding"):
+        torch.ops.sparse_prune.bsr_linear(*args)
+    with pytest.raises(ValueError, match="padding"):
+        F.BSR(values, torch.tensor([0, 1]), torch.tensor([0]), (1, 3), (1, 4)).validate()
+    values[0, 0, 3] = 0.0
+    got = torch.ops.sparse_prune.bsr_linear(*args[:1], values, *args[2:])
+    torch.testing.assert_close(got, args[0] @ values[0, :, :3].t())
+
+
+def test_semi24_refuses_malformed_metadata():
+    x = torch.arange(8.0).reshape(1, 8)
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    for word in (0, 0x5555):  # nibbles 0000 / 0101: the two columns are not increasing
+        with pytest.raises(ValueError, match="meta"):
+            torch.ops.sparse_prune.semi24_linear(x, values, torch.full((1, 1), word, dtype=torch.int16), None)
+
+
+def test_gelu_far_left_tail_and_minus_inf(isa):
+    fmt = F.CSR.from_dense(torch.ones(1, 1))
+    got = _run(fmt, torch.tensor([[-1e38], [-1e20], [-30.0], [float("-inf")]]), None, gelu=True)[:, 0]
+    assert (got[:3] == 0).all() and got[3].isnan()  # x·Φ(x) underflows; -inf·0 is NaN as in F.gelu
+
+
+def test_kblock_knob_is_clamped(monkeypatch):
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_KBLOCK", str(2**63 - 1))
+    w, mask, x, b = _problem(7, 12, 40, 0.5)
+    _check(F.CSR.from_dense(w, mask), x, b)
+
+
+def test_float64_report_names_the_portable_kernel():
+    import sparse_prune as sp
+
+    layer = sp.SparseLinear(F.CSR.from_dense(torch.randn(4, 8, dtype=torch.float64)), None)
+    assert layer.kernel_name == "cpu:csr-portable"
+
+
+def test_isa_units_export_only_entry_points():
+    """The AVX units must export nothing but their entry points: a weak (inline/template) symbol
+    compiled with AVX could be picked by the linker for code every CPU runs (a SIGILL)."""
+    import glob
+    import shutil
+    import subprocess
+
+    import sparse_prune
+
+    lib = glob.glob(str(__import__("pathlib").Path(sparse_prune.__file__).parent / "_C_cpu*.so"))
+    nm = shutil.which("nm")
+    if not lib or nm is None:
+        pytest.skip("needs the built sparse_prune._C_cpu and nm")
+    out = subprocess.run([nm, "-C", "--defined-only", lib[0]], capture_output=True, text=True, check=True).stdout
+    exported = [line for line in out.splitlines() if "avx2_f32::" in line or "avx512_f32::" in line]
+    weak = [line for line in exported if line.split()[1] in ("W", "V", "u", "w", "v")]
+    assert not weak, weak[:5]
+    public = {line.split(" ", 2)[2].split("(")[0] for line in exported if line.split()[1] == "T"}
+    names = {name.rsplit("::", 1)[1] for name in public}
+    assert names <= {"compiled", "pack_x", "csr_rows", "bsr_rows", "semi24_rows"}, names

@@ -106,7 +106,7 @@ Problem plan(int64_t M, int64_t N, int64_t K, int64_t block_cols, int64_t lanes,
   const double per_col = stored_per_row / std::max<int64_t>(1, K);
   const int64_t sparse_cols = per_col > 0 ? static_cast<int64_t>(96.0 / per_col) : K;
   int64_t kb = env_int("SPARSE_PRUNE_CPU_KBLOCK", std::min<int64_t>(std::max<int64_t>(l1_cols, sparse_cols), std::max<int64_t>(K, 16)));
-  kb = std::max<int64_t>(16, kb / 16 * 16);
+  kb = std::max<int64_t>(16, std::min<int64_t>(kb, std::max<int64_t>(K, 16)) / 16 * 16);
   if (block_cols > 1) kb = std::max<int64_t>(block_cols, kb / block_cols * block_cols);
   p.kblock = kb;
   // Row blocks of ~256 KiB of stored weight and panel groups of ~1 MiB: both stay in a 2 MiB L2
@@ -170,7 +170,20 @@ void check_status(const char* op, const std::vector<int>& status, const char* wh
   for (int s : status) {
     TORCH_CHECK_VALUE(s != kColOutOfRange, op, ": col_indices hold a ", what, " outside [0, in range)");
     TORCH_CHECK_VALUE(s != kColUnsorted, op, ": col_indices must be strictly increasing within each row");
+    TORCH_CHECK_VALUE(s != kPaddingNonZero, op, ": values of the last block column must be 0 past K "
+                      "(the padding of a block that overhangs the weight)");
+    TORCH_CHECK_VALUE(s != kBadMeta, op, ": meta holds a group whose two column indices are not increasing "
+                      "(valid nibbles: 4, 8, 9, 12, 13, 14; docs/semi_structured_layout.md)");
   }
+}
+
+// a * b * c, or a ValueError naming `what` when it overflows int64 (hostile shapes: a BSR block
+// side of 2**60 on a zero-element values tensor).
+int64_t checked_product(const char* op, const char* what, int64_t a, int64_t b, int64_t c = 1) {
+  int64_t ab = 0, abc = 0;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &ab) && !__builtin_mul_overflow(ab, c, &abc), op, ": ", what,
+                    " is too large (", a, " x ", b, " x ", c, " overflows int64)");
+  return abc;
 }
 
 // Split units [0, n) into `parts` contiguous ranges of about equal cost(u) = weight(u) + alpha,
@@ -259,7 +272,7 @@ at::Tensor scratch(int slot, int64_t numel, const at::TensorOptions& options) {
 
 // Pack X into panels (parallel over tiles) and allocate Y; returns (panels, y).
 std::pair<at::Tensor, at::Tensor> prepare(const Isa& isa, Problem& p, const at::Tensor& xc, int64_t workers) {
-  at::Tensor xp = scratch(0, p.ntiles * p.kp * p.tile, xc.options());
+  at::Tensor xp = scratch(0, checked_product("cpu kernel", "the packed input", p.ntiles, p.kp, p.tile), xc.options());
   at::Tensor y = at::empty({p.M, p.N}, xc.options());
   p.y = y.data_ptr();
   const Problem& cp = p;
@@ -334,6 +347,9 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
                     ": values must be 3-D [nblocks, bm, bk] with bm, bk >= 1, got shape ", values.sizes());
   const int ib = index_bytes(op, "col_indices", col);
   const int64_t bm = values.size(1), bk = values.size(2), nb = values.size(0);
+  constexpr int64_t kMaxSide = 1 << 16;
+  TORCH_CHECK_VALUE(bm <= kMaxSide && bk <= kMaxSide, op, ": block sides (values.shape[1:] = ", bm, " x ", bk,
+                    ") must be at most ", kMaxSide);
   TORCH_CHECK_VALUE(col.size(0) == nb, op, ": col_indices must hold one entry per block (", nb, "), got ", col.size(0));
   const at::Tensor* b = check_bias(op, bias, x, out_features);
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
@@ -355,7 +371,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   for (int64_t i = 0; i <= nbr; ++i) cum[i] = c64[i] * bm * bk;
   const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;
   const std::vector<int64_t> cut = split(cum.data(), nbr, 2 * nkb * bm, workers);
-  at::Tensor yt = scratch(1, scratch_floats(p, nbr * bm), xc.options());
+  at::Tensor yt = scratch(1, scratch_floats(p, N), xc.options());  // workers write rows < N only
   at::Tensor bounds = scratch(2, scratch_bounds(p, nbr), crow64.options());
   BsrWeight w{vc.data_ptr(), c64, cc.data_ptr(), ib, bm, bk};
   std::vector<int> status(workers, kOk);
@@ -403,15 +419,17 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const std::vector<int64_t> cut = split(cum.data(), N, 0, workers);
   at::Tensor yt = scratch(1, scratch_floats(p, N), xc.options());
   Semi24Weight w{vc.data_ptr(), mc.data_ptr<int16_t>(), mc.size(1)};
+  std::vector<int> status(workers, kOk);
   auto work = [&](int64_t a, int64_t e) {
     for (int64_t i = a; i < e; ++i) {
       const int64_t r0 = cut[i], r1 = cut[i + 1];
       if (r1 <= r0) continue;
-      isa.semi(p, w, xp.data_ptr(), r0, r1,
-               static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size());
+      status[i] = isa.semi(p, w, xp.data_ptr(), r0, r1,
+                           static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size());
     }
   };
   if (workers > 1) at::parallel_for(0, workers, 1, work); else work(0, 1);
+  check_status(op, status, "column");
   return finish(y, x);
 }
 
@@ -459,9 +477,14 @@ PyObject* isa(PyObject*, PyObject*) {
 
 PyObject* isas(PyObject*, PyObject*) {
   PyObject* out = PyList_New(0);
-  if (sparse_prune::cpu::cpu_has_avx512f()) PyList_Append(out, PyUnicode_FromString("avx512"));
-  if (sparse_prune::cpu::cpu_has_avx2_fma()) PyList_Append(out, PyUnicode_FromString("avx2"));
-  PyList_Append(out, PyUnicode_FromString("portable"));
+  const auto add = [out](const char* name) {  // PyList_Append does not steal the reference
+    PyObject* item = PyUnicode_FromString(name);
+    PyList_Append(out, item);
+    Py_DECREF(item);
+  };
+  if (sparse_prune::cpu::cpu_has_avx512f()) add("avx512");
+  if (sparse_prune::cpu::cpu_has_avx2_fma()) add("avx2");
+  add("portable");
   return out;
 }
 

@@ -10,7 +10,9 @@
 //
 // No torch (or other C++ library) header may be included by an ISA unit: an inline function
 // compiled there with AVX2 could be picked by the linker for every caller (a SIGILL on a CPU
-// without AVX2). The ISA units only use intrinsics, plain loops and this header.
+// without AVX2). The ISA units only use intrinsics, plain loops and this header (<immintrin.h>
+// itself pulls in <stdlib.h>, whose inline functions they never call); what they export is
+// checked by tests/test_cpu_kernels.py::test_isa_units_export_only_entry_points (nm).
 #pragma once
 
 #include <cstdint>
@@ -60,6 +62,8 @@ struct Semi24Weight {
 constexpr int kOk = 0;
 constexpr int kColOutOfRange = 1;
 constexpr int kColUnsorted = 2;
+constexpr int kPaddingNonZero = 3;  // bsr: a stored value in the padding past K is not 0
+constexpr int kBadMeta = 4;         // 2:4: a group's two column indices are not increasing
 
 // Scratch one worker needs for rows [r0, r1) (bsr: block rows): the Yᵀ tile of a row block (at
 // most all its rows; floats) and the K-block boundaries (int64). Same for every ISA.

@@ -3,7 +3,11 @@
 // includes no C++ library header (see spmm.h), and everything but the entry points has
 // internal linkage.
 #if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)  // clang ignores `#pragma GCC target`: give every function the attribute
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC target("avx2,fma")
+#endif
 #define SPARSE_PRUNE_HAVE_AVX2 1
 #include <immintrin.h>
 #endif
@@ -62,3 +66,7 @@ int semi24_rows(const Problem&, const Semi24Weight&, const float*, int64_t, int6
 }  // namespace avx2_f32
 }  // namespace cpu
 }  // namespace sparse_prune
+
+#if defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+#pragma clang attribute pop
+#endif

@@ -4,7 +4,11 @@
 // the panel packing and the epilogue are the AVX2 ones (spmm_x86_common.h). Like every ISA
 // unit, it includes no C++ library header and exports only its entry points.
 #if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)  // clang ignores `#pragma GCC target`: give every function the attribute
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
 #pragma GCC target("avx512f,avx2,fma")
+#endif
 #define SPARSE_PRUNE_HAVE_AVX512 1
 #include <immintrin.h>
 #endif
@@ -74,3 +78,7 @@ int semi24_rows(const Problem&, const Semi24Weight&, const float*, int64_t, int6
 }  // namespace avx512_f32
 }  // namespace cpu
 }  // namespace sparse_prune
+
+#if defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+#pragma clang attribute pop
+#endif

@@ -4,10 +4,12 @@
 
 // exp(a + b) for a + b <= 0, with a exact and |b| small (Cephes' expf: Cody-Waite reduction
 // by ln 2, degree-5 polynomial). Reducing a before adding b keeps the relative error ~1e-7
-// even when |a| is large (exp(-z²) in the GELU tails). Results below e^-87.3 flush to 0.
+// even when |a| is large (exp(-z²) in the GELU tails). Results below e^-87.3 are 0.
 inline __m256 exp_split(__m256 a, __m256 b) {
   const __m256 lo = _mm256_set1_ps(-87.3f);
-  const __m256 x = _mm256_max_ps(_mm256_add_ps(a, b), lo);
+  const __m256 sum = _mm256_add_ps(a, b);
+  const __m256 in_range = _mm256_cmp_ps(sum, lo, _CMP_GE_OQ);
+  const __m256 x = _mm256_max_ps(sum, lo);
   const __m256 fx = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)),
                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), _mm256_max_ps(a, lo));
@@ -21,7 +23,7 @@ inline __m256 exp_split(__m256 a, __m256 b) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), in_range);
 }
 
 // Exact GELU x·Φ(x) with Φ from erfc (Numerical Recipes' erfcc, fractional error < 1.2e-7),
