@@ -59,18 +59,16 @@ inline void for_blocks(const Problem& p, int64_t ub, int64_t ue, Bytes bytes, Bo
 }
 
 
-// kOk when col[begin..end) is strictly increasing within [0, limit), else the status code. A
-// branch-free pass (the compiler vectorizes it): ~0.1 cycle per index, once per call.
+// kOk when col[begin..end) is strictly increasing within [0, limit), else the status code:
+// one branch-free pass for the order (an OR reduction the compiler vectorizes; the bool version
+// was not, and cost 6% of a 90% fc1 product), then the range from the first and last entries.
 template <typename I>
 inline int check_sorted_range(const I* col, int64_t begin, int64_t end, int64_t limit) {
   if (end <= begin) return kOk;
-  bool in_range = static_cast<int64_t>(col[begin]) >= 0;
-  bool sorted = true;
-  for (int64_t q = begin; q < end; ++q) in_range &= static_cast<int64_t>(col[q]) < limit;
-  for (int64_t q = begin + 1; q < end; ++q) sorted &= col[q] > col[q - 1];
-  if (!sorted) return kColUnsorted;
-  // sorted: the first is the smallest
-  return in_range ? kOk : kColOutOfRange;
+  int unsorted = 0;
+  for (int64_t q = begin + 1; q < end; ++q) unsorted |= static_cast<int>(col[q] <= col[q - 1]);
+  if (unsorted) return kColUnsorted;
+  return static_cast<int64_t>(col[begin]) >= 0 && static_cast<int64_t>(col[end - 1]) < limit ? kOk : kColOutOfRange;
 }
 
 // b[k] = first q in [begin, end) with col[q] >= k·span (k = 0..nkb; b[nkb] = end), by binary
