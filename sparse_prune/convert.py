@@ -73,8 +73,23 @@ def check_convert_args(masks: Any, format: str, backend: str) -> None:
         raise TypeError(f"masks must be a sparse_prune.MaskSet, got {type(masks).__name__}")
 
 
+def _check_format_kw(format: str, format_kw: dict[str, Any]) -> None:
+    """A bad format argument (``block=(0, 4)``, ``round_to=0``, ``index_dtype=torch.int8``, an
+    unknown keyword) is the caller's error, raised here — not a per-layer "the mask does not fit"
+    that would leave every layer dense with only a warning."""
+    if format not in F.FORMATS:
+        return
+    try:
+        F.FORMATS[format].from_dense(torch.zeros(4, 16), torch.zeros(4, 16, dtype=torch.bool), **format_kw)
+    except TypeError as exc:
+        raise TypeError(f"format {format!r} does not take {sorted(format_kw)}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"format {format!r}: {exc}") from None
+
+
 def _precheck(format: str, backend: str, format_kw: dict[str, Any], device: torch.device) -> None:
     """Fail before any work, not layer by layer: the per-layer checks without a weight."""
+    _check_format_kw(format, format_kw)
     if backend in ("triton", "cuda") and format != "dense":
         why = backends.reason(format, backend, None, device)
         if why is None and backend == "triton":

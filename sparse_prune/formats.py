@@ -321,6 +321,9 @@ class BSR(WeightFormat):
             _need(bool((last == 0).all()), "values", "the padding past K of the last block column must be 0")
 
 
+MAX_BLOCK_SIDE = 1 << 16
+
+
 def _check_block(block) -> tuple[int, int]:
     try:
         bm, bk = block
@@ -329,6 +332,8 @@ def _check_block(block) -> tuple[int, int]:
     for v in (bm, bk):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"block must be a pair (bm, bk) of positive ints, got {block!r}")
+        if v > MAX_BLOCK_SIDE:  # the CPU kernels' bound too; a 1e9 side would pad to 4e18 bytes
+            raise ValueError(f"block sides must be at most {MAX_BLOCK_SIDE}, got {block!r}")
     return bm, bk
 
 

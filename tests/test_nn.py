@@ -223,3 +223,19 @@ def test_activation_argument_is_checked():
     layer = sp.SparseLinear(fmt, None, activation="gelu")
     x = torch.randn(3, 16)
     torch.testing.assert_close(layer(x), torch.nn.functional.gelu(x @ fmt.to_dense().t()))
+
+
+@pytest.mark.parametrize("fmt, kw, error", [
+    ("bsr", {"block": (0, 4)}, ValueError), ("bsr", {"block": (-4, 4)}, ValueError),
+    ("bsr", {"block": (4,)}, ValueError), ("bsr", {"block": "4x4"}, ValueError),
+    ("bsr", {"block": (4.0, 4.0)}, ValueError), ("bsr", {"block": (True, 4)}, ValueError),
+    ("bsr", {"block": (10**9, 10**9)}, ValueError),
+    ("shrink", {"round_to": 0}, ValueError), ("csr", {"index_dtype": torch.int8}, ValueError),
+    ("csr", {"bogus": 1}, TypeError),
+])
+def test_bad_format_arguments_raise_up_front(fmt, kw, error):
+    """A bad argument is the caller's error, not a per-layer warning leaving the model dense."""
+    model = nn.Sequential(nn.Linear(16, 8))
+    masks = sp.prune(model, "l1_unstructured", amount=0.5)
+    with pytest.raises(error, match=fmt):
+        sp.convert(model, masks, format=fmt, **kw)
