@@ -404,3 +404,20 @@ def test_isa_units_export_only_entry_points():
     public = {line.split(" ", 2)[2].split("(")[0] for line in exported if line.split()[1] == "T"}
     names = {name.rsplit("::", 1)[1] for name in public}
     assert names <= {"compiled", "pack_x", "csr_rows", "bsr_rows", "semi24_rows"}, names
+
+
+def test_semi24_metadata_check_covers_the_partial_last_word():
+    """K = 20: five groups, the second int16 word holds one; its unused nibbles are ignored."""
+    w = torch.randn(3, 20)
+    mask = torch.zeros(3, 5, 4, dtype=torch.bool)
+    mask[..., 1:3] = True
+    s = F.SemiStructured.from_dense(w, mask.reshape(3, 20))
+    x = torch.randn(2, 20)
+    junk = s.meta.clone()
+    junk[:, 1] |= 0x0F00  # an unused nibble of the last word
+    torch.testing.assert_close(torch.ops.sparse_prune.semi24_linear(x, s.values, junk, None),
+                               x @ s.to_dense().t())
+    bad = s.meta.clone()
+    bad[2, 1] = 0  # group 4 of row 2: nibble 0000
+    with pytest.raises(ValueError, match="meta"):
+        torch.ops.sparse_prune.semi24_linear(x, s.values, bad, None)
