@@ -73,28 +73,13 @@ from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import sparse_prune as sp  # noqa: E402
+from sparse_prune.timing import _cpu_name, cpu_slug  # noqa: E402
 
 HEAD = r"(^|\.)(classifier|head|heads)(\.|$)"  # the classifier stays dense (transformers/timm/torchvision)
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------- environment
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def slug(name: str) -> str:
-    name = re.sub(r"\((r|tm)\)", "", name.lower())
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
 
 
 def git_commit() -> str:
@@ -479,7 +464,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"cpu-{slug(cpu_name())}"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"cpu-{cpu_slug()}"
     started, load_start = time.time(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="cpu_peers_") as tmp:
         variants, peers = build(args, Path(tmp))
@@ -492,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": args.batch, "threads": args.threads, "torch_threads": torch.get_num_threads(),
             "rounds": args.rounds, "warmup": args.warmup, "gap_ms": args.gap_ms, "opset": args.opset,
             "tol": args.tol, "formats": args.formats, "block": args.block, "sparsity": args.sparsity,
-            "device": cpu_name(), "cpu_count": os.cpu_count(), "commit": git_commit(),
+            "device": _cpu_name(), "cpu_count": os.cpu_count(), "commit": git_commit(),
             "python": platform.python_version(), "wall_s": round(time.time() - started, 1),
             "smoke": args.rounds < 5, "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "command": " ".join(sys.argv),
             "versions": {m: version(m) for m in ("torch", "onnxruntime", "deepsparse", "onnx", "numpy",

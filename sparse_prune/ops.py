@@ -80,23 +80,29 @@ _CPU_EXTENSION_ERROR: str | None = "not loaded yet"
 CPU_EXTENSION_ABI = 1
 
 
-def _load_cpu_extension(module: str = "sparse_prune._C_cpu") -> None:
-    """Import the CPU kernels, check their schema version, let them register; record any
-    failure in :func:`cpu_extension_error` (never raised: the reference serves instead)."""
-    global _CPU_EXTENSION_ERROR
+def _load_kernels(module: str, abi: int) -> str | None:
+    """Import a compiled kernel library, check it was built for these schemas (``abi``), then
+    let it register its kernels. Returns why it is not loaded (None when it is); never raises,
+    so ``import sparse_prune`` never fails."""
     try:
         lib = importlib.import_module(module)
         built_for = lib.abi_version()
-        if built_for != CPU_EXTENSION_ABI:
+        if built_for != abi:
             raise ImportError(f"{module} was built for op schemas v{built_for}, this sparse_prune has "
-                              f"v{CPU_EXTENSION_ABI}: rebuild it (pip install --no-build-isolation -e .)")
+                              f"v{abi}: rebuild it (pip install --no-build-isolation -e .)")
         lib.register_kernels()
-    except (ImportError, AttributeError, OSError) as exc:
-        _CPU_EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
-    except RuntimeError as exc:
-        _CPU_EXTENSION_ERROR = f"{type(exc).__name__}: kernels not registered: {exc}"
-    else:
-        _CPU_EXTENSION_ERROR = None
+    except (ImportError, AttributeError, OSError) as exc:  # not built, another torch, stale, a missing .so
+        return f"{type(exc).__name__}: {exc}"
+    except RuntimeError as exc:  # registration refused (signature mismatch)
+        return f"{type(exc).__name__}: kernels not registered: {exc}"
+    return None
+
+
+def _load_cpu_extension(module: str = "sparse_prune._C_cpu") -> None:
+    """Load our CPU kernels; a failure is recorded in :func:`cpu_extension_error` and the
+    reference serves instead."""
+    global _CPU_EXTENSION_ERROR
+    _CPU_EXTENSION_ERROR = _load_kernels(module, CPU_EXTENSION_ABI)
 
 
 def has_cpu_extension() -> bool:
@@ -225,24 +231,9 @@ EXTENSION_ABI = 3
 
 
 def _load_extension(module: str = "sparse_prune._C") -> None:
-    """Import the compiled library, check it was built for these schemas, then let it register
-    its kernels. Every failure is recorded in :func:`extension_error`, never raised."""
+    """Load the CUDA kernels; a failure is recorded in :func:`extension_error`, never raised."""
     global _EXTENSION_ERROR
-    try:
-        lib = importlib.import_module(module)
-        built_for = lib.abi_version()
-        if built_for != EXTENSION_ABI:
-            raise ImportError(f"{module} was built for op schemas v{built_for}, this sparse_prune has "
-                              f"v{EXTENSION_ABI}: rebuild it (pip install --no-build-isolation -e .)")
-        lib.register_kernels()
-    except (ImportError, AttributeError) as exc:  # not built, built for another torch, or stale
-        _EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
-    except OSError as exc:  # a shared library it links against is missing
-        _EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
-    except RuntimeError as exc:  # registration refused (signature mismatch)
-        _EXTENSION_ERROR = f"{type(exc).__name__}: kernels not registered: {exc}"
-    else:
-        _EXTENSION_ERROR = None
+    _EXTENSION_ERROR = _load_kernels(module, EXTENSION_ABI)
 
 
 def has_cuda_extension() -> bool:

@@ -84,6 +84,15 @@ int64_t scratch_bounds(const Problem& p, int64_t rows);
                   T* yt);                                                                         \
   }
 
+// Entry points of an ISA unit built for another architecture: present, never called
+// (compiled() is false).
+#define SPARSE_PRUNE_ABSENT_ENTRY_POINTS                                                                   \
+  bool compiled() { return false; }                                                                        \
+  void pack_x(const Problem&, const float*, float*, int64_t, int64_t) {}                                   \
+  int csr_rows(const Problem&, const CsrWeight&, const float*, int64_t, int64_t, float*, int64_t*) { return kOk; } \
+  int bsr_rows(const Problem&, const BsrWeight&, const float*, int64_t, int64_t, float*, int64_t*) { return kOk; } \
+  int semi24_rows(const Problem&, const Semi24Weight&, const float*, int64_t, int64_t, float*) { return kOk; }
+
 namespace avx2_f32 { bool compiled(); }
 namespace avx512_f32 { bool compiled(); }
 SPARSE_PRUNE_CPU_ISA_API(avx2_f32, float)

@@ -34,32 +34,11 @@ using Avx2 = SimdMicro<Ymm, 6, 2>;
 
 }  // namespace
 
-void pack_x(const Problem& p, const float* x, float* xp, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) Avx2::pack(p, x, xp, t);
-}
-
-int csr_rows(const Problem& p, const CsrWeight& w, const float* xp, int64_t r0, int64_t r1,
-             float* yt, int64_t* bounds) {
-  return csr_dispatch<Avx2, float>(p, w, xp, r0, r1, yt, bounds);
-}
-
-int bsr_rows(const Problem& p, const BsrWeight& w, const float* xp, int64_t b0, int64_t b1,
-             float* yt, int64_t* bounds) {
-  return bsr_dispatch<Avx2, float>(p, w, xp, b0, b1, yt, bounds);
-}
-
-int semi24_rows(const Problem& p, const Semi24Weight& w, const float* xp, int64_t r0, int64_t r1,
-                float* yt) {
-  return semi24_rows_impl<Avx2, float>(p, w, xp, r0, r1, yt);
-}
+SPARSE_PRUNE_ENTRY_POINTS(Avx2, float)
 
 #else  // not x86-64: the entry points exist but are never called (compiled() is false)
 
-bool compiled() { return false; }
-void pack_x(const Problem&, const float*, float*, int64_t, int64_t) {}
-int csr_rows(const Problem&, const CsrWeight&, const float*, int64_t, int64_t, float*, int64_t*) { return kOk; }
-int bsr_rows(const Problem&, const BsrWeight&, const float*, int64_t, int64_t, float*, int64_t*) { return kOk; }
-int semi24_rows(const Problem&, const Semi24Weight&, const float*, int64_t, int64_t, float*) { return kOk; }
+SPARSE_PRUNE_ABSENT_ENTRY_POINTS
 
 #endif
 

@@ -267,3 +267,21 @@ inline void semi24_columns(const int16_t* meta, int64_t g, int64_t& c0, int64_t&
   c0 = 4 * g + (nib & 3u);
   c1 = 4 * g + ((nib >> 2) & 3u);
 }
+
+// The entry points of an ISA unit (spmm.h's API), for micro-kernel policy Mi over type T;
+// expanded by each unit inside its own ISA namespace, outside the anonymous one.
+#define SPARSE_PRUNE_ENTRY_POINTS(Mi, T)                                                                     \
+  void pack_x(const Problem& p, const T* x, T* xp, int64_t t0, int64_t t1) {                               \
+    for (int64_t t = t0; t < t1; ++t) Mi::pack(p, x, xp, t);                                               \
+  }                                                                                                        \
+  int csr_rows(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0, int64_t r1, T* yt,           \
+               int64_t* bounds) {                                                                          \
+    return csr_dispatch<Mi, T>(p, w, xp, r0, r1, yt, bounds);                                              \
+  }                                                                                                        \
+  int bsr_rows(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0, int64_t b1, T* yt,           \
+               int64_t* bounds) {                                                                          \
+    return bsr_dispatch<Mi, T>(p, w, xp, b0, b1, yt, bounds);                                              \
+  }                                                                                                        \
+  int semi24_rows(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1, T* yt) {   \
+    return semi24_rows_impl<Mi, T>(p, w, xp, r0, r1, yt);                                                  \
+  }

@@ -103,29 +103,13 @@ struct Portable {
 
 }  // namespace
 
-#define SPARSE_PRUNE_PORTABLE_ENTRIES(ns, T)                                                          \
-  namespace ns {                                                                                      \
-  void pack_x(const Problem& p, const T* x, T* xp, int64_t t0, int64_t t1) {                          \
-    for (int64_t t = t0; t < t1; ++t) Portable<T>::pack(p, x, xp, t);                                 \
-  }                                                                                                   \
-  int csr_rows(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0, int64_t r1, T* yt,      \
-               int64_t* bounds) {                                                                     \
-    return csr_dispatch<Portable<T>, T>(p, w, xp, r0, r1, yt, bounds);                                \
-  }                                                                                                   \
-  int bsr_rows(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0, int64_t b1, T* yt,      \
-               int64_t* bounds) {                                                                     \
-    return bsr_dispatch<Portable<T>, T>(p, w, xp, b0, b1, yt, bounds);                                \
-  }                                                                                                   \
-  int semi24_rows(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1,       \
-                  T* yt) {                                                                            \
-    return semi24_rows_impl<Portable<T>, T>(p, w, xp, r0, r1, yt);                                    \
-  }                                                                                                   \
-  }
+namespace portable_f32 {
+SPARSE_PRUNE_ENTRY_POINTS(Portable<float>, float)
+}
+namespace portable_f64 {
+SPARSE_PRUNE_ENTRY_POINTS(Portable<double>, double)
+}
 
-SPARSE_PRUNE_PORTABLE_ENTRIES(portable_f32, float)
-SPARSE_PRUNE_PORTABLE_ENTRIES(portable_f64, double)
-
-#undef SPARSE_PRUNE_PORTABLE_ENTRIES
 
 int64_t scratch_floats(const Problem& p, int64_t rows) { return rows * p.tile; }
 
