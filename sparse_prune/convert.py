@@ -79,8 +79,10 @@ def _check_format_kw(format: str, format_kw: dict[str, Any]) -> None:
     that would leave every layer dense with only a warning."""
     if format not in F.FORMATS:
         return
+    # `coupled` (shrink) is convert's own keyword, not the format's
+    kw = {k: v for k, v in format_kw.items() if not (format == "shrink" and k == "coupled")}
     try:
-        F.FORMATS[format].from_dense(torch.zeros(4, 16), torch.zeros(4, 16, dtype=torch.bool), **format_kw)
+        F.FORMATS[format].from_dense(torch.zeros(4, 16), torch.zeros(4, 16, dtype=torch.bool), **kw)
     except TypeError as exc:
         raise TypeError(f"format {format!r} does not take {sorted(format_kw)}: {exc}") from None
     except ValueError as exc:
