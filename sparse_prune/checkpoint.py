@@ -9,7 +9,9 @@ plain parameters and every SparseLinear's format arrays) and ``manifest.json``:
 * ``sparse_linear`` — per SparseLinear: format name, shape, static fields, the backend that
   was asked for (``requested_backend``, re-resolved for the loading machine's device) and the
   one that ran when saved (``backend``, for the record);
-* ``dense_shapes`` — shapes before the cut of Linears cut by shrinking (for ``report``).
+* ``dense_shapes`` — shapes before the cut of Linears cut by shrinking (for ``report``);
+* ``weights_token`` — a random token also stored in ``model.safetensors``' metadata: the pair
+  is written crash-safely (temporary files, fsync, renames) and a mismatched pair is refused.
 
 ``load`` needs no original weights: the skeleton only supplies the architecture.
 """
@@ -19,14 +21,16 @@ from __future__ import annotations
 import copy
 import json
 import os
+import uuid
 import warnings
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparse_prune import backends
+from sparse_prune import atomic, backends
 from sparse_prune import formats as F
 from sparse_prune.constants import BACKENDS
 from sparse_prune.convert import PLAN_ATTR, parent_of
@@ -37,6 +41,7 @@ from sparse_prune.structure import find_groups, gelu_sites
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+TOKEN_KEY = "sparse_prune_weights_token"
 
 
 def _manifest(model: nn.Module) -> dict[str, Any]:
@@ -72,9 +77,41 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         tensors[key] = value.clone().contiguous() if ptr in seen else value.contiguous()
         if ptr != -1:
             seen.add(ptr)
-    save_file(tensors, os.path.join(directory, WEIGHTS))
-    with open(os.path.join(directory, MANIFEST), "w") as fh:
-        json.dump(_manifest(model), fh, indent=1)
+    # Crash-safe (sparse_prune.atomic): both files are written and fsynced under temporary
+    # names first, then renamed weights-then-manifest; a save killed while writing leaves the
+    # old checkpoint whole. The two files share a random token (safetensors metadata and the
+    # manifest), so the one torn state left — killed between the two renames — is refused at
+    # load instead of pairing new weights with the old manifest.
+    token = uuid.uuid4().hex
+    manifest = {**_manifest(model), "weights_token": token}
+    weights = os.path.join(directory, WEIGHTS)
+    tmp_weights = atomic.write_temp(weights, lambda p: save_file(tensors, p, metadata={TOKEN_KEY: token}))
+    try:
+        tmp_manifest = atomic.write_temp(os.path.join(directory, MANIFEST),
+                                         lambda p: _write_json(p, manifest))
+    except BaseException:
+        os.unlink(tmp_weights)
+        raise
+    atomic.commit(tmp_weights, weights)
+    atomic.commit(tmp_manifest, os.path.join(directory, MANIFEST))
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+
+
+def _check_token(manifest: dict[str, Any], weights: str) -> None:
+    """The weights file must be the one the manifest was written with (see :func:`save`);
+    checkpoints from before the token carry none and are not checked."""
+    token = manifest.get("weights_token")
+    if token is None:
+        return
+    with safe_open(weights, framework="pt") as fh:
+        found = (fh.metadata() or {}).get(TOKEN_KEY)
+    if found != token:
+        raise ValueError(f"{weights} does not belong to the manifest beside it (an interrupted or mixed "
+                         "save); save the model again")
 
 
 def _read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
@@ -208,6 +245,7 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
     manifest = _read_manifest(directory)
     params = next(iter(skeleton.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
+    _check_token(manifest, os.path.join(directory, WEIGHTS))
     tensors = load_file(os.path.join(directory, WEIGHTS), device=str(device))
     _check_entries(manifest["sparse_linear"], tensors)
     work = copy.deepcopy(skeleton)

@@ -211,13 +211,16 @@ class MaskSet(Mapping):
         ``"weight:<name>"`` keys listed in the metadata) to a safetensors file."""
         from safetensors.torch import save_file
 
+        from sparse_prune import atomic
+
         tensors = {n: m.detach().cpu().contiguous() for n, m in self._masks.items()}
         keys = {_WEIGHT_PREFIX + n: n for n in self._weights}
         tensors.update({k: self._weights[n].detach().cpu().contiguous() for k, n in keys.items()})
         meta = {_META_KEY: json.dumps(self.info, default=str), _ORDER_KEY: json.dumps(list(self._masks))}
         if keys:
             meta[_WEIGHTS_KEY] = json.dumps(keys)
-        save_file(tensors, os.fspath(path), metadata=meta)
+        # crash-safe: a temporary file, fsynced, renamed over `path` (sparse_prune.atomic)
+        atomic.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> MaskSet:

@@ -105,10 +105,15 @@ def test_other_architecture_refused(saved, timm_vit):
 
 
 def test_malformed_arrays_refused(saved, hf_vit):
-    tensors = load_file(os.path.join(saved, "model.safetensors"))
+    from safetensors import safe_open
+
+    path = os.path.join(saved, "model.safetensors")
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata()  # keep the manifest's token: only the array is tampered with
+    tensors = load_file(path)
     key = "vit.layers.0.mlp.fc1.in_index"
     tensors[key] = tensors[key].flip(0).contiguous()  # no longer increasing
-    save_file(tensors, os.path.join(saved, "model.safetensors"))
+    save_file(tensors, path, metadata=meta)
     with pytest.raises(ValueError, match="in_index"):
         sp.load(hf_vit, saved)
 
@@ -149,3 +154,31 @@ def test_a_bad_entry_late_in_the_manifest_leaves_the_skeleton_untouched(hf_vit, 
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert [(n, type(m)) for n, m in skeleton.named_modules()] == modules_before
     assert skeleton.vit.layers[0].attention.q_proj.out_features == 32  # not cut
+
+
+def test_save_is_crash_safe_and_pairs_are_checked(saved, hf_vit, tmp_path, monkeypatch):
+    """A save killed while writing leaves the old checkpoint loadable; new weights beside an old
+    manifest (killed between the two renames) are refused, not loaded into wrong logits."""
+    import shutil
+
+    from sparse_prune import atomic, checkpoint
+
+    before = sorted(os.listdir(saved))
+    reference = sp.load(copy.deepcopy(hf_vit), saved)
+
+    def killed(path, write):  # the manifest write dies half-way
+        raise KeyboardInterrupt
+
+    real = atomic.write_temp
+    monkeypatch.setattr(atomic, "write_temp", lambda path, write: real(path, write)
+                        if str(path).endswith(".safetensors") else killed(path, write))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(reference, saved)
+    monkeypatch.setattr(atomic, "write_temp", real)
+    assert sorted(os.listdir(saved)) == before  # no temporary file left, old files untouched
+    sp.load(copy.deepcopy(hf_vit), saved)  # still whole
+    other = tmp_path / "other"
+    sp.save(reference, other)
+    shutil.copy(other / "model.safetensors", os.path.join(saved, "model.safetensors"))
+    with pytest.raises(ValueError, match="does not belong to the manifest"):
+        sp.load(copy.deepcopy(hf_vit), saved)

@@ -1,0 +1,51 @@
+"""Crash-safe file writes: a file is written beside its target under a temporary name, flushed
+to disk (``fsync``), then renamed over the target (``os.replace``, atomic on POSIX and Windows)
+and the directory entry flushed. A write killed at any moment leaves the old file or the new one
+whole, never a truncated mix."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+
+
+def _fsync_dir(directory: str) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_temp(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """``write(tmp)`` fills a new temporary file beside ``path``; it is then fsynced and its
+    name returned (the caller renames it with :func:`commit`). On any error the temporary file
+    is removed and the error raised."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def commit(tmp: str, path: str | os.PathLike) -> None:
+    """Rename the fsynced temporary file ``tmp`` over ``path`` and flush the directory."""
+    os.replace(tmp, os.fspath(path))
+    _fsync_dir(os.path.dirname(os.path.abspath(os.fspath(path))))
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write ``path`` crash-safely: ``write(tmp)`` fills a temporary file, then it replaces ``path``."""
+    commit(write_temp(path, write), path)
