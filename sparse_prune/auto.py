@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparse_prune import backends
+from sparse_prune import backends, ops
 from sparse_prune import formats as F
 from sparse_prune.agreement import Mismatch, check_matches, reference_dtype
 from sparse_prune.masks import MaskSet
@@ -96,8 +96,6 @@ def _versions(device: torch.device) -> str:
         import triton as _triton
 
         triton = _triton.__version__
-    from sparse_prune import ops
-
     return (f"{describe_device(device)}|torch {torch.__version__}|triton {triton}|cuda {torch.version.cuda}"
             f"|cpu kernels {ops.cpu_isa()}")
 

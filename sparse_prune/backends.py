@@ -4,7 +4,7 @@ may time, and the one table ``(format, backend) -> kernel``.
 Backends a user asks for (:data:`~sparse_prune.constants.BACKENDS`):
 
 * ``"auto"`` — on the CPU, ``torch``: the op's CPU kernel, which is ours for csr/bsr/2:4
-  (csrc/cpu/: AVX2+FMA or portable, bias and GELU fused; :func:`sparse_prune.ops.cpu_isa`) and
+  (csrc/cpu/: AVX-512, AVX2+FMA or portable, bias and GELU fused; :func:`sparse_prune.ops.cpu_isa`) and
   the reference (rebuild + ``F.linear``) where that library is not loaded; on CUDA, our csrc/ kernel where it fits, else
   our Triton kernel where it fits, else ``dense``: the masked weight materialized once and run
   by cuBLAS. ``auto`` never rebuilds the weight per call on a GPU.
@@ -380,5 +380,4 @@ def cpu_kernel_runs(format_name: str, device: torch.device | str) -> bool:
     """Whether ``backend="torch"`` runs our CPU kernel (csrc/cpu/) for ``format_name`` on
     ``device``, rather than the reference's dense rebuild."""
     return (torch.device(device).type == "cpu" and ops.has_cpu_extension()
-            and {"csr": "csr_linear", "bsr": "bsr_linear", "2:4": "semi24_linear"}.get(format_name)
-            in ops.CPU_KERNEL_OPS)
+            and ops.LINEAR_OPS.get(format_name) in ops.CPU_KERNEL_OPS)

@@ -209,8 +209,10 @@ def _pick_a_point(latency_rows: Sequence[dict[str, Any]], accuracy_rows: Sequenc
              "Speedup: ViT-B/16 batch 1 on this machine (table above); accuracy: the digits ViT (one-shot, and "
              "after the study's finetuning). Blank: that format/sparsity was not timed.\n",
              "| method | format | sparsity | speedup | accuracy one-shot | accuracy finetuned |", "|---|---|---|---|---|---|"]
-    tuned = {(r["method"], str(r.get("block")), r["amount"]): r for r in accuracy_rows
-             if r.get("finetuned") and not r.get("pattern")}
+    def key(r: dict[str, Any]) -> tuple:
+        return r["method"], str(r.get("block")), r.get("pattern"), r["amount"]
+
+    tuned = {key(r): r for r in accuracy_rows if r.get("finetuned")}
     for r in accuracy_rows:
         fmt = "2:4" if r.get("pattern") == "2:4" else METHOD_FORMAT.get(r["method"])
         if r.get("finetuned") or fmt is None or (r.get("pattern") and fmt != "2:4"):
@@ -218,10 +220,7 @@ def _pick_a_point(latency_rows: Sequence[dict[str, Any]], accuracy_rows: Sequenc
         near = [s for s in speed if s["format"] == fmt and abs(s["sparsity"] - r["sparsity"]) <= 0.05
                 and (fmt != "bsr" or s.get("block") == r.get("block"))]
         label = fmt + (f" {r['block'][0]}x{r['block'][1]}" if r.get("block") else "")
-        t = tuned.get((r["method"], str(r.get("block")), r["amount"]))
-        if r.get("pattern"):
-            t = next((u for u in accuracy_rows if u.get("finetuned") and u["method"] == r["method"]
-                      and u.get("pattern") == r["pattern"]), None)
+        t = tuned.get(key(r))
         lines.append(f"| {r['method']} | {label} | {r['sparsity']:.2f} | "
                      f"{format(near[0]['speedup'], '.2f') + 'x' if near else ''} | {100 * r['accuracy']:.1f}% | "
                      f"{'' if t is None else format(100 * t['accuracy'], '.1f') + '%'} |")

@@ -4,8 +4,8 @@ One op per format (pytorch/extension-cpp's pattern): ``dense_linear``, ``csr_lin
 ``bsr_linear``, ``semi24_linear``, ``shrunk_linear`` compute ``Y [M, N] = X [M, K]·Wᵀ (+ bias)``
 with W held in that format, plus ``compress_2to4``/``decompress_2to4``.
 
-* **CPU**: our C++ kernels (csrc/cpu/, ``sparse_prune._C_cpu``: AVX2+FMA where the CPU has
-  it, a portable path elsewhere) for ``csr_linear``, ``bsr_linear`` and ``semi24_linear``; the
+* **CPU**: our C++ kernels (csrc/cpu/, ``sparse_prune._C_cpu``: AVX-512 or AVX2+FMA where the
+  CPU has them, a portable path elsewhere) for ``csr_linear``, ``bsr_linear`` and ``semi24_linear``; the
   pure-PyTorch reference (:mod:`sparse_prune.kernels.reference`) for the others, and for all
   of them when that library is not loaded (:func:`cpu_extension_error` says why).
 * **CUDA**: our fastest kernel for the format — the csrc/ kernels (``TORCH_LIBRARY_IMPL(

@@ -81,11 +81,13 @@ int64_t env_int(const char* name, int64_t fallback) {
 // as few tiles as that allows, balanced (M = 197 -> 5 x 40 for AVX2, 2 x 112 for AVX-512), so
 // no narrow last tile pays the per-weight cost of a full one for a few tokens.
 Problem plan(int64_t M, int64_t N, int64_t K, int64_t block_cols, int64_t lanes, int64_t max_tile,
-             double stored_per_row) {
+             double stored_per_row, const at::Tensor& bias, bool gelu) {
   Problem p;
   p.M = M;
   p.N = N;
   p.K = K;
+  p.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  p.gelu = gelu;
   max_tile = std::min<int64_t>(max_tile, env_int("SPARSE_PRUNE_CPU_TILE", max_tile) / lanes * lanes);
   TORCH_CHECK_VALUE(max_tile >= lanes, "SPARSE_PRUNE_CPU_TILE must be at least ", lanes, " here");
   const auto round_up = [lanes](int64_t v) { return std::max<int64_t>(lanes, (v + lanes - 1) / lanes * lanes); };
@@ -290,6 +292,20 @@ at::Tensor finish(at::Tensor y, const at::Tensor& x) {
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
+// fn(u0, u1) -> status for each worker's units [cut[i], cut[i+1]) (rows or block rows), on
+// torch's threads when there is more than one worker; then the first bad status is raised.
+template <class Fn>
+void run_workers(const char* op, const std::vector<int64_t>& cut, const char* what, Fn fn) {
+  const int64_t workers = static_cast<int64_t>(cut.size()) - 1;
+  std::vector<int> status(workers, kOk);
+  auto work = [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i)
+      if (cut[i + 1] > cut[i]) status[i] = fn(cut[i], cut[i + 1]);
+  };
+  if (workers > 1) at::parallel_for(0, workers, 1, work); else work(0, workers);
+  check_status(op, status, what);
+}
+
 }  // namespace
 
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
@@ -311,9 +327,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   const at::Tensor xc = as_compute(x, ct), vc = as_compute(values, ct), cc = col.contiguous();
   const at::Tensor bc = b ? as_compute(*b, ct) : at::Tensor();
   const Isa isa = isa_for(ct);
-  Problem p = plan(M, N, K, 1, isa.lanes, isa.max_tile, static_cast<double>(nnz) / N);
-  p.bias = bc.defined() ? bc.data_ptr() : nullptr;
-  p.gelu = gelu;
+  Problem p = plan(M, N, K, 1, isa.lanes, isa.max_tile, static_cast<double>(nnz) / N, bc, gelu);
   const int64_t workers = worker_count(2.0 * nnz * M);
   auto [xp, y] = prepare(isa, p, xc, workers);
   const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;
@@ -321,18 +335,11 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   at::Tensor yt = scratch(1, scratch_floats(p, N), xc.options());
   at::Tensor bounds = scratch(2, scratch_bounds(p, N), crow64.options());
   CsrWeight w{vc.data_ptr(), crow64.data_ptr<int64_t>(), cc.data_ptr(), ib};
-  std::vector<int> status(workers, kOk);
-  auto work = [&](int64_t a, int64_t e) {
-    for (int64_t i = a; i < e; ++i) {
-      const int64_t r0 = cut[i], r1 = cut[i + 1];
-      if (r1 <= r0) continue;
-      status[i] = isa.csr(p, w, xp.data_ptr(), r0, r1,
-                          static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size(),
-                          bounds.data_ptr<int64_t>() + scratch_bounds(p, r0));
-    }
-  };
-  if (workers > 1) at::parallel_for(0, workers, 1, work); else work(0, 1);
-  check_status(op, status, "column");
+  run_workers(op, cut, "column", [&](int64_t r0, int64_t r1) {
+    return isa.csr(p, w, xp.data_ptr(), r0, r1,
+                   static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size(),
+                   bounds.data_ptr<int64_t>() + scratch_bounds(p, r0));
+  });
   return finish(y, x);
 }
 
@@ -360,9 +367,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   const at::Tensor xc = as_compute(x, ct), vc = as_compute(values, ct), cc = col.contiguous();
   const at::Tensor bc = b ? as_compute(*b, ct) : at::Tensor();
   const Isa isa = isa_for(ct);
-  Problem p = plan(M, N, K, bk, isa.lanes, isa.max_tile, static_cast<double>(nb) * bk / ((N + bm - 1) / bm));
-  p.bias = bc.defined() ? bc.data_ptr() : nullptr;
-  p.gelu = gelu;
+  Problem p = plan(M, N, K, bk, isa.lanes, isa.max_tile, static_cast<double>(nb) * bk / nbr, bc, gelu);
   const int64_t workers = worker_count(2.0 * nb * bm * bk * M);
   auto [xp, y] = prepare(isa, p, xc, workers);
   // cost of a block row: its stored weights (crow counts blocks: scale by the block size)
@@ -374,18 +379,11 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   at::Tensor yt = scratch(1, scratch_floats(p, N), xc.options());  // workers write rows < N only
   at::Tensor bounds = scratch(2, scratch_bounds(p, nbr), crow64.options());
   BsrWeight w{vc.data_ptr(), c64, cc.data_ptr(), ib, bm, bk};
-  std::vector<int> status(workers, kOk);
-  auto work = [&](int64_t a, int64_t e) {
-    for (int64_t i = a; i < e; ++i) {
-      const int64_t b0 = cut[i], b1 = cut[i + 1];
-      if (b1 <= b0) continue;
-      status[i] = isa.bsr(p, w, xp.data_ptr(), b0, b1,
-                          static_cast<char*>(yt.data_ptr()) + scratch_floats(p, b0 * bm) * yt.element_size(),
-                          bounds.data_ptr<int64_t>() + scratch_bounds(p, b0));
-    }
-  };
-  if (workers > 1) at::parallel_for(0, workers, 1, work); else work(0, 1);
-  check_status(op, status, "block column");
+  run_workers(op, cut, "block column", [&](int64_t b0, int64_t b1) {
+    return isa.bsr(p, w, xp.data_ptr(), b0, b1,
+                   static_cast<char*>(yt.data_ptr()) + scratch_floats(p, b0 * bm) * yt.element_size(),
+                   bounds.data_ptr<int64_t>() + scratch_bounds(p, b0));
+  });
   return finish(y, x);
 }
 
@@ -409,9 +407,7 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const at::Tensor xc = as_compute(x, ct), vc = as_compute(values, ct), mc = meta.contiguous();
   const at::Tensor bc = b ? as_compute(*b, ct) : at::Tensor();
   const Isa isa = isa_for(ct);
-  Problem p = plan(M, N, K, 1, isa.lanes, isa.max_tile, K / 2.0);
-  p.bias = bc.defined() ? bc.data_ptr() : nullptr;
-  p.gelu = gelu;
+  Problem p = plan(M, N, K, 1, isa.lanes, isa.max_tile, K / 2.0, bc, gelu);
   const int64_t workers = worker_count(1.0 * N * K * M);
   auto [xp, y] = prepare(isa, p, xc, workers);
   std::vector<int64_t> cum(N + 1);
@@ -419,17 +415,10 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const std::vector<int64_t> cut = split(cum.data(), N, 0, workers);
   at::Tensor yt = scratch(1, scratch_floats(p, N), xc.options());
   Semi24Weight w{vc.data_ptr(), mc.data_ptr<int16_t>(), mc.size(1)};
-  std::vector<int> status(workers, kOk);
-  auto work = [&](int64_t a, int64_t e) {
-    for (int64_t i = a; i < e; ++i) {
-      const int64_t r0 = cut[i], r1 = cut[i + 1];
-      if (r1 <= r0) continue;
-      status[i] = isa.semi(p, w, xp.data_ptr(), r0, r1,
-                           static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size());
-    }
-  };
-  if (workers > 1) at::parallel_for(0, workers, 1, work); else work(0, 1);
-  check_status(op, status, "column");
+  run_workers(op, cut, "column", [&](int64_t r0, int64_t r1) {
+    return isa.semi(p, w, xp.data_ptr(), r0, r1,
+                    static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size());
+  });
   return finish(y, x);
 }
 
