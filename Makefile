@@ -1,5 +1,6 @@
 # make test  : create .venv if missing, install torch + the project (compiles csrc/ where a
-#              CUDA toolkit exists), run ruff and the test suite.
+#              CUDA toolkit exists, csrc/sm90/ too: SPARSE_PRUNE_SM90=1 below), run ruff,
+#              check the sdist (sdist-check) and run the test suite.
 # make gpu   : GPU machine only: build in place with its torch, tests, benchmarks (benchmarks/gpu.sh).
 # make demo  : same set-up, then the main job (`sparse-prune demo`: pruning, latency vs dense,
 #              the quick accuracy study; results/demo/report.md).
@@ -10,16 +11,21 @@ STAMP  := $(VENV)/.installed
 
 # torch guesses /usr/local when CUDA_HOME is unset and then fails to link -lcudart.
 export CUDA_HOME ?= /usr/local/cuda
-export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# A plain `pip install .` builds the Hopper extension (sparse_prune._C_sm90) only for an sm_90
+# GPU or 9.0a in TORCH_CUDA_ARCH_LIST; `make` (and so CI: .ci/run -> make test) asks for it so
+# that its compile stays proven on every machine with a toolkit. `SPARSE_PRUNE_SM90=0 make` skips it.
+export SPARSE_PRUNE_SM90 ?= 1
+# MAX_JOBS: unset, setup.py picks one per extension from the usable cores and available memory
+# (build_tools/sparse_prune_build.py: default_max_jobs); set it to override.
 
-.PHONY: setup test demo lint clean gpu micro
+.PHONY: setup test demo lint clean gpu micro sdist-check
 
 # CUTLASS headers for the sm_90a extension (sparse_prune._C_sm90): the nvidia-cutlass wheel
 # carries them under cutlass_library/source; --no-deps because only the headers are used.
 CUTLASS_PIN ?= nvidia-cutlass==4.2.0.0
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) $(wildcard csrc/cpu/*) $(wildcard csrc/sm90/*)
+$(STAMP): pyproject.toml setup.py build_tools/sparse_prune_build.py $(wildcard csrc/*) $(wildcard csrc/cpu/*) $(wildcard csrc/sm90/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet setuptools wheel ninja
 	$(BIN)/pip install --quiet "torch>=2.6"
@@ -33,9 +39,15 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*) $(wildcard csrc/cpu/*) $(wi
 setup: $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check sparse_prune tests benchmarks setup.py
+	$(BIN)/ruff check sparse_prune tests benchmarks setup.py build_tools
 
-test: setup lint
+# Build the sdist, check it against `git ls-files` (sm90 headers, csrc/cpu, tests/conftest.py,
+# LICENSE, py.typed, ...) and pip-install it with SPARSE_PRUNE_CUDA=0 into a throwaway venv that
+# borrows .venv's torch (--no-build-isolation: nothing is downloaded; ~1-2 min, the CPU kernels).
+sdist-check: setup
+	$(BIN)/python build_tools/check_sdist.py
+
+test: setup lint sdist-check
 	$(BIN)/python -m pytest -q
 
 demo: setup
@@ -51,4 +63,4 @@ gpu:
 	GPU_STAGES="$(GPU_STAGES)" bash benchmarks/gpu.sh
 
 clean:
-	rm -rf build *.egg-info sparse_prune/_C*.so
+	rm -rf build dist *.egg-info sparse_prune/_C*.so

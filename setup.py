@@ -226,6 +226,8 @@ def _extensions():
     """([ext_modules], {cmdclass}): the CPU kernels and the CUDA extensions, each where it can."""
     cpu = _cpu_extension()
     cuda_flag = spb.env_flag(os.environ, "SPARSE_PRUNE_CUDA")
+    if cpu is None and cuda_flag == "0":
+        return [], {}  # nothing to compile: a pure-Python wheel, torch not even imported
     try:
         from torch.utils.cpp_extension import BuildExtension
     except ImportError:
