@@ -151,6 +151,26 @@ struct Avx512 : SimdMicro<Zmm, 8, 4> {
     }
     if (r16 < r1 - r0) X86Common::epilogue(p, yt + r16 * p.tile, t, r0 + r16, r1);
   }
+
+  // X86Common::to_panels on 16 lanes (tile widths are multiples of 16 here).
+  static void to_panels(const Problem& p, const float* yt, int64_t t, int64_t r0, int64_t r1) {
+    const int64_t valid = p.M - t * p.tile < p.tile ? p.M - t * p.tile : p.tile;
+    const int64_t width = tile_width(p, t);
+    const float* bias = static_cast<const float*>(p.bias);
+    float* panel = static_cast<float*>(p.y_panels) + t * p.y_kp * p.tile;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* s = yt + (r - r0) * p.tile;
+      float* d = panel + r * width;
+      const __m512 bv = _mm512_set1_ps(bias ? bias[r] : 0.0f);
+      for (int64_t j = 0; j < width; j += 16) {
+        __m512 o = _mm512_add_ps(_mm512_loadu_ps(s + j), bv);
+        if (p.gelu) o = gelu16(o);
+        const int64_t left = valid - j;  // the tokens past M are 0 in a panel
+        const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+        _mm512_storeu_ps(d + j, _mm512_maskz_mov_ps(keep, o));
+      }
+    }
+  }
 };
 
 }  // namespace

@@ -40,6 +40,12 @@ inline void with_vectors(int64_t v, F&& f) {
 // Tokens in tile t: every tile is p.tile wide but the last (p.last_tile).
 inline int64_t tile_width(const Problem& p, int64_t t) { return t + 1 == p.ntiles ? p.last_tile : p.tile; }
 
+// The epilogue of rows [r0, r1) of tile t: into Y, or into the next layer's panels.
+template <class Mi, typename T>
+inline void emit(const Problem& p, const T* yt, int64_t t, int64_t r0, int64_t r1) {
+  if (p.y_panels) Mi::to_panels(p, yt, t, r0, r1); else Mi::epilogue(p, yt, t, r0, r1);
+}
+
 // body(t, u0, u1) for every (tile group, block of units, tile of the group), in that nesting:
 // units (rows, or bsr block rows) [ub, ue) are cut into blocks whose bytes(u0, u1) stay within
 // p.weight_budget (at least one unit each), tiles into groups of about p.panel_budget bytes.
@@ -119,7 +125,7 @@ int csr_rows_impl(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0,
         }
       }
     });
-    Mi::epilogue(p, yt, t, r0 + u0, r0 + u1);
+    emit<Mi>(p, yt, t, r0 + u0, r0 + u1);
   });
   return kOk;
 }
@@ -171,7 +177,7 @@ int bsr_rows_impl(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0,
         }
       }
     });
-    Mi::epilogue(p, yt, t, ya, yb);
+    emit<Mi>(p, yt, t, ya, yb);
   });
   return kOk;
 }
@@ -235,7 +241,7 @@ int semi24_rows_impl(const Problem& p, const Semi24Weight& w, const T* xp, int64
         }
       }
     });
-    Mi::epilogue(p, yt, t, r0 + u0, r0 + u1);
+    emit<Mi>(p, yt, t, r0 + u0, r0 + u1);
   });
   return kOk;
 }
