@@ -82,7 +82,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 // as few tiles as that allows, balanced (M = 197 -> 5 x 40 for AVX2, 2 x 112 for AVX-512), so
 // no narrow last tile pays the per-weight cost of a full one for a few tokens.
 Problem plan(int64_t M, int64_t N, int64_t K, int64_t block_cols, int64_t lanes, int64_t max_tile,
-             double stored_per_row, const at::Tensor& bias, bool gelu) {
+             double stored_per_row, double segment, const at::Tensor& bias, bool gelu) {
   Problem p;
   p.M = M;
   p.N = N;
@@ -107,7 +107,8 @@ Problem plan(int64_t M, int64_t N, int64_t K, int64_t block_cols, int64_t lanes,
   // and on 2:4.
   const int64_t l1_cols = std::max<int64_t>(16, 24576 / (p.tile * 4) / 16 * 16);
   const double per_col = stored_per_row / std::max<int64_t>(1, K);
-  const int64_t sparse_cols = per_col > 0 ? static_cast<int64_t>(96.0 / per_col) : K;
+  segment = static_cast<double>(env_int("SPARSE_PRUNE_CPU_SEGMENT", static_cast<int64_t>(segment)));
+  const int64_t sparse_cols = per_col > 0 ? static_cast<int64_t>(segment / per_col) : K;
   int64_t kb = env_int("SPARSE_PRUNE_CPU_KBLOCK", std::min<int64_t>(std::max<int64_t>(l1_cols, sparse_cols), std::max<int64_t>(K, 16)));
   kb = std::max<int64_t>(16, std::min<int64_t>(kb, std::max<int64_t>(K, 16)) / 16 * 16);
   if (block_cols > 1) kb = std::max<int64_t>(block_cols, kb / block_cols * block_cols);
@@ -321,6 +322,7 @@ struct Layer {
   int64_t rows_per_unit = 1;      // bsr: bm
   std::vector<int64_t> cum;       // cost prefix over units (stored weights)
   int64_t alpha_per_kblock = 0;   // per-unit fixed cost of each K-block segment, in weights
+  double segment = 96;            // stored weights a row's K-block segment aims at (plan())
   at::Tensor vc, crow64, cc, mc, bc;  // kept alive for the kernels
   CsrWeight csr;
   BsrWeight bsr;
@@ -423,7 +425,7 @@ Layer semi_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType 
 }
 
 Problem plan_layer(const Layer& l, int64_t M, const Isa& isa, bool gelu) {
-  return plan(M, l.N, l.K, l.block_cols, isa.lanes, isa.max_tile, l.stored_per_row, l.bc, gelu);
+  return plan(M, l.N, l.K, l.block_cols, isa.lanes, isa.max_tile, l.stored_per_row, l.segment, l.bc, gelu);
 }
 
 // Y (or, with p.y_panels set, the next layer's panels) of layer l from the panels xp, on
