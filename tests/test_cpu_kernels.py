@@ -384,6 +384,18 @@ def test_kblock_knob_is_clamped(monkeypatch):
     _check(F.CSR.from_dense(w, mask), x, b)
 
 
+@pytest.mark.parametrize("k, density", [(200, 0.5), (1300, 0.85)])  # rows of ~100 and ~1100 entries
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_many_kblocks_short_and_long_rows(isa, no_reference, monkeypatch, k, density, index_dtype):
+    """K-blocks of 16 columns: the block bounds of short rows are counted, of long rows (> 1024
+    entries) binary-searched; both must cut every row where a plain scan would."""
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_KBLOCK", "16")
+    w, mask, x, b = _problem(21, 9, k, density)
+    _check(F.CSR.from_dense(w, mask, index_dtype=index_dtype), x, b)
+    _check(F.BSR.from_dense(w, mask, block=(4, 1)), x, b)
+    _check(F.SemiStructured.from_dense(w, _two_four(w)), x, b)
+
+
 def test_float64_report_names_the_portable_kernel():
     import sparse_prune as sp
 
