@@ -1,6 +1,8 @@
 # make test  : create .venv if missing, install torch + the project (compiles csrc/ where a
 #              CUDA toolkit exists), run ruff and the test suite.
 # make gpu   : GPU machine only: build in place with its torch, tests, benchmarks (benchmarks/gpu.sh).
+# make gpu-compile : every Triton kernel x autotune config x dtype x flag compiled for sm_80 and
+#              sm_90 on the CPU (shared memory, tensor-core MMA; sparse_prune/kernels/triton_aot.py).
 # make demo  : same set-up, then the main job (`sparse-prune demo`: pruning, latency vs dense,
 #              the quick accuracy study; results/demo/report.md).
 PYTHON ?= python3
@@ -13,7 +15,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: setup test demo lint clean gpu micro
+.PHONY: setup test demo lint clean gpu micro gpu-compile
 
 # CUTLASS headers for the sm_90a extension (sparse_prune._C_sm90): the nvidia-cutlass wheel
 # carries them under cutlass_library/source; --no-deps because only the headers are used.
@@ -37,6 +39,12 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q
+
+# The full ahead-of-time sweep (make test compiles a representative subset). Kernels land in
+# Triton's cache (TRITON_CACHE_DIR), keyed by source hash: a rerun without kernel changes is quick.
+AOT_JOBS ?= 2
+gpu-compile: setup
+	env -u TRITON_INTERPRET $(BIN)/python -m sparse_prune.kernels.triton_aot --jobs $(AOT_JOBS)
 
 demo: setup
 	$(BIN)/sparse-prune demo --out results/demo
