@@ -9,8 +9,9 @@ with W held in that format, plus ``compress_2to4``/``decompress_2to4``.
   pure-PyTorch reference (:mod:`sparse_prune.kernels.reference`) for the others, and for all
   of them when that library is not loaded (:func:`cpu_extension_error` says why).
 * **CUDA**: our fastest kernel for the format — the csrc/ kernels (``TORCH_LIBRARY_IMPL(
-  sparse_prune, CUDA)``: ``semi24_linear`` on sparse tensor cores, ``csr_linear``,
-  ``compress_2to4``) when the compiled library is loaded, otherwise the Triton kernels
+  sparse_prune, CUDA)``: ``semi24_linear`` on sparse tensor cores — behind the checks of
+  :func:`_semi24_mma_sp`: metadata validated once, aligned operands, compute capability —
+  ``csr_linear``, ``compress_2to4``) when the compiled library is loaded, otherwise the Triton kernels
   registered below. There is **no** dense-rebuild fallback on CUDA: an input no kernel takes
   (e.g. 2:4 in float32 for ``mma.sp``) raises a clear error. The dense rebuild on a GPU exists
   only when asked for (``backend="torch"``, :mod:`sparse_prune.backends`).
@@ -314,13 +315,14 @@ _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
 def _semi24_mma_sp(x, values, meta, bias, gelu=False):
+    """semi24_linear's CUDA kernel: refuses compute capability < 8.0 (``ValueError``), runs
+    :func:`semi24_cuda_operands`, then the mma.sp kernel. A few µs of Python per call: the
+    capability is cached per device and a layer's metadata is validated once, not per call."""
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _CAPABILITY:
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    refusal = mma_sp_refusal(_CAPABILITY[index], torch.cuda.get_device_name(index) if _CAPABILITY[index] < (8, 0)
-                             else "")
-    if refusal is not None:
-        raise ValueError(f"{MMA_SP_OP}: {refusal}")
+    if _CAPABILITY[index] < MMA_SP_MIN_CAPABILITY:
+        raise ValueError(f"{MMA_SP_OP}: {mma_sp_refusal(_CAPABILITY[index], torch.cuda.get_device_name(index))}")
     x, values = semi24_cuda_operands(x, values, meta)
     return torch.ops.sparse_prune.semi24_linear_mma_sp(x, values, meta, bias, gelu)
 
