@@ -14,6 +14,7 @@ from torch import nn
 
 from sparse_prune import backends, ops
 from sparse_prune import formats as F
+from sparse_prune.checks import check_2to4_meta_once
 
 ACTIVATIONS = (None, "gelu")
 
@@ -66,6 +67,8 @@ class SparseLinear(nn.Module):
         needs once (the CSR row schedule, or the materialized weight for ``dense``); the extra
         buffers are not persistent: ``state_dict`` holds the format only."""
         fmt = self.weight_format
+        if self.format_name == "2:4":  # once per meta tensor: a kernel never sees invalid metadata
+            check_2to4_meta_once(fmt.meta, self.in_features)
         self.backend = backends.resolve_backend(self.requested_backend, self.format_name, fmt)
         self.kernel_name = backends.kernel_label(self.format_name, self.backend, fmt.device, fmt.dtype)
         self._kernel_key = (self.format_name, self.backend)
@@ -85,6 +88,27 @@ class SparseLinear(nn.Module):
         self.register_buffer("sm90_e", e, persistent=False)
         if self.backend == "torch" and fmt.device.type == "cuda" and self.format_name not in ("dense", "shrink"):
             warnings.warn(backends.TORCH_ON_CUDA_WARNING, stacklevel=3)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """``load_state_dict``: the incoming format arrays are validated before they replace the
+        buffers (``ValueError`` naming the layer and field; the module is left as it was), and
+        the layer is re-bound afterwards, so payloads derived from the old arrays (sm90
+        metadata, cuSPARSELt pack, CSR row schedule, materialized weight) are rebuilt."""
+        incoming = {n: state_dict.get(prefix + n, getattr(self, n)) for n in self._tensor_fields}
+        if any(incoming[n] is not getattr(self, n) for n in self._tensor_fields):
+            try:
+                self._format_cls(**incoming, **self._static).validate()
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise ValueError(f"load_state_dict: {prefix.rstrip('.') or 'SparseLinear'}: invalid "
+                                 f"{self.format_name} arrays: {exc}") from exc
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        try:
+            self._bind()
+        except ValueError as exc:  # as in _apply: said at the next call
+            self._bind_error = exc
+            self._bound_key = None
 
     def _bound_to(self) -> tuple:
         return (self.values.device, self.values.dtype, self.requested_backend)
