@@ -210,8 +210,8 @@ class SparseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.layers()
-        if not self.fused(x):
-            return fc2(fc1(x))
+        if not self.fused(x) or (torch.is_grad_enabled() and x.requires_grad):
+            return fc2(fc1(x))  # (with autograd: whatever SparseLinear does with a gradient)
         if x.shape[-1] != fc1.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={fc1.in_features}")
         lead = x.shape[:-1]
