@@ -207,6 +207,7 @@ def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str
         except ValueError as exc:  # e.g. saved with backend="cuda", loaded on a CPU machine
             moved.append(f"{name} ({backend}: {exc})")
             layer = SparseLinear(fmt, bias, "auto", activation=entry.get("activation"))
+        layer.train(target.training)
         if isinstance(entry.get("plan"), dict):
             layer.__dict__[PLAN_ATTR] = entry["plan"]
         parent, child = parent_of(skeleton, name)
