@@ -1,7 +1,6 @@
 """Where users already are: torch.nn.utils.prune models convert as they are; converted models
 are inference-only and say how to finetune."""
 
-import copy
 
 import pytest
 import torch
@@ -112,4 +111,4 @@ def test_shrink_cut_layers_train():
     small = sp.convert(model, masks, format="shrink").train()
     assert not any(isinstance(m, sp.SparseLinear) for m in small.modules())
     small(torch.randn(4, 13)).sum().backward()
-    assert copy.deepcopy(small)[0].weight.grad is not None
+    assert small[0].weight.grad is not None and small[0].out_features < 24
