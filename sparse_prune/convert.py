@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from sparse_prune import backends
+from sparse_prune import backends, hf
 from sparse_prune import formats as F
 from sparse_prune.constants import BACKENDS
 from sparse_prune.masks import MaskSet
@@ -242,7 +242,9 @@ def convert(model: nn.Module, masks: MaskSet, format: str | None = None, backend
     (:func:`remove_torch_prune`), so the result computes what the pruned model computed.
 
     The result is for inference: a :class:`SparseLinear` has no gradient (see there for how to
-    finetune).
+    finetune). A transformers model's ``save_pretrained`` then writes config.json plus an
+    ``sp.save`` checkpoint that ``sp.from_pretrained`` reads back (:mod:`sparse_prune.hf`;
+    transformers' own ``from_pretrained`` refuses that folder instead of loading it wrong).
     """
     if format is None:
         format = "auto" if example_inputs is not None else "dense"
@@ -261,7 +263,7 @@ def convert(model: nn.Module, masks: MaskSet, format: str | None = None, backend
         apply_plan(model, dict(masks.items()), layers)
         if fuse_activations:
             fuse_gelu(model)
-        return model
+        return hf.guard(model)
     todo: dict[str, torch.Tensor] = dict(masks.items())
     open_mha_out_proj(model, todo)  # torchvision: lets MHA out_proj become a SparseLinear
     left_dense: list[str] = []
@@ -277,7 +279,7 @@ def convert(model: nn.Module, masks: MaskSet, format: str | None = None, backend
     if left_dense:
         warnings.warn(f"format {format!r} left {len(left_dense)} masked weight(s) dense: " + "; ".join(left_dense),
                       stacklevel=2)
-    return model
+    return hf.guard(model)
 
 
 def _torch_pruned(model: nn.Module) -> list[tuple[nn.Module, str]]:

@@ -1,6 +1,8 @@
 """Where users already are: torch.nn.utils.prune models convert as they are; converted models
-are inference-only and say how to finetune."""
+are inference-only and say how to finetune; transformers models round-trip through
+save_pretrained / sp.from_pretrained and never reload silently wrong."""
 
+import copy
 
 import pytest
 import torch
@@ -112,3 +114,74 @@ def test_shrink_cut_layers_train():
     assert not any(isinstance(m, sp.SparseLinear) for m in small.modules())
     small(torch.randn(4, 13)).sum().backward()
     assert small[0].weight.grad is not None and small[0].out_features < 24
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face save_pretrained / from_pretrained
+
+
+HF_RECIPES = {"csr": ("l1_unstructured", {"amount": 0.5}), "2:4": ("nm", {}),
+              "shrink": ("ln_structured", {"amount": 0.5, "coupled": True}),
+              "bsr": ("block", {"amount": 0.5, "block": (4, 4)})}
+
+
+@pytest.mark.parametrize("fmt", list(HF_RECIPES))
+def test_hf_save_pretrained_round_trip(fmt, hf_vit, images, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    method, kw = HF_RECIPES[fmt]
+    fast = sp.convert(hf_vit, sp.prune(hf_vit, method, **kw), format=fmt,
+                      **({"block": (4, 4)} if fmt == "bsr" else {}))
+    expected = fast(images).logits
+    folder = tmp_path / "hf"
+    hf_vit.save_pretrained(folder)  # a dense save first: its weights must not survive
+    assert (folder / "model.safetensors").is_file()
+    fast.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "sparse_prune"]
+    with pytest.raises(OSError, match="model.safetensors"):  # transformers refuses, never loads it wrong
+        transformers.ViTForImageClassification.from_pretrained(folder)
+    back = sp.from_pretrained(folder)
+    assert type(back) is type(hf_vit) and not back.training
+    torch.testing.assert_close(back(images).logits, expected, rtol=0, atol=0)
+    if fmt == "shrink":  # the cut comes from the manifest; config.json stays the dense skeleton
+        assert back.vit.layers[0].mlp.fc1.out_features < 64
+        assert back.config.intermediate_size == 64
+    else:
+        assert isinstance(back.vit.layers[0].mlp.fc1, sp.SparseLinear)
+    again = tmp_path / "again"
+    back.save_pretrained(again)  # the loaded model saves the same way
+    torch.testing.assert_close(sp.from_pretrained(again)(images).logits, expected, rtol=0, atol=0)
+
+
+def test_hf_save_pretrained_follows_copies_and_refuses(hf_vit, images, tmp_path):
+    import pickle
+
+    fast = sp.convert(hf_vit, sp.prune(hf_vit, "l1_unstructured", amount=0.5), format="csr")
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert clone.save_pretrained.args[0] is clone  # bound to the copy, not the original
+    with pytest.raises(ValueError, match="push_to_hub"):
+        fast.save_pretrained(tmp_path / "x", push_to_hub=True)
+    with pytest.raises(ValueError, match="state_dict"):
+        fast.save_pretrained(tmp_path / "x", state_dict=fast.state_dict())
+    hf_vit.save_pretrained(tmp_path / "plain")  # transformers' own folder
+    with pytest.raises(ValueError, match="transformers' from_pretrained"):
+        sp.from_pretrained(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError):
+        sp.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(TypeError, match="transformers model"):
+        sp.save_pretrained(nn.Linear(2, 2), tmp_path / "y")
+
+
+def test_bert_shrunk_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=40,
+                                  vocab_size=97, max_position_embeddings=40, num_labels=3)
+    bert = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with pytest.warns(UserWarning, match="pooler"):  # the pooler is in no group: the summary says so
+        masks = sp.prune(bert, "ln_structured", amount=0.5, coupled=True)
+    small = sp.convert(bert, masks, format="shrink")
+    small.save_pretrained(tmp_path)
+    back = sp.from_pretrained(tmp_path)
+    torch.testing.assert_close(back(ids).logits, small(ids).logits, rtol=0, atol=0)
+    assert back.bert.encoder.layer[1].attention.self.num_attention_heads == 3
