@@ -378,11 +378,12 @@ def packed_projections(model: nn.Module, targets: Sequence[Target]) -> list[str]
 
 def final_classifier(model: nn.Module) -> str | None:
     """The parameter name of the model's final classifier (output layer): the weight of its last
-    ``nn.Linear`` in module order, when it has more than one (a lone Linear is the model)."""
+    ``nn.Linear`` in module order (ConvNeXt's ``head.fc``, a ViT's ``classifier``/``head``, an
+    MLP's last layer); ``None`` when the model is itself a Linear or has none."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if len(linears) < 2:
+    if not linears or not linears[-1]:
         return None
-    return f"{linears[-1]}.weight" if linears[-1] else "weight"
+    return f"{linears[-1]}.weight"
 
 
 def _per_layer_rules(per_layer: Any) -> list[tuple[str, Amount]]:

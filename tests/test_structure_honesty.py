@@ -175,6 +175,10 @@ def test_structured_leaves_the_classifier(fixture, head, method, request):
 def test_lone_linear_is_not_a_classifier():
     masks = sp.prune(nn.Linear(6, 4), "ln_structured", amount=0.5)
     assert list(masks) == ["weight"]
+    # a conv net's only Linear is its head (ConvNeXt's head.fc): left out, and said so
+    convnet = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    masks = sp.prune(convnet, "ln_structured", amount=0.5, include=(nn.Linear, nn.Conv2d))
+    assert list(masks) == ["0.weight"] and masks.info["classifier_excluded"] == "3.weight"
 
 
 def test_fingerprint_refuses_another_model(tmp_path):
