@@ -147,7 +147,12 @@ def _elementwise(module: nn.Module) -> bool:
             "GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "SiLUActivation",
             "GELUTanh", "PytorchGELUTanh"}:
         return True
-    return isinstance(module, nn.Sequential) and all(_elementwise(m) for m in module)
+    return _plain_sequential(module) and all(_elementwise(m) for m in module)
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` (or subclass, like torchvision's ``MLP``) whose forward is the chain."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 def _sequential_groups(name: str, module: nn.Module) -> list[Group]:
@@ -216,7 +221,7 @@ def scan(model: nn.Module) -> tuple[list[Group], list[str]]:
     grouped_modules: set[str] = set()
     for name, module in model.named_modules():
         found = [_attention_group(name, module), _mlp_group(name, module)]
-        if isinstance(module, nn.Sequential):
+        if _plain_sequential(module):
             found += _sequential_groups(name, module)
         for group in found:
             cuts = {(m.param, m.dim) for m in group.members} if group is not None else set()

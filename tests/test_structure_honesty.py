@@ -128,7 +128,17 @@ class _OddAttention(nn.Module):
         return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
-@pytest.mark.parametrize("module, x", [(_Gated(), torch.randn(3, 8)), (_OddAttention(), torch.randn(2, 5, 16))])
+class _ResidualSequential(nn.Sequential):
+    """A Sequential whose forward is not the chain."""
+
+    def forward(self, x):
+        h = self[0](x)
+        return self[2](self[1](h)) + h[..., :6]
+
+
+@pytest.mark.parametrize("module, x", [(_Gated(), torch.randn(3, 8)), (_OddAttention(), torch.randn(2, 5, 16)),
+                                       (_ResidualSequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 6)),
+                                        torch.randn(3, 6))])
 def test_unknown_modules_are_never_cut(module, x):
     model = nn.Sequential(module, nn.Linear(x.shape[-1], 3)).eval()
     groups, left = scan(model)
