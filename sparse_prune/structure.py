@@ -15,8 +15,10 @@ the function when units are removed; anything else is left whole and named by
 ``intermediate.dense`` → ``output.dense``), timm ``VisionTransformer`` (fused ``attn.qkv``,
 ``Mlp``) and Swin ``WindowAttention`` (whose relative-position bias table is cut with its
 heads), torchvision ``VisionTransformer`` (``nn.MultiheadAttention.in_proj_weight``,
-``MLPBlock``), and any ``nn.Sequential`` of ``Linear``, element-wise modules (activations,
-dropout), ``Linear`` (plain MLPs, torchvision's ``MLP``).
+``MLPBlock``), any ``nn.Sequential`` of ``Linear``, element-wise modules (activations,
+dropout), ``Linear`` (plain MLPs, torchvision's ``MLP``), and any other module with ``fc1``/``fc2``
+Linears whose forward, traced with ``torch.fx``, is fc1 → element-wise ops → fc2
+(:func:`traced_chain`).
 """
 
 from __future__ import annotations
@@ -155,6 +157,48 @@ def _plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
+_ELEMENTWISE_FUNCTIONS = {"relu", "gelu", "silu", "tanh", "sigmoid", "dropout", "leaky_relu", "elu", "hardswish",
+                          "mish", "softplus", "relu6", "hardsigmoid"}
+
+
+def _elementwise_node(node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return _elementwise(modules[node.target])
+    if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return name.removesuffix("_") in _ELEMENTWISE_FUNCTIONS
+    return False
+
+
+def traced_chain(module: nn.Module, fc1: str, fc2: str) -> bool:
+    """Whether ``module``'s forward, traced with ``torch.fx``, feeds ``fc1``'s output to ``fc2``
+    through element-wise ops only and uses it nowhere else (what removing a hidden unit needs).
+    ``False`` when it cannot be traced (data-dependent control flow) or anything else happens."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # noqa: BLE001 - an untraceable forward is simply not understood
+        return False
+    modules = dict(module.named_modules())
+    first = [n for n in graph.nodes if n.op == "call_module" and n.target == fc1]
+    second = [n for n in graph.nodes if n.op == "call_module" and n.target == fc2]
+    if len(first) != 1 or len(second) != 1:
+        return False
+    node = first[0]
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return False
+        nxt = users[0]
+        if nxt is second[0]:
+            return nxt.args[0] is node and len(nxt.args) == 1 and not nxt.kwargs
+        if not _elementwise_node(nxt, modules) or nxt.args[0] is not node or any(
+                isinstance(a, torch.fx.Node) for a in (*nxt.args[1:], *nxt.kwargs.values())):
+            return False
+        node = nxt
+
+
 def _sequential_groups(name: str, module: nn.Module) -> list[Group]:
     """Every ``Linear, element-wise..., Linear`` run of an ``nn.Sequential`` (whose forward is
     the chain, by definition): hidden unit u = row u of the first, column u of the second."""
@@ -179,7 +223,8 @@ def _mlp_group(name: str, module: nn.Module) -> Group | None:
     for a, b in pairs:
         fc1, fc2 = _linear(module, a), _linear(module, b)
         if fc1 is not None and fc2 is not None and fc1.out_features == fc2.in_features:
-            if a == "fc1" and not any(_from(module, lib, names) for lib, names in _MLP_CLASSES.items()):
+            if a == "fc1" and not any(_from(module, lib, names) for lib, names in _MLP_CLASSES.items()) \
+                    and not traced_chain(module, a, b):
                 continue  # another module's forward may do anything between fc1 and fc2
             if a == "intermediate.dense" and not (
                     _from(module, "transformers.", _HF_LAYERS) and hasattr(module, "attention")):

@@ -233,3 +233,50 @@ def test_shrunk_models_save_and_load(name, tmp_path):
     sp.save(small, tmp_path)
     back = sp.load(build(), tmp_path)  # a fresh dense skeleton: groups (and Swin's table) cut again
     torch.testing.assert_close(_out(back(x)), _out(small(x)), rtol=0, atol=0)
+
+
+class _OwnMlp(nn.Module):
+    """A user's MLP: not a library class, but fc1 -> act -> dropout -> fc2, which torch.fx sees."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.act, self.drop, self.fc2 = nn.Linear(9, 21), act, nn.Dropout(0.0), nn.Linear(21, 9)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class _FunctionalMlp(_OwnMlp):
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)).relu())
+
+
+class _ScaledMlp(_OwnMlp):
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * h.mean(-1, keepdim=True))  # mixes units: not element-wise
+
+
+class _BranchyMlp(_OwnMlp):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: untraceable
+            return self.fc2(self.act(self.fc1(x)))
+        return x
+
+
+@pytest.mark.parametrize("cls, grouped", [(_OwnMlp, True), (_FunctionalMlp, True), (_ScaledMlp, False),
+                                          (_BranchyMlp, False)])
+def test_user_mlps_are_grouped_only_when_traced_elementwise(cls, grouped):
+    torch.manual_seed(0)
+    model = nn.Sequential(cls(nn.SiLU()), nn.Linear(9, 4)).eval()
+    groups, _ = scan(model)
+    assert [(g.kind, g.name) for g in groups] == ([("mlp", "0")] if grouped else [])
+    x = torch.randn(3, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masks = sp.prune(model, "ln_structured", amount=0.5, coupled=True)
+    expected = masks.apply(copy.deepcopy(model))(x)
+    small = sp.convert(model, masks, format="shrink")
+    torch.testing.assert_close(small(x), expected, rtol=1e-5, atol=1e-6)
+    assert (small[0].fc1.out_features < 21) == grouped
+
