@@ -379,11 +379,13 @@ def packed_projections(model: nn.Module, targets: Sequence[Target]) -> list[str]
 def final_classifier(model: nn.Module) -> str | None:
     """The parameter name of the model's final classifier (output layer): the weight of its last
     ``nn.Linear`` in module order (ConvNeXt's ``head.fc``, a ViT's ``classifier``/``head``, an
-    MLP's last layer); ``None`` when the model is itself a Linear or has none."""
+    MLP's last layer); ``None`` when the model has no Linear, or that Linear is all it holds
+    (``nn.Linear`` or ``Sequential(Linear)``: the layer is the model, not its head)."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears or not linears[-1]:
+    holders = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    if not linears or len(holders) < 2:
         return None
-    return f"{linears[-1]}.weight"
+    return f"{linears[-1]}.weight" if linears[-1] else "weight"
 
 
 def _per_layer_rules(per_layer: Any) -> list[tuple[str, Amount]]:

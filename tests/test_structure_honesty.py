@@ -43,6 +43,26 @@ def _bert():
     return BertForSequenceClassification(cfg).eval()
 
 
+def _deit():
+    pytest.importorskip("transformers")
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(0)
+    return DeiTForImageClassification(DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, image_size=56, patch_size=8,
+                                                 num_labels=5)).eval()
+
+
+def _roberta():
+    pytest.importorskip("transformers")
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                        vocab_size=97, max_position_embeddings=40, num_labels=3)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(11, 30), nn.GELU(), nn.Dropout(0.1), nn.Linear(30, 17), nn.ReLU(),
@@ -57,6 +77,8 @@ CASES = {
     "timm_swin": (_timm_swin, IMAGES, (4, 4), 0),
     "tv_swin": (_tv_swin, IMAGES, (4, 0), 4),  # ShiftedWindowAttention: head_dim = C // heads, not cut
     "bert": (_bert, TOKENS, (2, 2), 0),
+    "deit": (_deit, IMAGES, (2, 2), 0),
+    "roberta": (_roberta, TOKENS.clamp(3, 96), (2, 2), 0),  # ids above the padding id
     "mlp": (_mlp, MLP_IN, (2, 0), 0),
 }
 
@@ -185,6 +207,7 @@ def test_structured_leaves_the_classifier(fixture, head, method, request):
 def test_lone_linear_is_not_a_classifier():
     masks = sp.prune(nn.Linear(6, 4), "ln_structured", amount=0.5)
     assert list(masks) == ["weight"]
+    assert list(sp.prune(nn.Sequential(nn.Linear(6, 4)), "ln_structured", amount=0.5)) == ["0.weight"]
     # a conv net's only Linear is its head (ConvNeXt's head.fc): left out, and said so
     convnet = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     masks = sp.prune(convnet, "ln_structured", amount=0.5, include=(nn.Linear, nn.Conv2d))
