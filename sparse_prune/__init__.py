@@ -7,8 +7,9 @@ Public API (see README): ``prune`` -> ``MaskSet``; ``sensitivity``; ``models.vit
 from sparse_prune import formats, models, ops
 from sparse_prune.checkpoint import load, save
 from sparse_prune.convert import convert
+from sparse_prune.hf import from_pretrained, save_pretrained
 from sparse_prune.masks import MaskSet
-from sparse_prune.nn import SparseLinear
+from sparse_prune.nn import SparseLinear, SparseMLP
 from sparse_prune.ops import extension_error, has_cuda_extension
 from sparse_prune.pruning import METHODS, prune
 from sparse_prune.report import format_report, report
@@ -21,8 +22,10 @@ __all__ = [
     "METHODS",
     "MaskSet",
     "SparseLinear",
+    "SparseMLP",
     "convert",
     "format_report",
+    "from_pretrained",
     "report",
     "extension_error",
     "find_groups",
@@ -33,5 +36,6 @@ __all__ = [
     "ops",
     "prune",
     "save",
+    "save_pretrained",
     "sensitivity",
 ]

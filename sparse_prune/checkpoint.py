@@ -30,10 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparse_prune import atomic, backends
+from sparse_prune import atomic, backends, hf
 from sparse_prune import formats as F
 from sparse_prune.constants import BACKENDS
-from sparse_prune.convert import PLAN_ATTR, parent_of
+from sparse_prune.convert import PLAN_ATTR, fuse_mlp, parent_of
 from sparse_prune.nn import SparseLinear
 from sparse_prune.shrink import DENSE_SHAPE_ATTR, apply_keep, open_mha_out_proj
 from sparse_prune.structure import find_groups, gelu_sites
@@ -207,6 +207,7 @@ def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str
         except ValueError as exc:  # e.g. saved with backend="cuda", loaded on a CPU machine
             moved.append(f"{name} ({backend}: {exc})")
             layer = SparseLinear(fmt, bias, "auto", activation=entry.get("activation"))
+        layer.train(target.training)
         if isinstance(entry.get("plan"), dict):
             layer.__dict__[PLAN_ATTR] = entry["plan"]
         parent, child = parent_of(skeleton, name)
@@ -239,6 +240,9 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
     model is rebuilt on a copy, so the skeleton is only modified when everything fits.
     Errors: ``FileNotFoundError`` (no manifest), ``ValueError`` (newer or broken manifest,
     a skeleton of another architecture, malformed format arrays).
+
+    A transformers skeleton gets the ``save_pretrained`` of :mod:`sparse_prune.hf`, as
+    ``convert`` gives it.
     """
     if not isinstance(skeleton, nn.Module):
         raise TypeError(f"skeleton must be an nn.Module, got {type(skeleton).__name__}")
@@ -252,6 +256,7 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
     _cut_groups(work, manifest["groups"])
     moved = _swap_sparse(work, manifest["sparse_linear"], tensors)
     _fuse_saved_activations(work)
+    fuse_mlp(work)  # as convert() left it: a ViT MLP of two SparseLinears runs as one op
     try:
         work.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:
@@ -265,4 +270,4 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
         warnings.warn(f"{len(moved)} layer(s) were saved with a backend that cannot run here and use "
                       "backend='auto' instead: " + "; ".join(moved), stacklevel=2)
     skeleton.__dict__.update(work.__dict__)  # everything fitted: take the rebuilt state
-    return skeleton
+    return hf.guard(skeleton)  # transformers: save_pretrained writes this format (sparse_prune.hf)

@@ -12,10 +12,32 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-from sparse_prune import backends
+from sparse_prune import backends, ops
 from sparse_prune import formats as F
+from sparse_prune.checks import check_2to4_meta_once
 
 ACTIVATIONS = (None, "gelu")
+
+INFERENCE_ONLY = (
+    "SparseLinear is inference-only: its compact weight has no gradient. To finetune a pruned "
+    "model, train it before converting, with the masks attached (masks.attach(model) keeps the "
+    "pruned weights at zero, as torch.nn.utils.prune does), then sp.convert(model, "
+    "sp.MaskSet.from_model(model)); or convert with format='shrink', whose cut layers are plain "
+    "nn.Linear. Run a converted model under torch.no_grad() or torch.inference_mode()."
+)
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Identity on the output; its backward raises :data:`INFERENCE_ONLY` (instead of autograd's
+    "element 0 of tensors does not require grad", or a silently frozen layer)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(INFERENCE_ONLY)
 
 
 def _checked_activation(activation: str | None) -> str | None:
@@ -41,6 +63,12 @@ class SparseLinear(nn.Module):
     ``activation="gelu"`` applies the exact (erf) GELU to the output: inside the kernel where
     its epilogue fuses it (:data:`sparse_prune.backends.FUSED_GELU`), after it otherwise, so the
     result is the same either way. ``convert`` sets it where the model's Linear feeds a GELU.
+
+    Inference-only: no gradient flows through the compact weight (nor back to the input). Where
+    autograd would record the call (grad mode on, and the module in training mode or an input
+    that requires grad) the output carries a node whose backward raises ``RuntimeError`` with
+    :data:`INFERENCE_ONLY`, which says how to finetune instead; the forward values are the same.
+    (In eager mode; under ``torch.compile`` the node is left out, as its backward would be traced.)
     """
 
     def __init__(self, fmt: F.WeightFormat, bias: torch.Tensor | None, backend: str = "auto",
@@ -66,6 +94,8 @@ class SparseLinear(nn.Module):
         needs once (the CSR row schedule, or the materialized weight for ``dense``); the extra
         buffers are not persistent: ``state_dict`` holds the format only."""
         fmt = self.weight_format
+        if self.format_name == "2:4":  # once per meta tensor: a kernel never sees invalid metadata
+            check_2to4_meta_once(fmt.meta, self.in_features)
         self.backend = backends.resolve_backend(self.requested_backend, self.format_name, fmt)
         self.kernel_name = backends.kernel_label(self.format_name, self.backend, fmt.device, fmt.dtype)
         self._kernel_key = (self.format_name, self.backend)
@@ -85,6 +115,27 @@ class SparseLinear(nn.Module):
         self.register_buffer("sm90_e", e, persistent=False)
         if self.backend == "torch" and fmt.device.type == "cuda" and self.format_name not in ("dense", "shrink"):
             warnings.warn(backends.TORCH_ON_CUDA_WARNING, stacklevel=3)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """``load_state_dict``: the incoming format arrays are validated before they replace the
+        buffers (``ValueError`` naming the layer and field; the module is left as it was), and
+        the layer is re-bound afterwards, so payloads derived from the old arrays (sm90
+        metadata, cuSPARSELt pack, CSR row schedule, materialized weight) are rebuilt."""
+        incoming = {n: state_dict.get(prefix + n, getattr(self, n)) for n in self._tensor_fields}
+        if any(incoming[n] is not getattr(self, n) for n in self._tensor_fields):
+            try:
+                self._format_cls(**incoming, **self._static).validate()
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise ValueError(f"load_state_dict: {prefix.rstrip('.') or 'SparseLinear'}: invalid "
+                                 f"{self.format_name} arrays: {exc}") from exc
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        try:
+            self._bind()
+        except ValueError as exc:  # as in _apply: said at the next call
+            self._bind_error = exc
+            self._bound_key = None
 
     def _bound_to(self) -> tuple:
         return (self.values.device, self.values.dtype, self.requested_backend)
@@ -125,10 +176,17 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
         lead = x.shape[:-1]
+        # eager only: torch.compile traces the backward ahead of time, and would hit the raise
+        track = (torch.is_grad_enabled() and (self.training or x.requires_grad)
+                 and not torch.compiler.is_compiling())
+        if track:
+            anchor = x if x.requires_grad else torch.zeros((), device=x.device, requires_grad=True)
+            x = x.detach()
         y = backends.KERNELS[self._kernel_key](x.reshape(-1, self.in_features), self)
         if self.activation == "gelu" and not self.fused_activation:
             y = torch.nn.functional.gelu(y)
-        return y.reshape(*lead, self.out_features)
+        y = y.reshape(*lead, self.out_features)
+        return _InferenceOnly.apply(y, anchor) if track else y
 
     def set_activation(self, activation: str | None) -> None:
         """Apply ``activation`` (see the class docstring) from now on."""
@@ -140,3 +198,65 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.format_name}, density={fmt.density:.3f}, backend={self.backend}"
                 + (f", activation={self.activation}" if self.activation else ""))
+
+
+# The arrays of each format that sparse_mlp takes, in its order.
+_MLP_ARRAYS = {"csr": ("values", "crow_indices", "col_indices"), "bsr": ("values", "crow_indices", "col_indices"),
+               "2:4": ("values", "meta")}
+
+
+class SparseMLP(nn.Module):
+    """``fc2(GELU(fc1(x)))`` of two :class:`SparseLinear` (``fc1`` with ``activation="gelu"``),
+    as one op where our CPU kernels run both layers: ``sparse_prune::sparse_mlp`` keeps the
+    hidden layer in the kernels' transposed panel layout, so it is never transposed out of fc1
+    nor packed back into fc2. Elsewhere (other formats or backends, a GPU) it runs
+    ``fc2(fc1(x))``; the numbers are the same either way.
+
+    ``convert`` puts it in place of a ViT MLP module (:func:`sparse_prune.structure.mlp_sites`)
+    whose two Linears it converted; the layers keep their names (``names``), so ``state_dict``
+    keys, ``report()`` and ``sp.save`` see the same SparseLinears as without it. Accepts
+    ``x [..., fc1.in_features]``, returns ``[..., fc2.out_features]``; ``ValueError`` for
+    mismatched layers.
+    """
+
+    def __init__(self, fc1: SparseLinear, fc2: SparseLinear, names: tuple[str, str] = ("fc1", "fc2")):
+        super().__init__()
+        if not isinstance(fc1, SparseLinear) or not isinstance(fc2, SparseLinear):
+            raise TypeError(f"fc1 and fc2 must be SparseLinear, got {type(fc1).__name__} and {type(fc2).__name__}")
+        if fc1.activation != "gelu" or fc2.activation is not None:
+            raise ValueError(f"SparseMLP takes fc1 with activation='gelu' and fc2 with none, got "
+                             f"{fc1.activation!r} and {fc2.activation!r}")
+        if fc1.out_features != fc2.in_features:
+            raise ValueError(f"fc1.out_features ({fc1.out_features}) must equal fc2.in_features ({fc2.in_features})")
+        self.names = tuple(names)
+        self.add_module(self.names[0], fc1)
+        self.add_module(self.names[1], fc2)
+
+    def layers(self) -> tuple[SparseLinear, SparseLinear]:
+        """``(fc1, fc2)``, whatever their names."""
+        return self._modules[self.names[0]], self._modules[self.names[1]]
+
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` runs the one fused CPU op (else ``fc2(fc1(x))``)."""
+        return x.device.type == "cpu" and all(
+            m.backend == "torch" and m.format_name in _MLP_ARRAYS and m._bind_error is None
+            and backends.cpu_kernel_runs(m.format_name, m.values.device) for m in self.layers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, fc2 = self.layers()
+        if not self.fused(x) or (torch.is_grad_enabled() and x.requires_grad):
+            return fc2(fc1(x))  # (with autograd: whatever SparseLinear does with a gradient)
+        if x.shape[-1] != fc1.in_features:
+            raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={fc1.in_features}")
+        lead = x.shape[:-1]
+        y = torch.ops.sparse_prune.sparse_mlp(
+            x.reshape(-1, fc1.in_features), fc1.format_name, [getattr(fc1, n) for n in _MLP_ARRAYS[fc1.format_name]],
+            fc1.bias, fc1.out_features, fc2.format_name, [getattr(fc2, n) for n in _MLP_ARRAYS[fc2.format_name]],
+            fc2.bias, fc2.out_features, True)
+        return y.reshape(*lead, fc2.out_features)
+
+    def extra_repr(self) -> str:
+        return "fused: fc2(gelu(fc1(x))) in one op on the CPU kernels"
+
+
+assert set(_MLP_ARRAYS) == set(ops.MLP_FORMATS)
