@@ -166,7 +166,7 @@ def apply_plan(model: nn.Module, masks: dict[str, torch.Tensor], layers: list[La
                     left_dense.append(f"{layer.param} ({layer.reason})")
                 target = module
             else:
-                target = SparseLinear(layer.fmt, module.bias, layer.requested)
+                target = SparseLinear(layer.fmt, module.bias, layer.requested, validate=False)
                 parent, child = parent_of(model, layer.module)
                 setattr(parent, child, target)
             target.__dict__[PLAN_ATTR] = layer.summary()

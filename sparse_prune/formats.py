@@ -43,6 +43,26 @@ def _need(cond: bool, field: str, why: str) -> None:
         raise ValueError(f"{field}: {why}")
 
 
+def _check_common(fmt) -> tuple[int, int]:
+    """What every format's ``validate`` checks first: ``shape`` a pair of ints >= 0, ``values`` a
+    floating tensor of :data:`~sparse_prune.constants.FORMAT_DTYPES`, every array on one device
+    and of a non-floating dtype except ``values``. Returns ``shape``."""
+    shape = fmt.shape
+    _need(isinstance(shape, tuple) and len(shape) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape),
+          "shape", f"must be a pair of ints >= 0 (N, K), got {shape!r}")
+    _need(isinstance(fmt.values, torch.Tensor), "values", "must be a tensor")
+    _need(fmt.values.dtype in _FLOATS, "values", f"dtype must be one of {_FLOATS}, got {fmt.values.dtype}")
+    for f in fields(fmt):
+        value = getattr(fmt, f.name)
+        if f.name != "values" and isinstance(value, torch.Tensor):
+            _need(value.device == fmt.values.device, f.name,
+                  f"is on {value.device}, values on {fmt.values.device}: all arrays must be on one device")
+            _need(not value.is_floating_point() and not value.is_complex(), f.name,
+                  f"must be an integer tensor, got {value.dtype}")
+    return shape
+
+
 def _check_index(t: torch.Tensor, field: str, dtypes: tuple[torch.dtype, ...]) -> None:
     _need(isinstance(t, torch.Tensor), field, "must be a tensor")
     _need(t.dtype in dtypes, field, f"dtype must be one of {dtypes}, got {t.dtype}")
@@ -101,6 +121,7 @@ class Dense(WeightFormat):
         return self.values
 
     def validate(self) -> None:
+        _check_common(self)
         _need(tuple(self.values.shape) == tuple(self.shape), "values", f"shape must be {tuple(self.shape)}")
 
 
@@ -143,7 +164,7 @@ class Shrunk(WeightFormat):
         return reference.shrunk_to_dense(self.values, self.out_index, self.in_index, *self.shape)
 
     def validate(self) -> None:
-        n, k = self.shape
+        n, k = _check_common(self)
         for field, idx, limit in (("out_index", self.out_index, n), ("in_index", self.in_index, k)):
             _check_index(idx, field, (torch.int64, torch.int32))
             if idx.numel():
@@ -181,7 +202,7 @@ class SemiStructured(WeightFormat):
         return reference.decompress_2to4(self.values, self.meta, self.shape[1])
 
     def validate(self) -> None:
-        n, k = self.shape
+        n, k = _check_common(self)
         _need(k % 4 == 0, "shape", f"K = {k} must be a multiple of 4")
         _need(tuple(self.values.shape) == (n, k // 2), "values", f"shape must be {(n, k // 2)}")
         _need(self.meta.dtype == torch.int16, "meta", f"dtype must be torch.int16, got {self.meta.dtype}")
@@ -233,7 +254,7 @@ class CSR(WeightFormat):
         return self.values.numel()
 
     def validate(self) -> None:
-        n, k = self.shape
+        n, k = _check_common(self)
         _check_index(self.crow_indices, "crow_indices", (torch.int32, torch.int64))
         _check_index(self.col_indices, "col_indices", (torch.int32, torch.int16, torch.int64))
         _need(self.values.dim() == 1, "values", "must be 1-D [nnz]")
@@ -295,6 +316,7 @@ class BSR(WeightFormat):
         return -(-self.shape[0] // self.block[0]) * self.block[0], -(-self.shape[1] // self.block[1]) * self.block[1]
 
     def validate(self) -> None:
+        _check_common(self)
         bm, bk = _check_block(self.block)
         pn, pk = self.padded_shape
         nr, nc = pn // bm, pk // bk

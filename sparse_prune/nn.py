@@ -24,6 +24,17 @@ def _checked_activation(activation: str | None) -> str | None:
     return activation
 
 
+def _check_bias(bias: torch.Tensor | None, fmt, where: str) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{where} must be a tensor or None, got {type(bias).__name__}")
+    if bias.dtype != fmt.dtype:
+        raise ValueError(f"{where}: dtype {bias.dtype} must be the weight values' dtype {fmt.dtype}")
+    if tuple(bias.shape) != (fmt.shape[0],):
+        raise ValueError(f"{where}: shape {tuple(bias.shape)} must be [out_features] = ({fmt.shape[0]},)")
+
+
 class SparseLinear(nn.Module):
     """``y = x · Wᵀ + b`` with ``W`` held in a compact format; a drop-in ``nn.Linear``.
 
@@ -41,13 +52,22 @@ class SparseLinear(nn.Module):
     ``activation="gelu"`` applies the exact (erf) GELU to the output: inside the kernel where
     its epilogue fuses it (:data:`sparse_prune.backends.FUSED_GELU`), after it otherwise, so the
     result is the same either way. ``convert`` sets it where the model's Linear feeds a GELU.
+
+    Validated at every door: the format's :meth:`~sparse_prune.formats.WeightFormat.validate`
+    runs at construction (``validate=False`` only for a format just built by ``from_dense``)
+    and on every ``load_state_dict`` (a load hook, strict or not, ``assign`` or not), before any
+    array reaches a kernel; ``bias`` must be a 1-D ``[out_features]`` tensor of the values'
+    dtype. A bad array is a ``ValueError`` naming its state-dict key, and this layer keeps its arrays.
     """
 
     def __init__(self, fmt: F.WeightFormat, bias: torch.Tensor | None, backend: str = "auto",
-                 activation: str | None = None):
+                 activation: str | None = None, *, validate: bool = True):
         super().__init__()
         self.activation = _checked_activation(activation)
         self.format_name = F.format_name(fmt)
+        if validate:
+            fmt.validate()
+        _check_bias(bias, fmt, "bias")
         self.out_features, self.in_features = fmt.shape
         self.requested_backend = backend
         self._format_cls = type(fmt)
@@ -86,6 +106,38 @@ class SparseLinear(nn.Module):
         if self.backend == "torch" and fmt.device.type == "cuda" and self.format_name not in ("dense", "shrink"):
             warnings.warn(backends.TORCH_ON_CUDA_WARNING, stacklevel=3)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Validate the incoming format arrays as one format, as they are (before torch casts
+        or assigns them: an int64 index past int32's range is refused, not wrapped), and the
+        bias; then let torch load them and rebind, so the prepared payloads (dense weight, CSR
+        schedule, packed 2:4) follow the new values instead of computing with the old ones."""
+        incoming = {name: state_dict[prefix + name] for name in self._tensor_fields if prefix + name in state_dict}
+        where = prefix.rstrip(".") or "(root)"
+        for name, value in incoming.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state dict key {prefix}{name}: must be a tensor, got {type(value).__name__}")
+        fresh = all(value is getattr(self, name) for name, value in incoming.items())  # sp.load built us from them
+        if len(incoming) == len(self._tensor_fields) and not fresh:
+            try:
+                self._format_cls(**incoming, **self._static).validate()
+            except ValueError as exc:
+                raise ValueError(f"state dict for SparseLinear {where!r}: {prefix}{exc}") from None
+        bias = state_dict.get(prefix + "bias")
+        if bias is not None and self.bias is not None:
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            values_dtype = incoming["values"].dtype if assign and "values" in incoming else self.values.dtype
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+                raise TypeError(f"state dict key {prefix}bias: must be a floating tensor, got "
+                                f"{getattr(bias, 'dtype', type(bias).__name__)}")
+            if assign and bias.dtype != values_dtype:
+                raise ValueError(f"state dict key {prefix}bias: dtype {bias.dtype} must be the weight values' "
+                                 f"dtype {values_dtype}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if incoming and not fresh:
+            self._rebind()  # payloads from the loaded arrays
+
     def _bound_to(self) -> tuple:
         return (self.values.device, self.values.dtype, self.requested_backend)
 
@@ -93,12 +145,15 @@ class SparseLinear(nn.Module):
         super()._apply(fn, recurse)
         if self._bound_to() == self._bound_key and self._bind_error is None:
             return self  # same device and dtype: keep the prepared payloads (no recompression)
+        self._rebind()
+        return self
+
+    def _rebind(self) -> None:
         try:
             self._bind()
         except ValueError as exc:  # e.g. backend="cuda" moved to the CPU: say so at the next call
             self._bind_error = exc
             self._bound_key = None
-        return self
 
     @property
     def weight_format(self) -> F.WeightFormat:
