@@ -67,6 +67,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write ``model`` (converted or not) to ``directory`` (created if missing)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{os.fspath(directory)} is an existing file; sp.save writes a directory there")
     os.makedirs(directory, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
