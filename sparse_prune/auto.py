@@ -30,7 +30,7 @@ from torch import nn
 
 from sparse_prune import atomic, backends, ops
 from sparse_prune import formats as F
-from sparse_prune.agreement import Mismatch, check_matches, reference_dtype
+from sparse_prune.agreement import Mismatch, check_matches, nonfinite_reach, reference_dtype
 from sparse_prune.calibration import run_batch
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import SparseLinear
@@ -181,12 +181,13 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
             high = reference_dtype(device)
             reference = torch.nn.functional.linear(x.to(high), dense.weight.to(high),
                                                    None if dense.bias is None else dense.bias.to(high))
+            reach = nonfinite_reach(x, dense.weight) if not bool(torch.isfinite(x).all()) else None
         for fmt_name, backend, fmt, kw in cands:
             label = f"{fmt_name}/{backend}" + (f"/{kw['block'][0]}x{kw['block'][1]}" if kw else "")
             try:
                 layer = SparseLinear(fmt, module.bias, backend, validate=False)
                 with torch.inference_mode():
-                    check_matches(layer(x), reference, baseline, f"{name} {label}")
+                    check_matches(layer(x), reference, baseline, f"{name} {label}", reach)
             except (Mismatch, ValueError, RuntimeError) as exc:
                 rejected.append(f"{label}: {exc}")  # never pick a candidate that disagrees or fails
                 continue
