@@ -118,9 +118,10 @@ class SparseLinear(nn.Module):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"state dict key {prefix}{name}: must be a tensor, got {type(value).__name__}")
         fresh = all(value is getattr(self, name) for name, value in incoming.items())  # sp.load built us from them
-        if len(incoming) == len(self._tensor_fields) and not fresh:
+        if incoming and not fresh:  # a partial state dict (strict=False) is checked with the arrays it keeps
+            arrays = {name: incoming.get(name, getattr(self, name)) for name in self._tensor_fields}
             try:
-                self._format_cls(**incoming, **self._static).validate()
+                self._format_cls(**arrays, **self._static).validate()
             except ValueError as exc:
                 raise ValueError(f"state dict for SparseLinear {where!r}: {prefix}{exc}") from None
         bias = state_dict.get(prefix + "bias")

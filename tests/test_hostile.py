@@ -213,6 +213,14 @@ def test_tampered_state_dict_is_refused(fmt, field, edit, names, assign):
     assert torch.equal(fast(x), want)  # the layer kept its arrays
 
 
+def test_partial_state_dict_is_checked_with_the_arrays_it_keeps():
+    fast = _converted("csr")
+    bad = fast[0].col_indices.clone()
+    bad[-1] = 10**6
+    with pytest.raises(ValueError, match="col_indices"):
+        fast.load_state_dict({"0.col_indices": bad}, strict=False)
+
+
 def test_segfault_reproduction_is_refused():
     """Issue 21's crash: the state dict's tensors share storage with the buffers, so editing
     them edits the layer; the load refuses and the kernel checks its indices at forward."""
@@ -439,14 +447,8 @@ def _backends():
     return out
 
 
-@pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("fmt", ["dense", "shrink", "2:4", "csr", "bsr"])
-def test_nan_rule(fmt, backend):
-    """Lower bound: an output a kept weight connects to a NaN/inf input is not finite. Upper
-    bound: outputs of rows whose inputs are finite are finite. The agreement check passes with
-    the rule and fails a kernel that loses a NaN."""
+def _nan_problem(fmt, n=16, k=32, dtype=torch.float32, device="cpu", block=(16, 16)):
     g = torch.Generator().manual_seed(0)
-    n, k = 16, 32
     w = torch.randn(n, k, generator=g)
     if fmt == "2:4":
         score = torch.rand(n, k // 4, 4, generator=g)
@@ -456,30 +458,61 @@ def test_nan_rule(fmt, backend):
         mask = (torch.rand(n, 1, generator=g) < 0.6) & (torch.rand(1, k, generator=g) < 0.6)
     else:
         mask = torch.rand(n, k, generator=g) < 0.4
-    kw = {"block": (16, 16)} if fmt == "bsr" else {}
-    layer = sp.SparseLinear(F.FORMATS[fmt].from_dense(w, mask, **kw), torch.randn(n, generator=g), backend)
     x = torch.randn(6, k, generator=g)
     x[1, 3] = float("nan")
     x[2, 7] = float("inf")
     x[4, 7] = float("-inf")
     x[4, 9] = float("inf")  # inf - inf on one row: NaN, still not finite
-    got = layer(x)
-    dense = w * mask
+    b = torch.randn(n, generator=g)
+    w, mask, x, b = w.to(device, dtype), mask.to(device), x.to(device, dtype), b.to(device, dtype)
+    fmt_obj = F.FORMATS[fmt].from_dense(w, mask, **({"block": block} if fmt == "bsr" else {}))
+    return fmt_obj, w * mask, x, b
+
+
+def _check_nan_rule(got, dense, x, bias, what):
+    """Lower bound: an output a kept weight connects to a NaN/inf input is not finite. Upper
+    bound: outputs of rows whose inputs are finite are finite. The agreement check passes with
+    the rule and fails a kernel that loses a NaN or makes one from finite inputs."""
     must = agreement.nonfinite_reach(x, dense)
-    assert not got[must].isfinite().any(), "a kept weight lost a NaN/inf"
+    assert not got[must].isfinite().any(), f"{what}: a kept weight lost a NaN/inf"
     finite_rows = torch.isfinite(x).all(1)
-    assert got[finite_rows].isfinite().all(), "finite inputs gave a non-finite output"
-    ref = torch.nn.functional.linear(x.double(), dense.double(), layer.bias.double())
-    base = torch.nn.functional.linear(x, dense, layer.bias)
-    agreement.check_matches(got, ref, base, f"{fmt}/{backend}", must)
-    if must.any():  # the check itself catches a kernel that drops NaNs
-        lost = torch.where(must, torch.zeros_like(got), got)
-        with pytest.raises(agreement.Mismatch, match="lost"):
-            agreement.check_matches(lost, ref, base, f"{fmt}/{backend}", must)
+    assert got[finite_rows].isfinite().all(), f"{what}: finite inputs gave a non-finite output"
+    ref = torch.nn.functional.linear(x.double(), dense.double(), bias.double())
+    base = torch.nn.functional.linear(x, dense, bias)
+    agreement.check_matches(got, ref, base, what, must)
+    assert must.any()  # the problem puts a NaN/inf on a kept weight's column
+    lost = torch.where(must, torch.zeros_like(got), got)
+    with pytest.raises(agreement.Mismatch, match="lost"):
+        agreement.check_matches(lost, ref, base, what, must)
     broken = got.clone()
     broken[0, 0] = float("nan")
     with pytest.raises(agreement.Mismatch, match="finite inputs"):
-        agreement.check_matches(broken, ref, base, f"{fmt}/{backend}", must)
+        agreement.check_matches(broken, ref, base, what, must)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("fmt", ["dense", "shrink", "2:4", "csr", "bsr"])
+def test_nan_rule(fmt, backend):
+    fmt_obj, dense, x, b = _nan_problem(fmt)
+    layer = sp.SparseLinear(fmt_obj, b, backend)
+    _check_nan_rule(layer(x), dense, x, b, f"{fmt}/{backend}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda", "cuda:sm90", "cusparselt"])
+@pytest.mark.parametrize("fmt", ["dense", "shrink", "2:4", "csr", "bsr"])
+def test_nan_rule_gpu(fmt, backend, dtype):
+    """The same rule on every GPU backend that takes the format (128x128 weights: every
+    kernel's alignment; 16x16 BSR blocks for Triton)."""
+    from sparse_prune import backends
+
+    fmt_obj, dense, x, b = _nan_problem(fmt, 128, 128, dtype, "cuda")
+    why = None if backend == "auto" else backends.reason(fmt, backend, fmt_obj, "cuda")
+    if why is not None:
+        pytest.skip(f"{backend} cannot run {fmt}: {why}")
+    layer = sp.SparseLinear(fmt_obj, b, backend)
+    _check_nan_rule(layer(x), dense, x, b, f"{fmt}/{layer.backend}/{dtype}")
 
 
 @pytest.mark.parametrize("fmt", ["shrink", "2:4", "csr", "bsr"])
