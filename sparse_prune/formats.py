@@ -63,6 +63,22 @@ def _check_common(fmt) -> tuple[int, int]:
     return shape
 
 
+def _in_range(idx: torch.Tensor, limit: int) -> bool:
+    """Every index in ``[0, limit)``: one min/max pass in the index's own dtype (no int64 copy)."""
+    low, high = torch.aminmax(idx)
+    return int(low) >= 0 and int(high) < limit
+
+
+def _increasing_per_row(cols: torch.Tensor, crow: torch.Tensor) -> bool:
+    """Columns strictly increasing inside every row of a compressed-rows layout (``crow``
+    already checked: 0 first, non-decreasing, nnz last): one vectorised pass."""
+    up = cols[1:] > cols[:-1]
+    starts = crow[1:-1]
+    starts = starts[(starts > 0) & (starts < cols.numel())] - 1  # a row's first entry may drop
+    up[starts] = True
+    return bool(up.all())
+
+
 def _check_index(t: torch.Tensor, field: str, dtypes: tuple[torch.dtype, ...]) -> None:
     _need(isinstance(t, torch.Tensor), field, "must be a tensor")
     _need(t.dtype in dtypes, field, f"dtype must be one of {dtypes}, got {t.dtype}")
@@ -207,8 +223,14 @@ class SemiStructured(WeightFormat):
         _need(tuple(self.values.shape) == (n, k // 2), "values", f"shape must be {(n, k // 2)}")
         _need(self.meta.dtype == torch.int16, "meta", f"dtype must be torch.int16, got {self.meta.dtype}")
         _need(tuple(self.meta.shape) == (n, (k + 15) // 16), "meta", f"shape must be {(n, (k + 15) // 16)}")
-        idx = reference.unpack_2to4_indices(self.meta, k).view(n, k // 4, 2)
-        _need(bool((idx[..., 0] < idx[..., 1]).all()), "meta", "each group needs two increasing column indices")
+        # nibble j of each word = group 4w + j: bits [1:0] the first column, [3:2] the second;
+        # elementwise on the int16 words (no unpacked copy), the partial last word's unused
+        # nibbles ignored (as the kernels do)
+        groups, ok = k // 4, True
+        for j in range(4):
+            words = self.meta[:, : (groups - j + 3) // 4]  # the words whose nibble j is a group
+            ok = ok and not bool((((words >> (4 * j)) & 3) >= ((words >> (4 * j + 2)) & 3)).any())
+        _need(ok, "meta", "each group needs two increasing column indices (first < second)")
 
 
 @dataclass(frozen=True)
@@ -265,12 +287,9 @@ class CSR(WeightFormat):
         _need(int(crow[-1]) == self.values.numel() == self.col_indices.numel(), "crow_indices",
               f"last entry ({int(crow[-1])}) must equal len(values) ({self.values.numel()}) "
               f"and len(col_indices) ({self.col_indices.numel()})")
-        cols = self.col_indices.long()
-        if cols.numel():
-            _need(int(cols.min()) >= 0 and int(cols.max()) < k, "col_indices", f"must lie in [0, {k})")
-            same_row = torch.ones_like(cols, dtype=torch.bool)
-            same_row[crow[1:-1][crow[1:-1] < cols.numel()]] = False  # first entry of each row
-            _need(bool(((cols[1:] > cols[:-1]) | ~same_row[1:]).all()), "col_indices",
+        if self.col_indices.numel():
+            _need(_in_range(self.col_indices, k), "col_indices", f"must lie in [0, {k})")
+            _need(_increasing_per_row(self.col_indices, crow), "col_indices",
                   "must be strictly increasing within each row")
 
 
@@ -330,13 +349,10 @@ class BSR(WeightFormat):
         _need(bool((crow[1:] >= crow[:-1]).all()), "crow_indices", "must be non-decreasing")
         _need(int(crow[-1]) == self.values.shape[0] == self.col_indices.numel(), "crow_indices",
               "last entry must equal the number of blocks in values and col_indices")
-        cols = self.col_indices.long()
+        cols = self.col_indices
         if cols.numel():
-            _need(int(cols.min()) >= 0 and int(cols.max()) < nc, "col_indices", f"block columns must lie in [0, {nc})")
-            same_row = torch.ones_like(cols, dtype=torch.bool)
-            same_row[crow[1:-1][crow[1:-1] < cols.numel()]] = False
-            _need(bool(((cols[1:] > cols[:-1]) | ~same_row[1:]).all()), "col_indices",
-                  "must be strictly increasing within each block row")
+            _need(_in_range(cols, nc), "col_indices", f"block columns must lie in [0, {nc})")
+            _need(_increasing_per_row(cols, crow), "col_indices", "must be strictly increasing within each block row")
         pad_k = pk - self.shape[1]
         if pad_k and cols.numel():  # the CPU kernel multiplies the padding with zero inputs
             last = self.values[cols == nc - 1][:, :, bk - pad_k:]
