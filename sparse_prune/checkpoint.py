@@ -18,6 +18,7 @@ plain parameters and every SparseLinear's format arrays) and ``manifest.json``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -96,6 +97,10 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         raise
     atomic.commit(tmp_weights, weights)
     atomic.commit(tmp_manifest, os.path.join(directory, MANIFEST))
+    for name in os.listdir(directory):  # leftovers of saves killed before (never needed again)
+        if name.startswith((f".{WEIGHTS}.", f".{MANIFEST}.")) and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -103,20 +108,34 @@ def _write_json(path: str, data: Any) -> None:
         json.dump(data, fh, indent=1)
 
 
-def _check_token(manifest: dict[str, Any], weights: str) -> None:
-    """The weights file must be the one the manifest was written with (see :func:`save`);
-    checkpoints from before the token carry none and are not checked."""
+def _paired_manifest(manifest: dict[str, Any], directory: str | os.PathLike, weights: str) -> dict[str, Any]:
+    """The manifest that belongs to the weights file (see :func:`save`): the one in place, or —
+    after a save killed between its two renames (new weights, old manifest) — the new manifest
+    that save left complete and fsynced under its temporary name, so the load rolls forward to
+    the new checkpoint, whole. Any other mismatch is refused. Checkpoints from before the token
+    carry none and are not checked."""
     token = manifest.get("weights_token")
     if token is None:
-        return
+        return manifest
     found = files.safetensors_metadata(weights, "checkpoint weights file").get(TOKEN_KEY)
-    if found != token:
-        raise ValueError(f"{weights} does not belong to the manifest beside it (an interrupted or mixed "
-                         "save); save the model again")
+    if found == token:
+        return manifest
+    for name in sorted(os.listdir(directory)) if found is not None else []:
+        if name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"):
+            try:
+                pending = _read_manifest(directory, name)
+            except (ValueError, OSError):
+                continue  # a temporary file killed half-way: not the one
+            if pending.get("weights_token") == found:
+                warnings.warn(f"{directory}: completing an interrupted save (its new manifest {name} matches the "
+                              "weights); save the model again to tidy the directory", stacklevel=3)
+                return pending
+    raise ValueError(f"{weights} does not belong to the manifest beside it (an interrupted or mixed "
+                     "save); save the model again")
 
 
-def _read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    path = os.path.join(directory, MANIFEST)
+def _read_manifest(directory: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
+    path = os.path.join(directory, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: not a sparse_prune.save directory")
     manifest = files.read_json(path, "checkpoint manifest")
@@ -308,7 +327,7 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise ValueError("skeleton is on the meta device (no storage to load into): build it on a real device, "
                          "e.g. skeleton.to_empty(device='cpu')")
     weights = os.path.join(directory, WEIGHTS)
-    _check_token(manifest, weights)
+    manifest = _paired_manifest(manifest, directory, weights)
     tensors, _ = files.read_safetensors(weights, device, "checkpoint weights file")
     try:
         _check_entries(manifest["sparse_linear"], tensors)

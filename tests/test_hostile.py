@@ -604,3 +604,76 @@ def test_cli_debug_shows_the_traceback(cli_files):
     with pytest.raises(ValueError, match="truncated.safetensors"):
         cli.main(["--debug", "convert", *TINY, "--masks", str(cli_files / "truncated.safetensors"), "--format",
                   "csr", "--out", str(cli_files / "x")])
+
+
+# ---------------------------------------------------------------------------------------
+# Crash safety with real kills: a child process saving over a good checkpoint is SIGKILLed at
+# each step of the save; the directory then loads the old checkpoint or the new one, whole.
+
+_CHILD = r"""
+import os, signal, sys
+import torch, warnings
+from torch import nn
+import sparse_prune as sp
+from sparse_prune import checkpoint
+
+def mlp(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sp.convert(model, sp.prune(model, "l1_unstructured", amount=0.5 if seed else 0.25), format="csr")
+
+step, directory = sys.argv[1], sys.argv[2]
+if step == "old":
+    sp.save(mlp(0), directory)
+    sys.exit(0)
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real crash
+real_save, real_replace = checkpoint.save_file, os.replace
+def save_file(tensors, path, metadata=None):
+    real_save(tensors, path, metadata=metadata)
+    if step == "weights half-written":
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
+        die()
+checkpoint.save_file = save_file
+replaced = []
+def replace(src, dst):
+    real_replace(src, dst)
+    replaced.append(dst)
+    if (step, len(replaced)) in (("between the renames", 1), ("after both renames", 2)):
+        die()
+os.replace = replace
+if step == "before any rename":
+    sp.atomic.commit = lambda tmp, path: die()
+sp.save(mlp(1), directory)
+"""
+
+
+@pytest.mark.parametrize("step", ["weights half-written", "before any rename", "between the renames",
+                                  "after both renames", "not killed"])
+def test_save_killed_at_each_step_leaves_a_whole_checkpoint(tmp_path, step):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    ck = tmp_path / "ck"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    run = lambda which: subprocess.run([sys.executable, str(script), which, str(ck)], env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    assert run("old").returncode == 0
+    old = sp.load(_mlp(5), ck)
+    child = run(step)
+    assert child.returncode == (0 if step == "not killed" else -signal.SIGKILL), child.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = sp.load(_mlp(5), ck)
+    x = _x()
+    old_out, new_out = old(x), loaded(x)
+    is_old = torch.equal(new_out, old_out)
+    expected_old = step in ("weights half-written", "before any rename")
+    assert is_old == expected_old, f"{step}: loaded the {'old' if is_old else 'new'} checkpoint"
+    if not is_old:  # the new one, whole: its masks are the 50% ones
+        assert loaded[0].values.numel() == 64
