@@ -53,3 +53,17 @@ def commit(tmp: str, path: str | os.PathLike) -> None:
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write ``path`` crash-safely: ``write(tmp)`` fills a temporary file, then it replaces ``path``."""
     commit(write_temp(path, write), path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`write_atomic` of a UTF-8 text file (the CLI's JSON and Markdown results)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    write_atomic(path, write)
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """``fig.savefig`` crash-safely (the format from ``path``'s suffix, as matplotlib would)."""
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))

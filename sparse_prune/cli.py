@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sparse_prune as sp
+from sparse_prune import atomic
 from sparse_prune.constants import BACKENDS
 from sparse_prune.convert import CONVERT_FORMATS
 from sparse_prune.pruning import BLOCK_SCORES, CALIBRATED
@@ -131,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "structured pruning prunes fc2 columns and attention output-projection columns "
         "together with fc1 rows and q/k/v heads.\n\n" + table + "\n"
     )
-    (out / "sparsity.json").write_text(json.dumps(
+    atomic.write_text(out / "sparsity.json", json.dumps(
         {k: {"info": m.info, "overall": m.sparsity(), "layers": m.layer_sparsity(), "seconds": timings[k]}
          for k, m in results.items()}, indent=1, default=str))
     print(table)
@@ -147,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         picks = _pick_a_point(latency_rows, accuracy_rows)
         print("\n" + picks)
         report += picks
-    (out / "report.md").write_text(report)
+    atomic.write_text(out / "report.md", report)
     print(f"\nwrote {out / 'report.md'}, {out / 'sparsity.json'} and the masks (*.safetensors)")
     return 0
 
@@ -308,9 +309,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     converted = sp.convert(model, masks, format=args.format, backend=args.backend, inplace=True, **kw)
     sp.save(converted, args.out)
     spec = {"model": args.model, "source": args.source, "depth": args.depth}
-    from sparse_prune import atomic
-
-    atomic.write_atomic(Path(args.out) / MODEL_SPEC, lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=1)))
+    atomic.write_text(Path(args.out) / MODEL_SPEC, json.dumps(spec, indent=1))
     print(sp.format_report(sp.report(converted)))
     print(f"\nwrote {args.out} (model.safetensors, manifest.json, {MODEL_SPEC})")
     return 0
