@@ -13,7 +13,9 @@ Linear, the classifier left dense; ``--formats bsr`` adds block masks, ``2:4`` a
   (whatever CPU kernel ``convert`` picks today or later; ``report()`` names it in the row);
 - ``onnxruntime``: the masked model exported to ONNX, run dense by ONNX Runtime;
 - ``deepsparse``: the same masked ONNX, where DeepSparse exploits the zeros; and once
-  ``deepsparse (unpruned)`` on the unpruned ONNX, for DeepSparse's ratio over its own dense.
+  ``deepsparse (unpruned)`` on the unpruned ONNX, for DeepSparse's ratio over its own dense;
+- with ``--compile``: ``torch.compile`` of the dense model and of every sparse_prune variant
+  (compiled before timing; our ops stay custom ops, inductor fuses what lies between them).
 
 Each variant's output is checked against the masked dense torch model first (max abs diff in
 the row; ``wrong`` when it exceeds ``--tol`` x max|reference| and then not timed). A peer that
@@ -282,6 +284,24 @@ def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- main
 
 
+def compiled_variant(name: str, engine: str, label: str, sparsity: float, module: torch.nn.Module,
+                     x: torch.Tensor, ref: torch.Tensor, tol: float) -> Variant:
+    """``torch.compile(module)`` (inductor, default mode) as a variant: our ops stay opaque custom
+    ops, inductor fuses what is between them (LayerNorm, residual adds, the attention's glue).
+    Compiled and checked here, so the compile time is never timed."""
+    v = Variant(name, engine, label, sparsity)
+    try:
+        compiled = torch.compile(module)
+        with torch.inference_mode():
+            v.status, info = agree(logits_of(compiled(x)), ref, tol)
+        v.info.update(info)
+        v.fn = lambda m=compiled: m(x)
+    except Exception as exc:  # noqa: BLE001
+        v.status = f"failed: {first_line(exc)}"
+        traceback.print_exc()
+    return v
+
+
 def build(args: argparse.Namespace, workdir: Path) -> tuple[list[Variant], Peers]:
     torch.manual_seed(args.seed)
     dense = sp.models.vit(args.model, source=args.source, weights=None)
@@ -294,6 +314,9 @@ def build(args: argparse.Namespace, workdir: Path) -> tuple[list[Variant], Peers
     with torch.inference_mode():
         variants[0].info["max_abs_diff"] = 0.0
         dense_out = logits_of(dense(x)).float()
+    if args.compile:
+        variants.append(compiled_variant("torch dense + torch.compile", "torch", "none", 0.0, dense, x, dense_out,
+                                         args.tol))
 
     plan: list[tuple[str, float, list[str]]] = []  # (mask kind, sparsity, torch formats on it)
     l1_formats = [f for f in args.formats if f in ("csr", "auto", "dense")]
@@ -350,6 +373,9 @@ def build(args: argparse.Namespace, workdir: Path) -> tuple[list[Variant], Peers
                 v.status = f"failed: {first_line(exc)}"
                 traceback.print_exc()
             variants.append(v)
+            if args.compile and v.fn is not None:
+                variants.append(compiled_variant(f"sparse_prune {f} + torch.compile", "sparse_prune", label, real,
+                                                 fast, x, ref, args.tol))
         path, why = peers.export(masked, x, f"{label}_{s}")
         del masked
         for engine, make in (("onnxruntime", peers.ort_fn), ("deepsparse", peers.ds_fn)):
@@ -451,6 +477,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-ort", action="store_true")
     ap.add_argument("--no-deepsparse", action="store_true")
     ap.add_argument("--no-peer-dense", action="store_true", help="skip DeepSparse on the unpruned ONNX")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile of the dense model and of every sparse_prune variant")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default benchmarks/results/cpu-<cpu name>/")
     args = ap.parse_args(argv)

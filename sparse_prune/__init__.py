@@ -8,7 +8,7 @@ from sparse_prune import formats, models, ops
 from sparse_prune.checkpoint import load, save
 from sparse_prune.convert import convert
 from sparse_prune.masks import MaskSet
-from sparse_prune.nn import SparseLinear
+from sparse_prune.nn import SparseLinear, SparseMLP
 from sparse_prune.ops import extension_error, has_cuda_extension
 from sparse_prune.pruning import METHODS, prune
 from sparse_prune.report import format_report, report
@@ -21,6 +21,7 @@ __all__ = [
     "METHODS",
     "MaskSet",
     "SparseLinear",
+    "SparseMLP",
     "convert",
     "format_report",
     "report",

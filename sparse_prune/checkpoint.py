@@ -34,7 +34,7 @@ from torch import nn
 from sparse_prune import atomic, backends, files
 from sparse_prune import formats as F
 from sparse_prune.constants import BACKENDS
-from sparse_prune.convert import PLAN_ATTR, parent_of
+from sparse_prune.convert import PLAN_ATTR, fuse_mlp, parent_of
 from sparse_prune.nn import ACTIVATIONS, SparseLinear
 from sparse_prune.shrink import DENSE_SHAPE_ATTR, apply_keep, open_mha_out_proj
 from sparse_prune.structure import find_groups, gelu_sites
@@ -336,6 +336,7 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
         moved = _swap_sparse(work, manifest["sparse_linear"], tensors)
         _check_dtypes(work, tensors, manifest["sparse_linear"])
         _fuse_saved_activations(work)
+        fuse_mlp(work)  # as convert() left it: a ViT MLP of two SparseLinears runs as one op
         try:
             work.load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as exc:

@@ -25,9 +25,9 @@ from sparse_prune import backends
 from sparse_prune import formats as F
 from sparse_prune.constants import BACKENDS
 from sparse_prune.masks import MaskSet
-from sparse_prune.nn import SparseLinear
+from sparse_prune.nn import SparseLinear, SparseMLP
 from sparse_prune.shrink import open_mha_out_proj, shrink_groups
-from sparse_prune.structure import gelu_sites, resolve_param
+from sparse_prune.structure import gelu_sites, mlp_sites, resolve_param
 
 CONVERT_FORMATS = tuple(F.FORMATS)
 PLAN_ATTR = "sparse_prune_plan"  # the LayerPlan's summary, kept on the module for report()
@@ -190,6 +190,25 @@ def fuse_gelu(model: nn.Module) -> list[str]:
     return fused
 
 
+def fuse_mlp(model: nn.Module) -> list[str]:
+    """Put a :class:`~sparse_prune.nn.SparseMLP` in place of every ViT MLP module
+    (:func:`sparse_prune.structure.mlp_sites`) whose fc1 is a SparseLinear with the fused GELU
+    (:func:`fuse_gelu` ran: its activation is Identity) and whose fc2 is a SparseLinear without
+    one. Returns the names of the replaced modules. The function is unchanged."""
+    fused = []
+    for site in mlp_sites(model):
+        parent = model.get_submodule(site.parent) if site.parent else model
+        fc1, act, fc2 = (parent._modules.get(a) for a in (site.fc1, site.act, site.fc2))
+        if (isinstance(fc1, SparseLinear) and isinstance(fc2, SparseLinear) and isinstance(act, nn.Identity)
+                and fc1.activation == "gelu" and fc2.activation is None and fc1.out_features == fc2.in_features):
+            fused_module = SparseMLP(fc1, fc2, names=(site.fc1, site.fc2))
+            if site.parent:
+                grand, child = parent_of(model, site.parent)
+                setattr(grand, child, fused_module)
+                fused.append(site.parent)
+    return fused
+
+
 def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str = "auto",
             inplace: bool = False, example_inputs: Any = None, cache: str | None = None,
             fuse_activations: bool = True, **format_kw: Any) -> nn.Module:
@@ -221,7 +240,9 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
 
     ``fuse_activations`` (default on): where a ViT MLP's first Linear became a SparseLinear and
     feeds an exact GELU, the GELU moves into the layer (:func:`fuse_gelu`): one kernel where the
-    backend's epilogue fuses it, the same numbers either way.
+    backend's epilogue fuses it, the same numbers either way; where both of its Linears became
+    SparseLinears, the MLP module becomes a :class:`~sparse_prune.nn.SparseMLP` (:func:`fuse_mlp`:
+    one op on our CPU kernels, the hidden layer never transposed).
     """
     check_convert_args(masks, format, backend)
     for flag, value in (("inplace", inplace), ("fuse_activations", fuse_activations)):
@@ -239,6 +260,7 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
         apply_plan(model, dict(masks.items()), layers)
         if fuse_activations:
             fuse_gelu(model)
+            fuse_mlp(model)
         return model
     todo: dict[str, torch.Tensor] = dict(masks.items())
     open_mha_out_proj(model, todo)  # torchvision: lets MHA out_proj become a SparseLinear
@@ -252,6 +274,7 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     left_dense += apply_plan(model, todo, plan(model, todo, format, backend, **format_kw))
     if fuse_activations:
         fuse_gelu(model)
+        fuse_mlp(model)
     if left_dense:
         warnings.warn(f"format {format!r} left {len(left_dense)} masked weight(s) dense: " + "; ".join(left_dense),
                       stacklevel=2)

@@ -12,7 +12,7 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-from sparse_prune import backends
+from sparse_prune import backends, ops
 from sparse_prune import formats as F
 
 ACTIVATIONS = (None, "gelu")
@@ -196,3 +196,65 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.format_name}, density={fmt.density:.3f}, backend={self.backend}"
                 + (f", activation={self.activation}" if self.activation else ""))
+
+
+# The arrays of each format that sparse_mlp takes, in its order.
+_MLP_ARRAYS = {"csr": ("values", "crow_indices", "col_indices"), "bsr": ("values", "crow_indices", "col_indices"),
+               "2:4": ("values", "meta")}
+
+
+class SparseMLP(nn.Module):
+    """``fc2(GELU(fc1(x)))`` of two :class:`SparseLinear` (``fc1`` with ``activation="gelu"``),
+    as one op where our CPU kernels run both layers: ``sparse_prune::sparse_mlp`` keeps the
+    hidden layer in the kernels' transposed panel layout, so it is never transposed out of fc1
+    nor packed back into fc2. Elsewhere (other formats or backends, a GPU) it runs
+    ``fc2(fc1(x))``; the numbers are the same either way.
+
+    ``convert`` puts it in place of a ViT MLP module (:func:`sparse_prune.structure.mlp_sites`)
+    whose two Linears it converted; the layers keep their names (``names``), so ``state_dict``
+    keys, ``report()`` and ``sp.save`` see the same SparseLinears as without it. Accepts
+    ``x [..., fc1.in_features]``, returns ``[..., fc2.out_features]``; ``ValueError`` for
+    mismatched layers.
+    """
+
+    def __init__(self, fc1: SparseLinear, fc2: SparseLinear, names: tuple[str, str] = ("fc1", "fc2")):
+        super().__init__()
+        if not isinstance(fc1, SparseLinear) or not isinstance(fc2, SparseLinear):
+            raise TypeError(f"fc1 and fc2 must be SparseLinear, got {type(fc1).__name__} and {type(fc2).__name__}")
+        if fc1.activation != "gelu" or fc2.activation is not None:
+            raise ValueError(f"SparseMLP takes fc1 with activation='gelu' and fc2 with none, got "
+                             f"{fc1.activation!r} and {fc2.activation!r}")
+        if fc1.out_features != fc2.in_features:
+            raise ValueError(f"fc1.out_features ({fc1.out_features}) must equal fc2.in_features ({fc2.in_features})")
+        self.names = tuple(names)
+        self.add_module(self.names[0], fc1)
+        self.add_module(self.names[1], fc2)
+
+    def layers(self) -> tuple[SparseLinear, SparseLinear]:
+        """``(fc1, fc2)``, whatever their names."""
+        return self._modules[self.names[0]], self._modules[self.names[1]]
+
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` runs the one fused CPU op (else ``fc2(fc1(x))``)."""
+        return x.device.type == "cpu" and all(
+            m.backend == "torch" and m.format_name in _MLP_ARRAYS and m._bind_error is None
+            and backends.cpu_kernel_runs(m.format_name, m.values.device) for m in self.layers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, fc2 = self.layers()
+        if not self.fused(x):
+            return fc2(fc1(x))
+        if x.shape[-1] != fc1.in_features:
+            raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={fc1.in_features}")
+        lead = x.shape[:-1]
+        y = torch.ops.sparse_prune.sparse_mlp(
+            x.reshape(-1, fc1.in_features), fc1.format_name, [getattr(fc1, n) for n in _MLP_ARRAYS[fc1.format_name]],
+            fc1.bias, fc1.out_features, fc2.format_name, [getattr(fc2, n) for n in _MLP_ARRAYS[fc2.format_name]],
+            fc2.bias, fc2.out_features, True)
+        return y.reshape(*lead, fc2.out_features)
+
+    def extra_repr(self) -> str:
+        return "fused: fc2(gelu(fc1(x))) in one op on the CPU kernels"
+
+
+assert set(_MLP_ARRAYS) == set(ops.MLP_FORMATS)

@@ -62,6 +62,37 @@ _lib.define("bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col
 _lib.define("semi24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias, bool gelu=False) -> Tensor")
 _lib.define("shrunk_linear(Tensor x, Tensor values, Tensor out_index, Tensor in_index, "
             "int out_features, Tensor? bias) -> Tensor")
+# fc2(act(fc1(x))) of two sparse weights ("csr"/"bsr": values, crow_indices, col_indices; "2:4":
+# values, meta), act the exact GELU when gelu: one op, so that our CPU kernel keeps the hidden
+# layer in its transposed panel layout (no transpose out of fc1, none into fc2). Elsewhere it
+# is the two linear ops in a row.
+_lib.define("sparse_mlp(Tensor x, str format1, Tensor[] weight1, Tensor? bias1, int hidden, str format2, "
+            "Tensor[] weight2, Tensor? bias2, int out_features, bool gelu=True) -> Tensor")
+MLP_FORMATS = ("csr", "bsr", "2:4")
+
+
+def _sparse_linear_call(x: torch.Tensor, format_name: str, weight: list[torch.Tensor], bias: torch.Tensor | None,
+                        out_features: int, gelu: bool) -> torch.Tensor:
+    """One layer of ``sparse_mlp`` through its per-format op."""
+    if format_name not in MLP_FORMATS:
+        raise ValueError(f"sparse_mlp formats must be one of {MLP_FORMATS}, got {format_name!r}")
+    want = 2 if format_name == "2:4" else 3
+    if len(weight) != want:
+        raise ValueError(f"sparse_mlp: a {format_name!r} weight is {want} tensors, got {len(weight)}")
+    if format_name == "csr":
+        return torch.ops.sparse_prune.csr_linear(x, *weight, out_features, bias, None, gelu)
+    if format_name == "bsr":
+        return torch.ops.sparse_prune.bsr_linear(x, *weight, out_features, bias, gelu)
+    return torch.ops.sparse_prune.semi24_linear(x, *weight, bias, gelu)
+
+
+def _sparse_mlp_composite(x, format1, weight1, bias1, hidden, format2, weight2, bias2, out_features, gelu=True):
+    """The two linear ops in a row (every device but the CPU with our kernels loaded)."""
+    h = _sparse_linear_call(x, format1, list(weight1), bias1, hidden, gelu)
+    return _sparse_linear_call(h, format2, list(weight2), bias2, out_features, False)
+
+
+_lib.impl("sparse_mlp", _sparse_mlp_composite, "CompositeExplicitAutograd")
 
 
 def _reference_impl(name: str):
@@ -73,11 +104,11 @@ def _reference_impl(name: str):
 
 
 # Ops whose CPU kernel is ours (csrc/cpu/, sparse_prune._C_cpu) when that library is loaded.
-CPU_KERNEL_OPS = ("csr_linear", "bsr_linear", "semi24_linear")
+CPU_KERNEL_OPS = ("csr_linear", "bsr_linear", "semi24_linear", "sparse_mlp")
 
 _CPU_EXTENSION_ERROR: str | None = "not loaded yet"
 # The op-schema version csrc/cpu/cpu_ops.cpp must be built for (SPARSE_PRUNE_CPU_ABI there).
-CPU_EXTENSION_ABI = 1
+CPU_EXTENSION_ABI = 2
 
 
 def _load_kernels(module: str, abi: int) -> str | None:
@@ -172,6 +203,9 @@ torch.library.register_fake("sparse_prune::semi24_linear")(
     lambda x, values, meta, bias, gelu=False: linear_fake(x, values.shape[0]))
 torch.library.register_fake("sparse_prune::shrunk_linear")(
     lambda x, values, out_index, in_index, out_features, bias: linear_fake(x, out_features))
+torch.library.register_fake("sparse_prune::sparse_mlp")(
+    lambda x, format1, weight1, bias1, hidden, format2, weight2, bias2, out_features, gelu=True:
+    linear_fake(x, out_features))
 
 
 # ---------------------------------------------------------------------------------------

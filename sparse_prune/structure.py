@@ -183,3 +183,39 @@ def gelu_sites(model: nn.Module) -> list[GeluSite]:
         if isinstance(linear, nn.Module) and hasattr(linear, "in_features") and _exact_gelu(act):
             sites.append(GeluSite(_join(name, lin_attr), name, act_attr))
     return sites
+
+
+@dataclass(frozen=True)
+class MlpSite:
+    """A ViT MLP module (``parent``) whose inference forward is exactly ``fc2(act(fc1(x)))``,
+    with the attribute names of its two Linears and of its activation."""
+
+    parent: str
+    fc1: str
+    act: str
+    fc2: str
+
+
+def _no_dropout(*modules: nn.Module | None) -> bool:
+    return all(isinstance(m, nn.Dropout) and m.p == 0 or isinstance(m, nn.Identity) for m in modules)
+
+
+def mlp_sites(model: nn.Module) -> list[MlpSite]:
+    """Every ViT MLP whose forward is exactly fc1 → activation → fc2, by source: transformers
+    5.x ``ViTMLP``; timm ``Mlp`` with both dropouts 0 and no norm; torchvision ``MLPBlock``
+    with its dropouts 0. Any other module (a user's own ``Mlp``, a dropout that is on) is not
+    matched: replacing the module by one fused op must compute what its forward computes."""
+    sites = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if not type(module).__module__.startswith(_VIT_LIBRARIES):
+            continue
+        if kind == "ViTMLP":
+            sites.append(MlpSite(name, "fc1", "activation_fn", "fc2"))
+        elif kind == "Mlp" and _no_dropout(getattr(module, "drop1", None), getattr(module, "drop2", None)) \
+                and isinstance(getattr(module, "norm", None), nn.Identity):
+            sites.append(MlpSite(name, "fc1", "act", "fc2"))
+        elif kind == "MLPBlock" and isinstance(module, nn.Sequential) and len(module) == 5 \
+                and _no_dropout(module[2], module[4]):
+            sites.append(MlpSite(name, "0", "1", "3"))
+    return sites

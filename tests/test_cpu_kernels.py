@@ -187,17 +187,23 @@ def test_non_finite_inputs(isa, kind):
     assert got[others].isfinite().all()
 
 
-def test_gelu_tails_and_specials(isa):
+# n output rows of one weight 1 each: every column of Y is x; the AVX-512 epilogue runs 16 rows
+# at a time and the last n % 16 through the 8-row/lane path, so n = 37 checks all three
+GELU_ROWS = [1, 16, 37]
+
+
+@pytest.mark.parametrize("n", GELU_ROWS)
+def test_gelu_tails_and_specials(isa, n):
     """The fused exact GELU keeps its relative accuracy in both tails; NaN and +inf pass."""
     x = torch.linspace(-12, 12, 2401).reshape(-1, 1)
-    fmt = F.CSR.from_dense(torch.ones(1, 1))
-    got = _run(fmt, x, None, gelu=True)[:, 0]
-    x64 = x[:, 0].double()
+    fmt = F.CSR.from_dense(torch.ones(n, 1))
+    got = _run(fmt, x, None, gelu=True)
+    x64 = x.double()
     ref = x64 * 0.5 * torch.erfc(-x64 / 2 ** 0.5)  # F.gelu's 1 + erf(x/√2) cancels in the left tail
     close = (got.double() - ref).abs() <= 1e-6 * ref.abs() + 1e-37
-    assert close.all(), x[:, 0][~close][:5]
-    special = _run(fmt, torch.tensor([[float("nan")], [float("inf")]]), None, gelu=True)[:, 0]
-    assert special[0].isnan() and special[1] == float("inf")
+    assert close.all(), x.expand(-1, n)[~close][:5]
+    special = _run(fmt, torch.tensor([[float("nan")], [float("inf")]]), None, gelu=True)
+    assert special[0].isnan().all() and (special[1] == float("inf")).all()
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,16 +372,29 @@ def test_semi24_refuses_malformed_metadata():
             torch.ops.sparse_prune.semi24_linear(x, values, torch.full((1, 1), word, dtype=torch.int16), None)
 
 
-def test_gelu_far_left_tail_and_minus_inf(isa):
-    fmt = F.CSR.from_dense(torch.ones(1, 1))
-    got = _run(fmt, torch.tensor([[-1e38], [-1e20], [-30.0], [float("-inf")]]), None, gelu=True)[:, 0]
-    assert (got[:3] == 0).all() and got[3].isnan()  # x·Φ(x) underflows; -inf·0 is NaN as in F.gelu
+@pytest.mark.parametrize("n", GELU_ROWS)
+def test_gelu_far_left_tail_and_minus_inf(isa, n):
+    fmt = F.CSR.from_dense(torch.ones(n, 1))
+    got = _run(fmt, torch.tensor([[-1e38], [-1e20], [-30.0], [float("-inf")]]), None, gelu=True)
+    assert (got[:3] == 0).all() and got[3].isnan().all()  # x·Φ(x) underflows; -inf·0 is NaN as F.gelu
 
 
 def test_kblock_knob_is_clamped(monkeypatch):
     monkeypatch.setenv("SPARSE_PRUNE_CPU_KBLOCK", str(2**63 - 1))
     w, mask, x, b = _problem(7, 12, 40, 0.5)
     _check(F.CSR.from_dense(w, mask), x, b)
+
+
+@pytest.mark.parametrize("k, density", [(200, 0.5), (1300, 0.85)])  # rows of ~100 and ~1100 entries
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_many_kblocks_short_and_long_rows(isa, no_reference, monkeypatch, k, density, index_dtype):
+    """K-blocks of 16 columns: the block bounds of short rows are counted, of long rows (> 1024
+    entries) binary-searched; both must cut every row where a plain scan would."""
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_KBLOCK", "16")
+    w, mask, x, b = _problem(21, 9, k, density)
+    _check(F.CSR.from_dense(w, mask, index_dtype=index_dtype), x, b)
+    _check(F.BSR.from_dense(w, mask, block=(4, 1)), x, b)
+    _check(F.SemiStructured.from_dense(w, _two_four(w)), x, b)
 
 
 def test_float64_report_names_the_portable_kernel():

@@ -1,5 +1,6 @@
 // sparse_prune._C_cpu: the CPU kernels of the public linear ops (schemas in sparse_prune/ops.py)
 //   csr_linear, bsr_linear, semi24_linear : Y [M, N] = X [M, K] · Wᵀ (+ bias) (GELU if gelu)
+//   sparse_mlp : fc2(GELU(fc1(X))) of any two of those formats, the hidden layer kept transposed
 // This unit owns everything torch: argument checks (ValueError/TypeError naming the argument),
 // dtypes (float32 natively; float64 on the portable path; float16/bfloat16 computed in float32),
 // threads (at::parallel_for, so torch.set_num_threads holds; rows split by nonzeros), and the
@@ -81,7 +82,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 // as few tiles as that allows, balanced (M = 197 -> 5 x 40 for AVX2, 2 x 112 for AVX-512), so
 // no narrow last tile pays the per-weight cost of a full one for a few tokens.
 Problem plan(int64_t M, int64_t N, int64_t K, int64_t block_cols, int64_t lanes, int64_t max_tile,
-             double stored_per_row, const at::Tensor& bias, bool gelu) {
+             double stored_per_row, double segment, const at::Tensor& bias, bool gelu) {
   Problem p;
   p.M = M;
   p.N = N;
@@ -106,7 +107,8 @@ Problem plan(int64_t M, int64_t N, int64_t K, int64_t block_cols, int64_t lanes,
   // and on 2:4.
   const int64_t l1_cols = std::max<int64_t>(16, 24576 / (p.tile * 4) / 16 * 16);
   const double per_col = stored_per_row / std::max<int64_t>(1, K);
-  const int64_t sparse_cols = per_col > 0 ? static_cast<int64_t>(96.0 / per_col) : K;
+  segment = static_cast<double>(env_int("SPARSE_PRUNE_CPU_SEGMENT", static_cast<int64_t>(segment)));
+  const int64_t sparse_cols = per_col > 0 ? static_cast<int64_t>(segment / per_col) : K;
   int64_t kb = env_int("SPARSE_PRUNE_CPU_KBLOCK", std::min<int64_t>(std::max<int64_t>(l1_cols, sparse_cols), std::max<int64_t>(K, 16)));
   kb = std::max<int64_t>(16, std::min<int64_t>(kb, std::max<int64_t>(K, 16)) / 16 * 16);
   if (block_cols > 1) kb = std::max<int64_t>(block_cols, kb / block_cols * block_cols);
@@ -262,9 +264,9 @@ at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).
 // page faults (measured: ~2 ms of 5 ms fixed cost on ViT-B/16 fc1 at M = 1576). Calls from
 // several Python threads each get their own buffers.
 at::Tensor scratch(int slot, int64_t numel, const at::TensorOptions& options) {
-  thread_local at::Tensor buffers[6];
+  thread_local at::Tensor buffers[8];
   const int index = slot * 2 + (options.dtype() == at::kDouble ? 1 : 0);
-  at::Tensor& buf = buffers[index % 6];
+  at::Tensor& buf = buffers[index % 8];
   const auto dtype = options.dtype().toScalarType();
   if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < numel) {
     buf = at::empty({std::max<int64_t>(numel, 1)}, options);
@@ -272,11 +274,13 @@ at::Tensor scratch(int slot, int64_t numel, const at::TensorOptions& options) {
   return buf;
 }
 
-// Pack X into panels (parallel over tiles) and allocate Y; returns (panels, y).
-std::pair<at::Tensor, at::Tensor> prepare(const Isa& isa, Problem& p, const at::Tensor& xc, int64_t workers) {
+// Pack X into panels (parallel over tiles) and, unless the layer writes panels, allocate Y;
+// returns (panels, y).
+std::pair<at::Tensor, at::Tensor> prepare(const Isa& isa, Problem& p, const at::Tensor& xc, int64_t workers,
+                                          bool alloc_y = true) {
   at::Tensor xp = scratch(0, checked_product("cpu kernel", "the packed input", p.ntiles, p.kp, p.tile), xc.options());
-  at::Tensor y = at::empty({p.M, p.N}, xc.options());
-  p.y = y.data_ptr();
+  at::Tensor y = alloc_y ? at::empty({p.M, p.N}, xc.options()) : at::Tensor();
+  p.y = alloc_y ? y.data_ptr() : nullptr;
   const Problem& cp = p;
   const void* xd = xc.data_ptr();
   void* xpd = xp.data_ptr();
@@ -306,13 +310,28 @@ void run_workers(const char* op, const std::vector<int64_t>& cut, const char* wh
   check_status(op, status, what);
 }
 
-}  // namespace
+// One sparse weight, checked and in the compute type, ready for plan() and run_layer(): the
+// common part of the three linear ops and of each layer of sparse_mlp.
+struct Layer {
+  enum Kind { kCsr, kBsr, kSemi } kind = kCsr;
+  int64_t N = 0, K = 0;
+  int64_t block_cols = 1;         // bsr: the block width (panels of K rounded up to it)
+  double stored_per_row = 0;      // stored weights per row (for the K-block)
+  double flops_per_token = 0;     // 2 x stored weights (for the worker count)
+  int64_t units = 0;              // rows (bsr: block rows) that workers split
+  int64_t rows_per_unit = 1;      // bsr: bm
+  std::vector<int64_t> cum;       // cost prefix over units (stored weights)
+  int64_t alpha_per_kblock = 0;   // per-unit fixed cost of each K-block segment, in weights
+  double segment = 96;            // stored weights a row's K-block segment aims at (plan())
+  at::Tensor vc, crow64, cc, mc, bc;  // kept alive for the kernels
+  CsrWeight csr;
+  BsrWeight bsr;
+  Semi24Weight semi;
+};
 
-at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
-                          const at::Tensor& col, int64_t out_features, const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& /*row_order: a GPU schedule*/, bool gelu) {
-  const char* op = "csr_linear (CPU)";
-  check_x(op, x);
+Layer csr_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType ct, const at::Tensor& values,
+                const at::Tensor& crow, const at::Tensor& col, int64_t out_features,
+                const std::optional<at::Tensor>& bias) {
   check_same(op, "values", values, x);
   TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
   TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D [nnz], got shape ", values.sizes());
@@ -320,34 +339,28 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   TORCH_CHECK_VALUE(col.size(0) == values.size(0), op, ": values and col_indices must both hold nnz entries, got ",
                     values.size(0), " and ", col.size(0));
   const at::Tensor* b = check_bias(op, bias, x, out_features);
-  const int64_t M = x.size(0), K = x.size(1), N = out_features, nnz = values.size(0);
-  const at::Tensor crow64 = checked_crow(op, crow, N, nnz);
-  const at::ScalarType ct = compute_type(x);
-  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
-  const at::Tensor xc = as_compute(x, ct), vc = as_compute(values, ct), cc = col.contiguous();
-  const at::Tensor bc = b ? as_compute(*b, ct) : at::Tensor();
-  const Isa isa = isa_for(ct);
-  Problem p = plan(M, N, K, 1, isa.lanes, isa.max_tile, static_cast<double>(nnz) / N, bc, gelu);
-  const int64_t workers = worker_count(2.0 * nnz * M);
-  auto [xp, y] = prepare(isa, p, xc, workers);
-  const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;
-  const std::vector<int64_t> cut = split(crow64.data_ptr<int64_t>(), N, 2 * nkb, workers);
-  at::Tensor yt = scratch(1, scratch_floats(p, N), xc.options());
-  at::Tensor bounds = scratch(2, scratch_bounds(p, N), crow64.options());
-  CsrWeight w{vc.data_ptr(), crow64.data_ptr<int64_t>(), cc.data_ptr(), ib};
-  run_workers(op, cut, "column", [&](int64_t r0, int64_t r1) {
-    return isa.csr(p, w, xp.data_ptr(), r0, r1,
-                   static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size(),
-                   bounds.data_ptr<int64_t>() + scratch_bounds(p, r0));
-  });
-  return finish(y, x);
+  Layer l;
+  l.kind = Layer::kCsr;
+  l.N = out_features;
+  l.K = K;
+  const int64_t nnz = values.size(0);
+  l.crow64 = checked_crow(op, crow, l.N, nnz);
+  l.vc = as_compute(values, ct);
+  l.cc = col.contiguous();
+  if (b) l.bc = as_compute(*b, ct);
+  l.stored_per_row = l.N > 0 ? static_cast<double>(nnz) / l.N : 0;
+  l.flops_per_token = 2.0 * nnz;
+  l.units = l.N;
+  const int64_t* c = l.crow64.data_ptr<int64_t>();
+  l.cum.assign(c, c + l.N + 1);
+  l.alpha_per_kblock = 2;
+  l.csr = CsrWeight{l.vc.data_ptr(), c, l.cc.data_ptr(), ib};
+  return l;
 }
 
-at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
-                          const at::Tensor& col, int64_t out_features, const std::optional<at::Tensor>& bias,
-                          bool gelu) {
-  const char* op = "bsr_linear (CPU)";
-  check_x(op, x);
+Layer bsr_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType ct, const at::Tensor& values,
+                const at::Tensor& crow, const at::Tensor& col, int64_t out_features,
+                const std::optional<at::Tensor>& bias) {
   check_same(op, "values", values, x);
   TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
   TORCH_CHECK_VALUE(values.dim() == 3 && values.size(1) > 0 && values.size(2) > 0, op,
@@ -359,40 +372,32 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
                     ") must be at most ", kMaxSide);
   TORCH_CHECK_VALUE(col.size(0) == nb, op, ": col_indices must hold one entry per block (", nb, "), got ", col.size(0));
   const at::Tensor* b = check_bias(op, bias, x, out_features);
-  const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  const int64_t nbr = (N + bm - 1) / bm;
-  const at::Tensor crow64 = checked_crow(op, crow, nbr, nb);
-  const at::ScalarType ct = compute_type(x);
-  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
-  const at::Tensor xc = as_compute(x, ct), vc = as_compute(values, ct), cc = col.contiguous();
-  const at::Tensor bc = b ? as_compute(*b, ct) : at::Tensor();
-  const Isa isa = isa_for(ct);
-  Problem p = plan(M, N, K, bk, isa.lanes, isa.max_tile, static_cast<double>(nb) * bk / nbr, bc, gelu);
-  const int64_t workers = worker_count(2.0 * nb * bm * bk * M);
-  auto [xp, y] = prepare(isa, p, xc, workers);
+  Layer l;
+  l.kind = Layer::kBsr;
+  l.N = out_features;
+  l.K = K;
+  const int64_t nbr = (l.N + bm - 1) / bm;
+  l.crow64 = checked_crow(op, crow, nbr, nb);
+  l.vc = as_compute(values, ct);
+  l.cc = col.contiguous();
+  if (b) l.bc = as_compute(*b, ct);
+  l.block_cols = bk;
+  l.stored_per_row = nbr > 0 ? static_cast<double>(nb) * bk / nbr : 0;
+  l.flops_per_token = 2.0 * nb * bm * bk;
+  l.units = nbr;
+  l.rows_per_unit = bm;
   // cost of a block row: its stored weights (crow counts blocks: scale by the block size)
-  std::vector<int64_t> cum(nbr + 1);
-  const int64_t* c64 = crow64.data_ptr<int64_t>();
-  for (int64_t i = 0; i <= nbr; ++i) cum[i] = c64[i] * bm * bk;
-  const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;
-  const std::vector<int64_t> cut = split(cum.data(), nbr, 2 * nkb * bm, workers);
-  at::Tensor yt = scratch(1, scratch_floats(p, N), xc.options());  // workers write rows < N only
-  at::Tensor bounds = scratch(2, scratch_bounds(p, nbr), crow64.options());
-  BsrWeight w{vc.data_ptr(), c64, cc.data_ptr(), ib, bm, bk};
-  run_workers(op, cut, "block column", [&](int64_t b0, int64_t b1) {
-    return isa.bsr(p, w, xp.data_ptr(), b0, b1,
-                   static_cast<char*>(yt.data_ptr()) + scratch_floats(p, b0 * bm) * yt.element_size(),
-                   bounds.data_ptr<int64_t>() + scratch_bounds(p, b0));
-  });
-  return finish(y, x);
+  const int64_t* c = l.crow64.data_ptr<int64_t>();
+  l.cum.resize(nbr + 1);
+  for (int64_t i = 0; i <= nbr; ++i) l.cum[i] = c[i] * bm * bk;
+  l.alpha_per_kblock = 2 * bm;
+  l.bsr = BsrWeight{l.vc.data_ptr(), c, l.cc.data_ptr(), ib, bm, bk};
+  return l;
 }
 
-at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                             const std::optional<at::Tensor>& bias, bool gelu) {
-  const char* op = "semi24_linear (CPU)";
-  check_x(op, x);
+Layer semi_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType ct, const at::Tensor& values,
+                 const at::Tensor& meta, const std::optional<at::Tensor>& bias) {
   check_same(op, "values", values, x);
-  const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK_VALUE(K % 4 == 0, op, ": K = ", K, " (x.shape[1]) must be a multiple of 4 for 2:4");
   TORCH_CHECK_VALUE(values.dim() == 2 && values.size(1) * 2 == K, op, ": values must be [N, K/2 = ", K / 2,
                     "], got shape ", values.sizes());
@@ -402,23 +407,157 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == N && meta.size(1) == (K + 15) / 16, op,
                     ": meta must be [N, ceil(K/16)] = [", N, ", ", (K + 15) / 16, "], got shape ", meta.sizes());
   const at::Tensor* b = check_bias(op, bias, x, N);
-  const at::ScalarType ct = compute_type(x);
-  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
-  const at::Tensor xc = as_compute(x, ct), vc = as_compute(values, ct), mc = meta.contiguous();
-  const at::Tensor bc = b ? as_compute(*b, ct) : at::Tensor();
+  Layer l;
+  l.kind = Layer::kSemi;
+  l.N = N;
+  l.K = K;
+  l.vc = as_compute(values, ct);
+  l.mc = meta.contiguous();
+  if (b) l.bc = as_compute(*b, ct);
+  l.stored_per_row = K / 2.0;
+  l.flops_per_token = 1.0 * N * K;
+  l.units = N;
+  l.cum.resize(N + 1);
+  for (int64_t i = 0; i <= N; ++i) l.cum[i] = i * (K / 2);
+  l.alpha_per_kblock = 0;
+  l.semi = Semi24Weight{l.vc.data_ptr(), l.mc.data_ptr<int16_t>(), l.mc.size(1)};
+  return l;
+}
+
+Problem plan_layer(const Layer& l, int64_t M, const Isa& isa, bool gelu) {
+  return plan(M, l.N, l.K, l.block_cols, isa.lanes, isa.max_tile, l.stored_per_row, l.segment, l.bc, gelu);
+}
+
+// Y (or, with p.y_panels set, the next layer's panels) of layer l from the panels xp, on
+// `workers` workers splitting its units by stored weights; raises on a bad index.
+void run_layer(const char* op, const Isa& isa, const Problem& p, const Layer& l, const void* xp, int64_t workers,
+               const at::TensorOptions& options) {
+  const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;
+  const std::vector<int64_t> cut = split(l.cum.data(), l.units, l.alpha_per_kblock * nkb, workers);
+  at::Tensor yt = scratch(1, scratch_floats(p, l.N), options);  // bsr workers write rows < N only
+  char* ytd = static_cast<char*>(yt.data_ptr());
+  const int64_t es = yt.element_size();
+  if (l.kind == Layer::kCsr) {
+    at::Tensor bounds = scratch(2, scratch_bounds(p, l.units), l.crow64.options());
+    run_workers(op, cut, "column", [&](int64_t r0, int64_t r1) {
+      return isa.csr(p, l.csr, xp, r0, r1, ytd + scratch_floats(p, r0) * es,
+                     bounds.data_ptr<int64_t>() + scratch_bounds(p, r0));
+    });
+  } else if (l.kind == Layer::kBsr) {
+    at::Tensor bounds = scratch(2, scratch_bounds(p, l.units), l.crow64.options());
+    const int64_t bm = l.rows_per_unit;
+    run_workers(op, cut, "block column", [&](int64_t b0, int64_t b1) {
+      return isa.bsr(p, l.bsr, xp, b0, b1, ytd + scratch_floats(p, b0 * bm) * es,
+                     bounds.data_ptr<int64_t>() + scratch_bounds(p, b0));
+    });
+  } else {
+    run_workers(op, cut, "column", [&](int64_t r0, int64_t r1) {
+      return isa.semi(p, l.semi, xp, r0, r1, ytd + scratch_floats(p, r0) * es);
+    });
+  }
+}
+
+// The single-layer ops: x [M, K] -> y [M, N].
+at::Tensor linear_layer(const char* op, const at::Tensor& x, at::ScalarType ct, const Layer& l, bool gelu) {
+  const int64_t M = x.size(0);
+  if (M == 0 || l.N == 0) return at::empty({M, l.N}, x.options());
+  const at::Tensor xc = as_compute(x, ct);
   const Isa isa = isa_for(ct);
-  Problem p = plan(M, N, K, 1, isa.lanes, isa.max_tile, K / 2.0, bc, gelu);
-  const int64_t workers = worker_count(1.0 * N * K * M);
+  Problem p = plan_layer(l, M, isa, gelu);
+  const int64_t workers = worker_count(l.flops_per_token * M);
   auto [xp, y] = prepare(isa, p, xc, workers);
-  std::vector<int64_t> cum(N + 1);
-  for (int64_t i = 0; i <= N; ++i) cum[i] = i * (K / 2);
-  const std::vector<int64_t> cut = split(cum.data(), N, 0, workers);
-  at::Tensor yt = scratch(1, scratch_floats(p, N), xc.options());
-  Semi24Weight w{vc.data_ptr(), mc.data_ptr<int16_t>(), mc.size(1)};
-  run_workers(op, cut, "column", [&](int64_t r0, int64_t r1) {
-    return isa.semi(p, w, xp.data_ptr(), r0, r1,
-                    static_cast<char*>(yt.data_ptr()) + scratch_floats(p, r0) * yt.element_size());
-  });
+  run_layer(op, isa, p, l, xp.data_ptr(), workers, xc.options());
+  return finish(y, x);
+}
+
+// A layer of sparse_mlp from its format name and arrays (csr/bsr: values, crow_indices,
+// col_indices; 2:4: values, meta).
+Layer mlp_layer(const char* op, const char* which, const at::Tensor& x, int64_t K, at::ScalarType ct,
+                c10::string_view format, const std::vector<at::Tensor>& w, int64_t out_features,
+                const std::optional<at::Tensor>& bias) {
+  const bool csr = format == "csr", bsr = format == "bsr", semi = format == "2:4";
+  TORCH_CHECK_VALUE(csr || bsr || semi, op, ": ", which, " format must be 'csr', 'bsr' or '2:4', got '",
+                    std::string(format), "'");
+  const size_t want = semi ? 2 : 3;
+  TORCH_CHECK_VALUE(w.size() == want, op, ": ", which, " (", std::string(format), ") takes ", want,
+                    " tensors, got ", w.size());
+  if (semi) {
+    Layer l = semi_layer(op, x, K, ct, w[0], w[1], bias);
+    TORCH_CHECK_VALUE(l.N == out_features, op, ": ", which, " values hold ", l.N, " rows, expected ", out_features);
+    return l;
+  }
+  return csr ? csr_layer(op, x, K, ct, w[0], w[1], w[2], out_features, bias)
+             : bsr_layer(op, x, K, ct, w[0], w[1], w[2], out_features, bias);
+}
+
+}  // namespace
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
+                          const at::Tensor& col, int64_t out_features, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& /*row_order: a GPU schedule*/, bool gelu) {
+  const char* op = "csr_linear (CPU)";
+  check_x(op, x);
+  const at::ScalarType ct = compute_type(x);
+  return linear_layer(op, x, ct, csr_layer(op, x, x.size(1), ct, values, crow, col, out_features, bias), gelu);
+}
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
+                          const at::Tensor& col, int64_t out_features, const std::optional<at::Tensor>& bias,
+                          bool gelu) {
+  const char* op = "bsr_linear (CPU)";
+  check_x(op, x);
+  const at::ScalarType ct = compute_type(x);
+  return linear_layer(op, x, ct, bsr_layer(op, x, x.size(1), ct, values, crow, col, out_features, bias), gelu);
+}
+
+at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                             const std::optional<at::Tensor>& bias, bool gelu) {
+  const char* op = "semi24_linear (CPU)";
+  check_x(op, x);
+  const at::ScalarType ct = compute_type(x);
+  return linear_layer(op, x, ct, semi_layer(op, x, x.size(1), ct, values, meta, bias), gelu);
+}
+
+// fc2(act(fc1(x))) with the hidden activations kept transposed: fc1's epilogue writes bias +
+// GELU straight into fc2's input panels (Yᵀ tiles are the layout a panel is), so the hidden
+// [M, hidden] matrix is never transposed out and packed back in.
+at::Tensor sparse_mlp_cpu(const at::Tensor& x, c10::string_view format1, const std::vector<at::Tensor>& weight1,
+                          const std::optional<at::Tensor>& bias1, int64_t hidden, c10::string_view format2,
+                          const std::vector<at::Tensor>& weight2, const std::optional<at::Tensor>& bias2,
+                          int64_t out_features, bool gelu) {
+  const char* op = "sparse_mlp (CPU)";
+  check_x(op, x);
+  TORCH_CHECK_VALUE(hidden >= 0 && out_features >= 0, op, ": hidden and out_features must be >= 0, got ", hidden,
+                    " and ", out_features);
+  const at::ScalarType ct = compute_type(x);
+  const Layer l1 = mlp_layer(op, "fc1", x, x.size(1), ct, format1, weight1, hidden, bias1);
+  const Layer l2 = mlp_layer(op, "fc2", x, hidden, ct, format2, weight2, out_features, bias2);
+  const int64_t M = x.size(0);
+  if (M == 0 || out_features == 0) return at::empty({M, out_features}, x.options());
+  const at::Tensor xc = as_compute(x, ct);
+  const Isa isa = isa_for(ct);
+  Problem p1 = plan_layer(l1, M, isa, gelu);
+  Problem p2 = plan_layer(l2, M, isa, false);
+  TORCH_INTERNAL_ASSERT(p1.tile == p2.tile && p1.ntiles == p2.ntiles && p1.last_tile == p2.last_tile);
+  const int64_t workers1 = worker_count(l1.flops_per_token * M), workers2 = worker_count(l2.flops_per_token * M);
+  const at::Tensor xp1 = prepare(isa, p1, xc, workers1, /*alloc_y=*/false).first;
+  // fc2's panels: rows [hidden, kp2) are the padding of a bsr block that overhangs the hidden
+  // width; fc1 writes rows < hidden, so those (and the tokens past M, which fc1 zeroes) are 0.
+  at::Tensor xp2 = scratch(3, checked_product(op, "the hidden panels", p2.ntiles, p2.kp, p2.tile), xc.options());
+  if (p2.kp > hidden) {
+    char* base = static_cast<char*>(xp2.data_ptr());
+    const int64_t es = xp2.element_size();
+    for (int64_t t = 0; t < p2.ntiles; ++t) {
+      const int64_t width = t + 1 == p2.ntiles ? p2.last_tile : p2.tile;
+      std::memset(base + (t * p2.kp * p2.tile + hidden * width) * es, 0, (p2.kp - hidden) * width * es);
+    }
+  }
+  p1.y_panels = xp2.data_ptr();
+  p1.y_kp = p2.kp;
+  if (hidden > 0) run_layer(op, isa, p1, l1, xp1.data_ptr(), workers1, xc.options());
+  at::Tensor y = at::empty({M, out_features}, xc.options());
+  p2.y = y.data_ptr();
+  run_layer(op, isa, p2, l2, xp2.data_ptr(), workers2, xc.options());
   return finish(y, x);
 }
 
@@ -427,7 +566,7 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
 
 // Registered from Python after the ABI check (like sparse_prune._C): a stale build raises a
 // Python error instead of aborting the interpreter on a schema mismatch.
-#define SPARSE_PRUNE_CPU_ABI 1  // bump with every change of these ops' schemas in ops.py
+#define SPARSE_PRUNE_CPU_ABI 2  // bump with every change of these ops' schemas in ops.py
 
 namespace {
 
@@ -444,6 +583,7 @@ PyObject* register_kernels(PyObject*, PyObject*) {
       library->impl("csr_linear", &sparse_prune::cpu::csr_linear_cpu);
       library->impl("bsr_linear", &sparse_prune::cpu::bsr_linear_cpu);
       library->impl("semi24_linear", &sparse_prune::cpu::semi24_linear_cpu);
+      library->impl("sparse_mlp", &sparse_prune::cpu::sparse_mlp_cpu);
       cpu_library() = std::move(library);
     }
   } catch (const std::exception& e) {

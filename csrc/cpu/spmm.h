@@ -34,6 +34,10 @@ struct Problem {
   const void* bias = nullptr;  // [N] of the compute type, or null
   bool gelu = false;           // exact (erf) GELU after the bias
   void* y = nullptr;           // [M, N] row-major of the compute type
+  // Instead of y: the next layer's panels (ntiles x y_kp x tile, this layer's tiles), written
+  // as that layer's pack would write act(Yᵀ + bias): rows < N, zeros past M (sparse_mlp).
+  void* y_panels = nullptr;
+  int64_t y_kp = 0;
 };
 
 // index_bytes: 2, 4 or 8 (int16, int32, int64 column indices).

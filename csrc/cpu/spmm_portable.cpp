@@ -91,6 +91,20 @@ struct Portable {
     }
   }
 
+  static void to_panels(const Problem& p, const T* yt, int64_t t, int64_t r0, int64_t r1) {
+    const int64_t valid = p.M - t * p.tile < p.tile ? p.M - t * p.tile : p.tile;
+    const int64_t width = tile_width(p, t);
+    const T* bias = static_cast<const T*>(p.bias);
+    T* panel = static_cast<T*>(p.y_panels) + t * p.y_kp * p.tile;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* s = yt + (r - r0) * p.tile;
+      T* d = panel + r * width;
+      const T b = bias ? bias[r] : T(0);
+      for (int64_t j = 0; j < valid; ++j) d[j] = p.gelu ? gelu(s[j] + b) : s[j] + b;
+      for (int64_t j = valid; j < width; ++j) d[j] = T(0);
+    }
+  }
+
   static void pack(const Problem& p, const T* x, T* xp, int64_t t) {
     const int64_t tok0 = t * p.tile;
     const int64_t width = tile_width(p, t);

@@ -119,6 +119,31 @@ struct X86Common {
     }
   }
 
+  // Rows [r0, r1) of tile t into the next layer's panels (Problem::y_panels): contiguous runs
+  // of the tile's width, act(yt + bias) for the valid tokens and 0 past M.
+  static void to_panels(const Problem& p, const float* yt, int64_t t, int64_t r0, int64_t r1) {
+    const int64_t valid = p.M - t * p.tile < p.tile ? p.M - t * p.tile : p.tile;
+    const int64_t width = tile_width(p, t);
+    const float* bias = static_cast<const float*>(p.bias);
+    float* panel = static_cast<float*>(p.y_panels) + t * p.y_kp * p.tile;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* s = yt + (r - r0) * p.tile;
+      float* d = panel + r * width;
+      const __m256 bv = _mm256_set1_ps(bias ? bias[r] : 0.0f);
+      for (int64_t j = 0; j < width; j += 8) {
+        __m256 o = _mm256_add_ps(_mm256_loadu_ps(s + j), bv);
+        if (p.gelu) o = gelu(o);
+        if (j + 8 > valid) {  // the tokens past M are 0 in a panel
+          alignas(32) float lane[8];
+          _mm256_store_ps(lane, o);
+          for (int64_t u = 0; u < 8; ++u) lane[u] = j + u < valid ? lane[u] : 0.0f;
+          o = _mm256_load_ps(lane);
+        }
+        _mm256_storeu_ps(d + j, o);
+      }
+    }
+  }
+
   // Panel t: xp[k][j] = x[tok0 + j][k] (zero past M and past K), rows of the tile's width, in
   // 8x8 transposes.
   static void pack(const Problem& p, const float* x, float* xp, int64_t t) {
