@@ -89,7 +89,9 @@ int dtype_code(const at::Tensor& x) {
 
 }  // namespace
 
-// Y = X · Wᵀ (+ b) with W in 2:4 layout, on sparse tensor cores (sm_80+; fp16/bf16).
+// Y = X · Wᵀ (+ b) with W in 2:4 layout, on sparse tensor cores (sm_80+; fp16/bf16). The CUDA
+// kernel of the private op semi24_linear_mma_sp: sparse_prune.ops' CUDA implementation of
+// semi24_linear validates the metadata once per tensor and aligns x/values, then calls it.
 at::Tensor semi24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                               const std::optional<at::Tensor>& bias, bool gelu) {
   const char* op = "semi24_linear (CUDA, mma.sp)";
@@ -107,7 +109,19 @@ at::Tensor semi24_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
               op, ": meta must be int16 [", N, ", ", K / 16, "] on x's device, got ",
               meta.scalar_type(), " ", meta.sizes());
   c10::cuda::CUDAGuard guard(x.device());
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device()));
+  TORCH_CHECK_VALUE(major >= 8, op, ": needs compute capability 8.0 or newer (sparse tensor cores); device ",
+                    x.get_device(), " is ", major, ".", minor, ": use backend='triton'");
   const at::Tensor xc = x.contiguous(), vc = values.contiguous(), mc = meta.contiguous();
+  // 32-bit loads of x and values: a view whose storage offset breaks 4-byte alignment would
+  // fault. sparse_prune.ops copies such a view once before calling this op.
+  for (const at::Tensor* t : {&xc, &vc}) {
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t->data_ptr()) % 4 == 0, op, ": ",
+                      t == &xc ? "x" : "values", " must be 4-byte aligned (storage offset ",
+                      t->storage_offset(), "): call sparse_prune::semi24_linear, which copies it once");
+  }
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, x.options());
   C10_CUDA_CHECK(semi24_gemm_launch(xc.data_ptr(), vc.data_ptr(), mc.data_ptr<int16_t>(),
@@ -170,7 +184,7 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
 // TORCH_LIBRARY_IMPL: a library built from older sources whose signatures no longer match the
 // schemas in ops.py then raises a Python RuntimeError instead of aborting the interpreter at
 // import (seen: a stale build aborted `import sparse_prune` in another checkout).
-#define SPARSE_PRUNE_ABI 3  // bump with every schema change in sparse_prune/ops.py
+#define SPARSE_PRUNE_ABI 4  // bump with every schema change in sparse_prune/ops.py
 
 namespace {
 
@@ -186,7 +200,7 @@ PyObject* register_kernels(PyObject*, PyObject*) {
                                                       c10::DispatchKey::CUDA, __FILE__, __LINE__);
       // The public ops' CUDA kernels (schemas in sparse_prune/ops.py).
       library->impl("compress_2to4", &sparse_prune::compress_2to4_cuda);
-      library->impl("semi24_linear", &sparse_prune::semi24_linear_cuda);
+      library->impl("semi24_linear_mma_sp", &sparse_prune::semi24_linear_cuda);
       library->impl("csr_linear", &sparse_prune::csr_linear_cuda);
       cuda_library() = std::move(library);
     }

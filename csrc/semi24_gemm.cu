@@ -11,7 +11,10 @@
 //   B: reg0 = k rows 2t, 2t+1 of column g; reg1 = k rows 8 + 2t, 8 + 2t + 1 -> X[m, k0 + ...].
 //   D (f32): d0, d1 = (row g, cols 2t, 2t+1); d2, d3 = (row g + 8, same cols).
 // No torch headers here; register_ops.cpp checks inputs and launches on the current stream.
-// Requires K % 16 == 0 (checked there). Any M and N: rows past the end are clamped on load and
+// Requires K % 16 == 0, x and values 4-byte aligned (their 32-bit loads; ops.py copies a
+// misaligned view once, register_ops.cpp refuses one), valid metadata (every nibble two
+// increasing indices: anything else is undefined under ::ordered_metadata; ops.py validates
+// each meta tensor once) and compute capability >= 8.0 (checked there). Any M and N: rows past the end are clamped on load and
 // not stored.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -35,6 +38,12 @@ constexpr int kBlockM = 8 * kTilesM;
 #define SPARSE_PRUNE_MMA_SP "mma.sp"
 #endif
 
+// Built for an arch without sparse tensor cores (< sm_80), the kernel must not run: it traps
+// (the launch fails with an error) instead of writing a result without the product. The host
+// side (register_ops.cpp, ops.py) refuses compute capability < 8.0 before any launch, so this
+// is the last line only; the build targets sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST).
+#define SPARSE_PRUNE_NO_MMA_SP() __trap()
+
 template <typename T>
 struct MmaSp;
 
@@ -48,6 +57,8 @@ struct MmaSp<__half> {
         "{%0, %1, %2, %3}, {%4, %5}, {%6, %7}, {%0, %1, %2, %3}, %8, 0x0;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));
+#elif defined(__CUDA_ARCH__)
+    SPARSE_PRUNE_NO_MMA_SP();
 #endif
   }
 };
@@ -62,6 +73,8 @@ struct MmaSp<__nv_bfloat16> {
         "{%0, %1, %2, %3}, {%4, %5}, {%6, %7}, {%0, %1, %2, %3}, %8, 0x0;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));
+#elif defined(__CUDA_ARCH__)
+    SPARSE_PRUNE_NO_MMA_SP();
 #endif
   }
 };

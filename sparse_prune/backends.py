@@ -81,6 +81,9 @@ def cuda_reason(format_name: str, fmt: Any = None) -> str | None:
                 return f"in_features = {fmt.shape[1]} is not a multiple of {MMA_SP_K_STEP} (one mma.sp K step)"
             if fmt.dtype not in (torch.float16, torch.bfloat16):
                 return f"dtype {fmt.dtype}: sparse tensor cores take float16/bfloat16"
+            if fmt.device.type == "cuda":
+                return ops.mma_sp_refusal(torch.cuda.get_device_capability(fmt.device),
+                                          torch.cuda.get_device_name(fmt.device))
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.weak
 
 
 def check_nm_mask(mask: torch.Tensor, n: int = 2, m: int = 4, *, name: str = "mask") -> None:
@@ -52,3 +53,55 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
         where = ", ".join(f"{name} on {t.device}" for name, t in given.items())
         raise ValueError(f"{op}: all tensors must be on one device, got {where}")
     return next(iter(devices)) if devices else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# 2:4 metadata: checked once per tensor before any kernel reads it.
+
+# Bit n set <=> nibble n holds two increasing column indices (bits [1:0] first, [3:2] second;
+# docs/semi_structured_layout.md): (0,1)=4, (0,2)=8, (0,3)=12, (1,2)=9, (1,3)=13, (2,3)=14.
+# Anything else (0000, 0101, 1010, 1111, a decreasing pair) is undefined behaviour for
+# mma.sp::ordered_metadata and wrong for every other kernel.
+VALID_2TO4_NIBBLES = (1 << 4) | (1 << 8) | (1 << 12) | (1 << 9) | (1 << 13) | (1 << 14)
+
+_VALIDATED_META = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> its _version when validated
+
+
+def check_2to4_meta(meta: torch.Tensor, cols: int, *, name: str = "meta") -> None:
+    """Raise ``ValueError`` (naming ``name``, the first bad row and columns) unless ``meta`` is
+    int16 ``[N, ceil(cols/16)]`` whose every used nibble holds two increasing column indices;
+    the unused nibbles of a partial last word are ignored. Vectorised (one pass, one host sync
+    on a GPU). Records ``meta`` as validated (see :func:`check_2to4_meta_once`)."""
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int16 or meta.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D torch.int16 tensor, got "
+                         f"{meta.dtype if isinstance(meta, torch.Tensor) else type(meta).__name__}")
+    if cols % 4 or meta.shape[1] != (cols + 15) // 16:
+        raise ValueError(f"{name} must be [N, {(cols + 15) // 16}] for K = {cols} (a multiple of 4), "
+                         f"got {tuple(meta.shape)}")
+    groups = cols // 4
+    shifts = torch.arange(4, device=meta.device, dtype=torch.int32) * 4
+    nibbles = ((meta.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF).reshape(meta.shape[0], -1)[:, :groups]
+    lut = torch.tensor([bool(VALID_2TO4_NIBBLES >> n & 1) for n in range(16)], device=meta.device)
+    ok = lut[nibbles]
+    if not bool(ok.all()):
+        row, group = (int(v) for v in (~ok).nonzero()[0])
+        raise ValueError(f"{name}: row {row}, columns {4 * group}..{4 * group + 3}: nibble "
+                         f"{int(nibbles[row, group]):04b} is not two increasing column indices "
+                         "(corrupt or foreign 2:4 metadata)")
+    _VALIDATED_META[meta] = meta._version
+
+
+def check_2to4_meta_once(meta: torch.Tensor, cols: int, *, name: str = "meta") -> None:
+    """:func:`check_2to4_meta`, skipped when this very tensor was validated and not written to
+    since (its version counter: in-place writes and ``load_state_dict`` copies bump it). The
+    kernels' entry points call this, so a layer's metadata is checked once, not per call."""
+    if _VALIDATED_META.get(meta) != meta._version:
+        check_2to4_meta(meta, cols, name=name)
+
+
+def aligned(t: torch.Tensor, alignment: int) -> torch.Tensor:
+    """``t`` contiguous with its data address a multiple of ``alignment`` bytes: ``t`` itself
+    when it already is, else one copy into fresh (allocator-aligned) storage. A contiguous view
+    at an odd storage offset (``x[1:]`` of float16) is what ``.contiguous()`` leaves as it is."""
+    t = t.contiguous()
+    return t if t.data_ptr() % alignment == 0 else t.clone()

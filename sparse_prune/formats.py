@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from sparse_prune.checks import check_nm_mask, check_weight_and_mask
+from sparse_prune.checks import check_2to4_meta, check_nm_mask, check_weight_and_mask
 from sparse_prune.constants import DEFAULT_BSR_BLOCK, FORMAT_DTYPES
 from sparse_prune.kernels import reference
 
@@ -212,6 +212,7 @@ class SemiStructured(WeightFormat):
         """``ValueError`` naming the first group (row, columns) that keeps more than 2 of 4."""
         mask = _check_pair(weight, mask)
         values, meta = reference.compress_2to4(weight, _checked_nm(mask))
+        check_2to4_meta(meta, weight.shape[1])  # valid by construction; recorded, so no kernel rechecks it
         return cls(values, meta, tuple(weight.shape))
 
     def to_dense(self) -> torch.Tensor:
@@ -223,14 +224,7 @@ class SemiStructured(WeightFormat):
         _need(tuple(self.values.shape) == (n, k // 2), "values", f"shape must be {(n, k // 2)}")
         _need(self.meta.dtype == torch.int16, "meta", f"dtype must be torch.int16, got {self.meta.dtype}")
         _need(tuple(self.meta.shape) == (n, (k + 15) // 16), "meta", f"shape must be {(n, (k + 15) // 16)}")
-        # nibble j of each word = group 4w + j: bits [1:0] the first column, [3:2] the second;
-        # elementwise on the int16 words (no unpacked copy), the partial last word's unused
-        # nibbles ignored (as the kernels do)
-        groups, ok = k // 4, True
-        for j in range(4):
-            words = self.meta[:, : (groups - j + 3) // 4]  # the words whose nibble j is a group
-            ok = ok and not bool((((words >> (4 * j)) & 3) >= ((words >> (4 * j + 2)) & 3)).any())
-        _need(ok, "meta", "each group needs two increasing column indices (first < second)")
+        check_2to4_meta(self.meta, k, name="meta")  # each group: two increasing column indices
 
 
 @dataclass(frozen=True)

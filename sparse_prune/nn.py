@@ -14,6 +14,7 @@ from torch import nn
 
 from sparse_prune import backends, ops
 from sparse_prune import formats as F
+from sparse_prune.checks import check_2to4_meta_once
 
 ACTIVATIONS = (None, "gelu")
 
@@ -86,6 +87,8 @@ class SparseLinear(nn.Module):
         needs once (the CSR row schedule, or the materialized weight for ``dense``); the extra
         buffers are not persistent: ``state_dict`` holds the format only."""
         fmt = self.weight_format
+        if self.format_name == "2:4":  # once per meta tensor: a kernel never sees invalid metadata
+            check_2to4_meta_once(fmt.meta, self.in_features)
         self.backend = backends.resolve_backend(self.requested_backend, self.format_name, fmt)
         self.kernel_name = backends.kernel_label(self.format_name, self.backend, fmt.device, fmt.dtype)
         self._kernel_key = (self.format_name, self.backend)
@@ -108,35 +111,42 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        """Validate the incoming format arrays as one format, as they are (before torch casts
-        or assigns them: an int64 index past int32's range is refused, not wrapped), and the
-        bias; then let torch load them and rebind, so the prepared payloads (dense weight, CSR
-        schedule, packed 2:4) follow the new values instead of computing with the old ones."""
-        incoming = {name: state_dict[prefix + name] for name in self._tensor_fields if prefix + name in state_dict}
-        where = prefix.rstrip(".") or "(root)"
-        for name, value in incoming.items():
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"state dict key {prefix}{name}: must be a tensor, got {type(value).__name__}")
-        fresh = all(value is getattr(self, name) for name, value in incoming.items())  # sp.load built us from them
-        if incoming and not fresh:  # a partial state dict (strict=False) is checked with the arrays it keeps
-            arrays = {name: incoming.get(name, getattr(self, name)) for name in self._tensor_fields}
+        """``load_state_dict``: the incoming format arrays are validated as they come, before
+        they replace the buffers — before torch casts or assigns them (an int64 index past
+        int32's range is refused, not wrapped); a partial state dict (``strict=False``) with the
+        arrays it keeps. A bad one is a ``ValueError`` naming the layer, the field and its
+        state-dict key; the module is left as it was. The bias must be floating (with
+        ``assign=True``, of the values' dtype). The layer is re-bound afterwards, so payloads
+        derived from the old arrays (sm90 metadata, cuSPARSELt pack, CSR row schedule,
+        materialized weight) are rebuilt."""
+        for n in self._tensor_fields:
+            value = state_dict.get(prefix + n)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"load_state_dict: state dict key {prefix}{n} must be a tensor, got "
+                                f"{type(value).__name__}")
+        incoming = {n: state_dict.get(prefix + n, getattr(self, n)) for n in self._tensor_fields}
+        changed = any(incoming[n] is not getattr(self, n) for n in self._tensor_fields)  # sp.load: built from them
+        if changed:
             try:
-                self._format_cls(**arrays, **self._static).validate()
-            except ValueError as exc:
-                raise ValueError(f"state dict for SparseLinear {where!r}: {prefix}{exc}") from None
+                self._format_cls(**incoming, **self._static).validate()
+            except (ValueError, TypeError, RuntimeError) as exc:
+                field = str(exc).split(":")[0]
+                key = f" (state dict key {prefix}{field})" if field in self._tensor_fields else ""
+                raise ValueError(f"load_state_dict: {prefix.rstrip('.') or 'SparseLinear'}: invalid "
+                                 f"{self.format_name} arrays: {exc}{key}") from exc
         bias = state_dict.get(prefix + "bias")
         if bias is not None and self.bias is not None:
             assign = local_metadata.get("assign_to_params_buffers", False)
-            values_dtype = incoming["values"].dtype if assign and "values" in incoming else self.values.dtype
+            values_dtype = incoming["values"].dtype if assign else self.values.dtype
             if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-                raise TypeError(f"state dict key {prefix}bias: must be a floating tensor, got "
+                raise TypeError(f"load_state_dict: state dict key {prefix}bias must be a floating tensor, got "
                                 f"{getattr(bias, 'dtype', type(bias).__name__)}")
             if assign and bias.dtype != values_dtype:
-                raise ValueError(f"state dict key {prefix}bias: dtype {bias.dtype} must be the weight values' "
-                                 f"dtype {values_dtype}")
+                raise ValueError(f"load_state_dict: state dict key {prefix}bias: dtype {bias.dtype} must be the "
+                                 f"weight values' dtype {values_dtype}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if incoming and not fresh:
+        if changed:
             self._rebind()  # payloads from the loaded arrays
 
     def _bound_to(self) -> tuple:

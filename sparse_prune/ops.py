@@ -9,8 +9,9 @@ with W held in that format, plus ``compress_2to4``/``decompress_2to4``.
   pure-PyTorch reference (:mod:`sparse_prune.kernels.reference`) for the others, and for all
   of them when that library is not loaded (:func:`cpu_extension_error` says why).
 * **CUDA**: our fastest kernel for the format — the csrc/ kernels (``TORCH_LIBRARY_IMPL(
-  sparse_prune, CUDA)``: ``semi24_linear`` on sparse tensor cores, ``csr_linear``,
-  ``compress_2to4``) when the compiled library is loaded, otherwise the Triton kernels
+  sparse_prune, CUDA)``: ``semi24_linear`` on sparse tensor cores — behind the checks of
+  :func:`_semi24_mma_sp`: metadata validated once, aligned operands, compute capability —
+  ``csr_linear``, ``compress_2to4``) when the compiled library is loaded, otherwise the Triton kernels
   registered below. There is **no** dense-rebuild fallback on CUDA: an input no kernel takes
   (e.g. 2:4 in float32 for ``mma.sp``) raises a clear error. The dense rebuild on a GPU exists
   only when asked for (``backend="torch"``, :mod:`sparse_prune.backends`).
@@ -28,7 +29,7 @@ import importlib
 
 import torch
 
-from sparse_prune.checks import check_nm_mask, check_weight_and_mask
+from sparse_prune.checks import aligned, check_2to4_meta_once, check_nm_mask, check_weight_and_mask
 from sparse_prune.constants import FLOAT_DTYPES
 from sparse_prune.kernels import reference
 from sparse_prune.kernels.fakes import linear_fake
@@ -93,6 +94,10 @@ def _sparse_mlp_composite(x, format1, weight1, bias1, hidden, format2, weight2, 
 
 
 _lib.impl("sparse_mlp", _sparse_mlp_composite, "CompositeExplicitAutograd")
+
+# Private: the csrc/ mma.sp kernel itself (CUDA only). semi24_linear's CUDA implementation
+# (_semi24_mma_sp below) runs the checks of semi24_cuda_operands, then calls it.
+_lib.define("semi24_linear_mma_sp(Tensor x, Tensor values, Tensor meta, Tensor? bias, bool gelu=False) -> Tensor")
 
 
 def _reference_impl(name: str):
@@ -201,6 +206,8 @@ torch.library.register_fake("sparse_prune::bsr_linear")(
     lambda x, values, crow, col, out_features, bias, gelu=False: linear_fake(x, out_features))
 torch.library.register_fake("sparse_prune::semi24_linear")(
     lambda x, values, meta, bias, gelu=False: linear_fake(x, values.shape[0]))
+torch.library.register_fake("sparse_prune::semi24_linear_mma_sp")(
+    lambda x, values, meta, bias, gelu=False: linear_fake(x, values.shape[0]))
 torch.library.register_fake("sparse_prune::shrunk_linear")(
     lambda x, values, out_index, in_index, out_features, bias: linear_fake(x, out_features))
 torch.library.register_fake("sparse_prune::sparse_mlp")(
@@ -261,7 +268,7 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor, cols: int) -> torc
 
 _EXTENSION_ERROR: str | None = "not loaded yet"
 # The op-schema version csrc/register_ops.cpp must be built for (SPARSE_PRUNE_ABI there).
-EXTENSION_ABI = 3
+EXTENSION_ABI = 4
 
 
 def _load_extension(module: str = "sparse_prune._C") -> None:
@@ -307,6 +314,56 @@ def _triton_cuda(format_name: str):
         return triton_ops.KERNELS[format_name](x, *args)
     return run
 
+
+# ---------------------------------------------------------------------------------------
+# semi24_linear on CUDA: the csrc/ mma.sp kernel behind the checks it cannot make cheaply.
+
+MMA_SP_OP = "semi24_linear (CUDA, mma.sp)"
+MMA_SP_MIN_CAPABILITY = (8, 0)
+MMA_SP_ALIGNMENT = 4  # bytes: the kernel loads x and values 32 bits at a time
+
+
+def mma_sp_refusal(capability: tuple[int, int], name: str = "this GPU") -> str | None:
+    """Why the mma.sp kernel cannot run on a device of ``capability`` (None: it can)."""
+    if tuple(capability) < MMA_SP_MIN_CAPABILITY:
+        return (f"{name} is compute capability {capability[0]}.{capability[1]}; the 2:4 CUDA kernel needs "
+                f"{MMA_SP_MIN_CAPABILITY[0]}.{MMA_SP_MIN_CAPABILITY[1]} or newer (sparse tensor cores, mma.sp): "
+                "use backend='triton'")
+    return None
+
+
+def semi24_cuda_operands(x: torch.Tensor, values: torch.Tensor,
+                         meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``semi24_linear`` checks before the mma.sp kernel sees its operands (any device, so
+    the CPU tests run it): ``meta`` validated once per tensor
+    (:func:`~sparse_prune.checks.check_2to4_meta_once`: ``ValueError`` naming the bad group),
+    and ``x``/``values`` returned contiguous and 4-byte aligned — a view at an odd storage
+    offset (``x[1:]`` of float16) is copied once into aligned storage instead of faulting on
+    the kernel's 32-bit loads. Shapes and dtypes are the kernel's own checks."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{MMA_SP_OP}: x must be a 2-D tensor [M, K]")
+    check_2to4_meta_once(meta, x.shape[1], name=f"{MMA_SP_OP}: meta")
+    return aligned(x, MMA_SP_ALIGNMENT), aligned(values, MMA_SP_ALIGNMENT)
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _semi24_mma_sp(x, values, meta, bias, gelu=False):
+    """semi24_linear's CUDA kernel: refuses compute capability < 8.0 (``ValueError``), runs
+    :func:`semi24_cuda_operands`, then the mma.sp kernel. A few µs of Python per call: the
+    capability is cached per device and a layer's metadata is validated once, not per call."""
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    if _CAPABILITY[index] < MMA_SP_MIN_CAPABILITY:
+        raise ValueError(f"{MMA_SP_OP}: {mma_sp_refusal(_CAPABILITY[index], torch.cuda.get_device_name(index))}")
+    x, values = semi24_cuda_operands(x, values, meta)
+    return torch.ops.sparse_prune.semi24_linear_mma_sp(x, values, meta, bias, gelu)
+
+
+if has_cuda_kernel("semi24_linear_mma_sp"):
+    _lib.impl("semi24_linear", _semi24_mma_sp, "CUDA")
 
 for _fmt, _name in LINEAR_OPS.items():
     if _fmt != "dense" and not has_cuda_kernel(_name):

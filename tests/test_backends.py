@@ -30,7 +30,12 @@ def test_no_public_op_serves_cuda_with_the_reference():
             assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (op, key)
         assert ops.has_cuda_kernel(op), op
         if sp.has_cuda_extension() and fmt in ("2:4", "csr"):
-            assert "register_ops.cpp" in torch._C._dispatch_dump(name).split("CUDA:")[1].splitlines()[0]
+            # 2:4: the checks of ops._semi24_mma_sp (metadata once, alignment, compute
+            # capability) in front of csrc/'s mma.sp kernel, the private op semi24_linear_mma_sp
+            cuda_op = f"{name}_mma_sp" if fmt == "2:4" else name
+            assert "register_ops.cpp" in torch._C._dispatch_dump(cuda_op).split("CUDA:")[1].splitlines()[0]
+            if fmt == "2:4":
+                assert "ops.py" in torch._C._dispatch_dump(name).split("CUDA:")[1].splitlines()[0]
 
 
 @pytest.mark.skipif(not sp.has_cuda_extension(), reason="needs the compiled extension")

@@ -310,7 +310,7 @@ def test_compile_and_export():
 
 
 # ---------------------------------------------------------------------------------------
-# A converted model whose state dict was tampered with: the CPU kernel refuses, never reads out
+# A converted model whose state dict was tampered with: load_state_dict and the CPU kernel refuse, never read out
 # of bounds (issue 21's segfault came from MKL's unchecked sparse tensors on this path).
 
 
@@ -319,7 +319,7 @@ def test_compile_and_export():
     ("col_indices", -1, "col_indices"),
     ("crow_indices", 10**6, "crow_indices"),
 ])
-def test_tampered_state_dict_is_refused_at_forward(field, value, message):
+def test_tampered_state_dict_is_refused_at_load_and_at_forward(field, value, message):
     import sparse_prune as sp
 
     torch.manual_seed(0)
@@ -330,11 +330,11 @@ def test_tampered_state_dict_is_refused_at_forward(field, value, message):
     if field == "crow_indices":
         sd["0.crow_indices"][-1] = value
     else:
-        sd[f"0.{field}"][:] = value
-    with pytest.raises(ValueError, match=message):  # the load hook validates first (issue 21)
-        fast.load_state_dict(sd)
-    with pytest.raises(ValueError, match=message):  # sd shares the buffers' storage: the kernel checks too
-        fast(torch.randn(3, 32))
+        sd[f"0.{field}"][:] = value  # state_dict() shares the buffers' storage: the layer is tampered too
+    with pytest.raises(ValueError, match=f"load_state_dict: 0: invalid csr arrays: {message}"):
+        fast.load_state_dict(sd)  # SparseLinear validates what it loads
+    with pytest.raises(ValueError, match=message):
+        fast(torch.randn(3, 32))  # and the CPU kernel still refuses the tampered buffers
 
 
 # ---------------------------------------------------------------------------------------

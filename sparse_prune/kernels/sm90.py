@@ -40,6 +40,8 @@ import importlib
 
 import torch
 
+from sparse_prune.checks import check_2to4_meta_once
+
 __all__ = [
     "ACTIVATIONS",
     "TILE_CONFIGS",
@@ -273,6 +275,7 @@ def pack(values: torch.Tensor, meta: torch.Tensor, cols: int) -> tuple[torch.Ten
     _check_pack_args(meta, cols)
     if values.dim() != 2 or tuple(values.shape) != (meta.shape[0], cols // 2):
         raise ValueError(f"values must be [{meta.shape[0]}, {cols // 2}], got {tuple(values.shape)}")
+    check_2to4_meta_once(meta, cols, name="sm90 pack: meta")  # E carries the nibbles as they are
     a = values.contiguous()
     rows = _round_up(a.shape[0], A_ROWS_ALIGN)
     if rows != a.shape[0]:

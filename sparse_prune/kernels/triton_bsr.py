@@ -14,15 +14,26 @@ import triton.language as tl
 
 from sparse_prune.constants import BSR_BLOCK_SIDES as BLOCK_SIDES
 from sparse_prune.kernels.triton_common import check_linear_inputs, configs, dot_precision
+from sparse_prune.kernels.triton_smem import pipelined, pruner
 
 # Every config is checked for correctness on a GPU (tests/test_triton_kernels.py).
 FULL_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in ((32, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3))]
 
+# The one config of the interpreter and of SPARSE_PRUNE_TUNE=0 runs.
+UNTUNED_CONFIGS = [triton.Config({"BLOCK_M": 64})]
+
+
+def smem_estimate(kw: dict, num_stages: int, dtype: torch.dtype, *, BM: int, BK: int, **constexprs) -> int:  # noqa: N803
+    """Upper bound of the shared memory of one config (triton_smem.pipelined): per stored block
+    the X tile ``[BLOCK_M, BK]`` and the block ``[BK, BM]``."""
+    e = torch.empty((), dtype=dtype).element_size()
+    return pipelined(num_stages, kw["BLOCK_M"] * BK * e, BK * BM * e)
+
 
 @triton.autotune(
-    configs=configs(FULL_CONFIGS,
-                    [triton.Config({"BLOCK_M": 64})]),
+    configs=configs(FULL_CONFIGS, UNTUNED_CONFIGS),
     key=["M", "N", "K", "BM", "BK"],
+    prune_configs_by={"early_config_prune": pruner(smem_estimate)},
 )
 @triton.jit
 def _bsr_kernel(x_ptr, val_ptr, crow_ptr, col_ptr, bias_ptr, y_ptr, M, N, K,

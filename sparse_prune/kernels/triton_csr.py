@@ -16,16 +16,27 @@ import triton
 import triton.language as tl
 
 from sparse_prune.kernels.triton_common import check_linear_inputs, configs
+from sparse_prune.kernels.triton_smem import pipelined, pruner
 
 # Every config is checked for correctness on a GPU (tests/test_triton_kernels.py).
 FULL_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_NNZ": bn}, num_warps=w) for bm, bn, w in ((32, 32, 4), (64, 16, 4), (128, 16, 4), (64, 64, 8), (256, 8, 8))]
 
+# The one config of the interpreter and of SPARSE_PRUNE_TUNE=0 runs.
+UNTUNED_CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_NNZ": 32})]
+
+
+def smem_estimate(kw: dict, num_stages: int, dtype: torch.dtype, **constexprs) -> int:
+    """Upper bound of the shared memory of one config (triton_smem.pipelined): per chunk the
+    column indices and values and the gathered Xᵀ tile, plus the column-sum reduction scratch."""
+    bm, bnz = kw["BLOCK_M"], kw["BLOCK_NNZ"]
+    e = torch.empty((), dtype=dtype).element_size()
+    return pipelined(num_stages, bnz * 8, bnz * e, bnz * bm * e, staged=bnz * bm * 4)
+
 
 @triton.autotune(
-    configs=configs(
-        FULL_CONFIGS,
-        [triton.Config({"BLOCK_M": 128, "BLOCK_NNZ": 32})]),
+    configs=configs(FULL_CONFIGS, UNTUNED_CONFIGS),
     key=["M", "N"],
+    prune_configs_by={"early_config_prune": pruner(smem_estimate, dtype_arg="xt_ptr")},
 )
 @triton.jit
 def _csr_kernel(xt_ptr, val_ptr, crow_ptr, col_ptr, order_ptr, bias_ptr, yt_ptr, M, N,

@@ -13,16 +13,30 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_prune.checks import check_2to4_meta_once
 from sparse_prune.kernels.triton_common import check_linear_inputs, configs, dot_precision
+from sparse_prune.kernels.triton_smem import pipelined, pruner
 
 # Every config is checked for correctness on a GPU (tests/test_triton_kernels.py).
 FULL_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3))]
 
+# The one config of the interpreter and of SPARSE_PRUNE_TUNE=0 runs.
+UNTUNED_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]
+
+
+def smem_estimate(kw: dict, num_stages: int, dtype: torch.dtype, **constexprs) -> int:
+    """Upper bound of the shared memory of one config (triton_smem.pipelined): per K step the X
+    tile, the two value tiles and the int16 metadata tile; the expanded weight tile is staged
+    once for the tensor cores."""
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    e = torch.empty((), dtype=dtype).element_size()
+    return pipelined(num_stages, bm * bk * e, 2 * bk * bn * e, bk * bn * 2, staged=bk * bn * e)
+
 
 @triton.autotune(
-    configs=configs(FULL_CONFIGS,
-                    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]),
+    configs=configs(FULL_CONFIGS, UNTUNED_CONFIGS),
     key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": pruner(smem_estimate)},
 )
 @triton.jit
 def _semi24_kernel(x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, META_W,
@@ -66,6 +80,7 @@ def semi24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     if meta.dtype != torch.int16 or tuple(meta.shape) != (n, -(-k // 16)):
         raise ValueError(f"semi24_linear_triton: meta must be int16 [{n}, {-(-k // 16)}], "
                          f"got {meta.dtype} {tuple(meta.shape)}")
+    check_2to4_meta_once(meta, k, name="semi24_linear_triton: meta")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y

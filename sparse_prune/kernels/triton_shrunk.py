@@ -14,15 +14,27 @@ import triton
 import triton.language as tl
 
 from sparse_prune.kernels.triton_common import check_linear_inputs, configs, dot_precision
+from sparse_prune.kernels.triton_smem import pipelined, pruner
 
 # Every config is checked for correctness on a GPU (tests/test_triton_kernels.py).
 FULL_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in ((32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3))]
 
+# The one config of the interpreter and of SPARSE_PRUNE_TUNE=0 runs.
+UNTUNED_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]
+
+
+def smem_estimate(kw: dict, num_stages: int, dtype: torch.dtype, **constexprs) -> int:
+    """Upper bound of the shared memory of one config (triton_smem.pipelined): per K step the
+    int64 column indices, the gathered X tile and the weight tile."""
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    e = torch.empty((), dtype=dtype).element_size()
+    return pipelined(num_stages, bk * 8, bm * bk * e, bk * bn * e)
+
 
 @triton.autotune(
-    configs=configs(FULL_CONFIGS,
-                    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]),
+    configs=configs(FULL_CONFIGS, UNTUNED_CONFIGS),
     key=["M", "NK", "KK"],
+    prune_configs_by={"early_config_prune": pruner(smem_estimate)},
 )
 @triton.jit
 def _shrunk_kernel(x_ptr, val_ptr, out_idx_ptr, in_idx_ptr, bias_ptr, y_ptr, M, N, K, NK, KK,
