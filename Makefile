@@ -1,5 +1,6 @@
 # make test  : create .venv if missing, install torch + the project (compiles csrc/ where a
-#              CUDA toolkit exists), run ruff and the test suite.
+#              CUDA toolkit exists, csrc/sm90/ too: SPARSE_PRUNE_SM90=1 below), run ruff,
+#              check the sdist (sdist-check) and run the test suite.
 # make gpu   : GPU machine only: build in place with its torch, tests, benchmarks (benchmarks/gpu.sh).
 # make gpu-compile : every Triton kernel x autotune config x dtype x flag compiled for sm_80 and
 #              sm_90 on the CPU (shared memory, tensor-core MMA; sparse_prune/kernels/triton_aot.py).
@@ -12,16 +13,21 @@ STAMP  := $(VENV)/.installed
 
 # torch guesses /usr/local when CUDA_HOME is unset and then fails to link -lcudart.
 export CUDA_HOME ?= /usr/local/cuda
-export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# A plain `pip install .` builds the Hopper extension (sparse_prune._C_sm90) only for an sm_90
+# GPU or 9.0a in TORCH_CUDA_ARCH_LIST; `make` (and so CI: .ci/run -> make test) asks for it so
+# that its compile stays proven on every machine with a toolkit. `SPARSE_PRUNE_SM90=0 make` skips it.
+export SPARSE_PRUNE_SM90 ?= 1
+# MAX_JOBS: unset, setup.py picks one per extension from the usable cores and available memory
+# (build_tools/sparse_prune_build.py: default_max_jobs); set it to override.
 
-.PHONY: setup test demo lint clean gpu micro gpu-compile
+.PHONY: setup test demo lint clean gpu micro gpu-compile sdist-check
 
 # CUTLASS headers for the sm_90a extension (sparse_prune._C_sm90): the nvidia-cutlass wheel
 # carries them under cutlass_library/source; --no-deps because only the headers are used.
 CUTLASS_PIN ?= nvidia-cutlass==4.2.0.0
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) $(wildcard csrc/cpu/*) $(wildcard csrc/sm90/*)
+$(STAMP): pyproject.toml setup.py build_tools/sparse_prune_build.py $(wildcard csrc/*) $(wildcard csrc/cpu/*) $(wildcard csrc/sm90/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet setuptools wheel ninja
 	$(BIN)/pip install --quiet "torch>=2.6"
@@ -35,9 +41,15 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*) $(wildcard csrc/cpu/*) $(wi
 setup: $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check sparse_prune tests benchmarks setup.py
+	$(BIN)/ruff check sparse_prune tests benchmarks setup.py build_tools
 
-test: setup lint
+# Build the sdist, check it against `git ls-files` (sm90 headers, csrc/cpu, tests/conftest.py,
+# LICENSE, py.typed, ...) and pip-install it with SPARSE_PRUNE_CUDA=0 into a throwaway venv that
+# borrows .venv's torch (--no-build-isolation: nothing is downloaded; ~1-2 min, the CPU kernels).
+sdist-check: setup
+	$(BIN)/python build_tools/check_sdist.py
+
+test: setup lint sdist-check
 	$(BIN)/python -m pytest -q
 
 # The full ahead-of-time sweep (make test compiles a representative subset). Kernels land in
@@ -63,4 +75,4 @@ gpu:
 	GPU_STAGES="$(GPU_STAGES)" GPU_BUDGET_S="$(GPU_BUDGET_S)" bash benchmarks/gpu.sh
 
 clean:
-	rm -rf build *.egg-info sparse_prune/_C*.so
+	rm -rf build dist *.egg-info sparse_prune/_C*.so

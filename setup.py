@@ -10,46 +10,44 @@ The extension is built whenever the installed torch is a CUDA build and a CUDA t
 found, with or without a GPU on the machine (compiling needs nvcc, not a device).
 
 A second extension, ``sparse_prune._C_sm90`` (csrc/sm90/), holds the Hopper 2:4 GEMM built
-on CUTLASS 3.x/4.x headers, compiled for sm_90a only. Its headers come from ``CUTLASS_PATH``
-or from the installed ``nvidia-cutlass`` package (``cutlass_library/source``); without them it
-is skipped with a printed reason.
+on CUTLASS 3.x/4.x headers, compiled for sm_90a only. It is built when it can be used or when
+asked: an sm_90 GPU on this machine, ``9.0a`` in ``TORCH_CUDA_ARCH_LIST``, or
+``SPARSE_PRUNE_SM90=1`` (``make`` sets it, so CI keeps compiling it). Its headers come from
+``CUTLASS_PATH`` or from the installed ``nvidia-cutlass`` package (``cutlass_library/source``;
+the build backend in build_tools/ adds it to an isolated build environment only then).
+
+The decisions live in build_tools/sparse_prune_build.py, shared with the PEP 517 backend.
 
 Environment:
-  SPARSE_PRUNE_CUDA=0    never build the extensions
+  SPARSE_PRUNE_CPU=0     skip sparse_prune._C_cpu (with SPARSE_PRUNE_CUDA=0: a pure-Python wheel)
+  SPARSE_PRUNE_CUDA=0    never build the CUDA extensions
   SPARSE_PRUNE_CUDA=1    a missing toolkit or a CPU-only torch is an error
-  SPARSE_PRUNE_SM90=0    skip sparse_prune._C_sm90 (saves its ~2-5 min of compiling)
-  SPARSE_PRUNE_SM90=1    missing CUTLASS headers are an error
+  SPARSE_PRUNE_SM90=0    never build sparse_prune._C_sm90
+  SPARSE_PRUNE_SM90=1    build it (missing CUTLASS headers are an error)
   CUTLASS_PATH           CUTLASS checkout (include/ and tools/util/include/ below it)
   CUDA_HOME              toolkit root (default: /usr/local/cuda when it holds bin/nvcc)
   TORCH_CUDA_ARCH_LIST   target archs (default "8.0;9.0")
-  MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
+  MAX_JOBS               parallel compile jobs (default: usable cores, capped by available
+                         memory per job: ~6 GB for a CUTLASS sm90 unit, ~2 GB otherwise)
 """
 
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT / "build_tools"))
+import sparse_prune_build as spb  # noqa: E402
 
 
 def _say(msg: str) -> None:
     print(f"[sparse_prune setup] {msg}", file=sys.stderr)
 
 
-def _find_cuda_home() -> str | None:
-    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if cand and (Path(cand) / "bin" / "nvcc").exists():
-            return cand
-    nvcc = shutil.which("nvcc")
-    return str(Path(nvcc).resolve().parent.parent) if nvcc else None
-
-
-# A header only the CUTLASS versions with the sm90 sparse GEMM builder have.
-_CUTLASS_PROBE = "cutlass/gemm/collective/builders/sm90_sparse_gmma_builder.inl"
+_CUTLASS_PROBE = spb.CUTLASS_PROBE
 
 
 def _cutlass_root() -> tuple[Path | None, str]:
@@ -73,20 +71,35 @@ def _cutlass_root() -> tuple[Path | None, str]:
     return None, f"the installed cutlass_library has no source/include/{_CUTLASS_PROBE} (too old?)"
 
 
+def _gpu_capabilities() -> list[tuple[int, int]]:
+    """This machine's GPUs: nvidia-smi, else torch (which may be a CPU build or see none)."""
+    caps = spb.detect_gpu_capabilities()
+    if caps:
+        return caps
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+    except Exception as exc:  # noqa: BLE001 - a broken driver must not break the build
+        _say(f"could not query GPUs through torch ({type(exc).__name__}: {exc})")
+    return []
+
+
 def _sm90_extension(CUDAExtension):
     """sparse_prune._C_sm90 (csrc/sm90/, sm_90a only), or None with the reason printed."""
-    flag = os.environ.get("SPARSE_PRUNE_SM90", "").strip()
-    if flag not in ("", "0", "1"):
-        raise SystemExit(f"SPARSE_PRUNE_SM90 must be 0 or 1, got {flag!r}")
-    if flag == "0":
-        _say("SPARSE_PRUNE_SM90=0: skipping sparse_prune._C_sm90 (Hopper CUTLASS 2:4 GEMM)")
+    need_caps = spb.env_flag(os.environ, "SPARSE_PRUNE_SM90") == ""
+    decision = spb.sm90_decision(os.environ, _gpu_capabilities() if need_caps else [])
+    if not decision.build:
+        _say(f"skipping sparse_prune._C_sm90 (Hopper CUTLASS 2:4 GEMM): {decision.reason}")
         return None
     root, where = _cutlass_root()
     if root is None:
-        if flag == "1":
+        if decision.strict:
             raise SystemExit(f"SPARSE_PRUNE_SM90=1 but {where}")
-        _say(f"skipping sparse_prune._C_sm90 (Hopper CUTLASS 2:4 GEMM): {where}")
+        _say(f"skipping sparse_prune._C_sm90 (Hopper CUTLASS 2:4 GEMM; wanted: {decision.reason}): {where}")
         return None
+    _say(f"sparse_prune._C_sm90 wanted: {decision.reason}")
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "sm90").iterdir()
                      if p.suffix in (".cu", ".cpp"))
     _say(f"building sparse_prune._C_sm90 for sm_90a with CUTLASS headers from {where}: "
@@ -115,7 +128,10 @@ def _sm90_extension(CUDAExtension):
 
 
 def _cpu_extension():
-    """sparse_prune._C_cpu (csrc/cpu/), or None when torch is not importable at build time."""
+    """sparse_prune._C_cpu (csrc/cpu/), or None (SPARSE_PRUNE_CPU=0, or no torch at build time)."""
+    if spb.env_flag(os.environ, "SPARSE_PRUNE_CPU") == "0":
+        _say("SPARSE_PRUNE_CPU=0: skipping the CPU kernels (sparse_prune._C_cpu)")
+        return None
     try:
         from torch.utils.cpp_extension import CppExtension
     except ImportError:
@@ -140,9 +156,7 @@ def _cpu_extension():
 
 def _cuda_extension():
     """Return [ext_modules] (possibly empty) with the reason printed for what is skipped."""
-    flag = os.environ.get("SPARSE_PRUNE_CUDA", "").strip()
-    if flag not in ("", "0", "1"):
-        raise SystemExit(f"SPARSE_PRUNE_CUDA must be 0 or 1, got {flag!r}")
+    flag = spb.env_flag(os.environ, "SPARSE_PRUNE_CUDA")
     if flag == "0":
         _say("SPARSE_PRUNE_CUDA=0: skipping the CUDA extension")
         return []
@@ -153,7 +167,7 @@ def _cuda_extension():
             raise SystemExit("SPARSE_PRUNE_CUDA=1 but torch is not importable at build time") from None
         _say("torch not importable at build time: skipping the CUDA extension")
         return []
-    cuda_home = _find_cuda_home()
+    cuda_home = spb.find_cuda_home()
     reason = None
     if torch.version.cuda is None:
         reason = f"torch {torch.__version__} is a CPU-only build"
@@ -190,16 +204,43 @@ def _cuda_extension():
     return exts
 
 
-def _extensions():
-    """([ext_modules], {cmdclass}): the CPU kernels wherever torch imports, plus CUDA's."""
-    cpu = _cpu_extension()
-    if cpu is None:
-        if os.environ.get("SPARSE_PRUNE_CUDA", "").strip() == "1":
-            raise SystemExit("SPARSE_PRUNE_CUDA=1 but torch is not importable at build time")
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension
+# The environment as the user gave it: MAX_JOBS is set per extension below only when absent here.
+_USER_ENV = dict(os.environ)
 
-    return [cpu, *_cuda_extension()], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+class _MaxJobs:
+    """Mixin for torch's BuildExtension: MAX_JOBS per extension when the user set none."""
+
+    def build_extension(self, ext):
+        if "MAX_JOBS" not in _USER_ENV:
+            jobs = spb.default_max_jobs(
+                spb.machine_cpus(), spb.machine_available_memory(),
+                spb.JOB_MEMORY_BYTES.get(ext.name, spb.DEFAULT_JOB_MEMORY_BYTES))
+            os.environ["MAX_JOBS"] = str(jobs)
+            _say(f"{ext.name}: MAX_JOBS={jobs} (from {spb.machine_cpus()} usable cores and "
+                 f"available memory; set MAX_JOBS to override)")
+        super().build_extension(ext)
+
+
+def _extensions():
+    """([ext_modules], {cmdclass}): the CPU kernels and the CUDA extensions, each where it can."""
+    cpu = _cpu_extension()
+    cuda_flag = spb.env_flag(os.environ, "SPARSE_PRUNE_CUDA")
+    if cpu is None and cuda_flag == "0":
+        return [], {}  # nothing to compile: a pure-Python wheel, torch not even imported
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError:
+        if cuda_flag == "1":
+            raise SystemExit("SPARSE_PRUNE_CUDA=1 but torch is not importable at build time") from None
+        if cuda_flag != "0":
+            _say("torch not importable at build time: skipping the CUDA extension")
+        return [], {}
+    exts = ([cpu] if cpu is not None else []) + _cuda_extension()
+    if not exts:
+        return [], {}
+    build = type("build_ext", (_MaxJobs, BuildExtension.with_options(no_python_abi_suffix=False)), {})
+    return exts, {"build_ext": build}
 
 
 ext_modules, cmdclass = _extensions()

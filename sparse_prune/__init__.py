@@ -7,6 +7,7 @@ Public API (see README): ``prune`` -> ``MaskSet``; ``sensitivity``; ``models.vit
 from sparse_prune import formats, models, ops
 from sparse_prune.checkpoint import load, save
 from sparse_prune.convert import convert
+from sparse_prune.hf import from_pretrained, save_pretrained
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import SparseLinear, SparseMLP
 from sparse_prune.ops import extension_error, has_cuda_extension
@@ -24,6 +25,7 @@ __all__ = [
     "SparseMLP",
     "convert",
     "format_report",
+    "from_pretrained",
     "report",
     "extension_error",
     "find_groups",
@@ -34,5 +36,6 @@ __all__ = [
     "ops",
     "prune",
     "save",
+    "save_pretrained",
     "sensitivity",
 ]

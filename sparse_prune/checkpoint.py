@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparse_prune import atomic, backends, files
+from sparse_prune import atomic, backends, files, hf
 from sparse_prune import formats as F
 from sparse_prune.constants import BACKENDS
 from sparse_prune.convert import PLAN_ATTR, fuse_mlp, parent_of
@@ -264,6 +264,7 @@ def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str
         except ValueError as exc:  # e.g. saved with backend="cuda", loaded on a CPU machine
             moved.append(f"{name} ({backend}: {exc})")
             layer = SparseLinear(fmt, bias, "auto", activation=entry.get("activation"), validate=False)
+        layer.train(target.training)
         if isinstance(entry.get("plan"), dict):
             layer.__dict__[PLAN_ATTR] = entry["plan"]
         parent, child = parent_of(skeleton, name)
@@ -317,6 +318,9 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Errors: ``FileNotFoundError`` (no manifest or weights file), ``ValueError`` naming the
     checkpoint (newer or broken manifest, wrong manifest field types, an empty, truncated or
     corrupted weights file, a skeleton of another architecture or dtype, malformed arrays).
+
+    A transformers skeleton gets the ``save_pretrained`` of :mod:`sparse_prune.hf`, as
+    ``convert`` gives it.
     """
     if not isinstance(skeleton, nn.Module):
         raise TypeError(f"skeleton must be an nn.Module, got {type(skeleton).__name__}")
@@ -352,4 +356,4 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
         warnings.warn(f"{len(moved)} layer(s) were saved with a backend that cannot run here and use "
                       "backend='auto' instead: " + "; ".join(moved), stacklevel=2)
     skeleton.__dict__.update(work.__dict__)  # everything fitted: take the rebuilt state
-    return skeleton
+    return hf.guard(skeleton)  # transformers: save_pretrained writes this format (sparse_prune.hf)

@@ -23,6 +23,9 @@ from sparse_prune.constants import BACKENDS
 from sparse_prune.convert import CONVERT_FORMATS
 from sparse_prune.pruning import BLOCK_SCORES, CALIBRATED
 
+DESCRIPTION = ("Prune vision transformers and turn the masks into real speed: demo (the main job), prune, convert, "
+               "report, bench, accuracy. 'sparse-prune COMMAND --help' describes each.")
+
 # (label, method, keyword arguments) — the seed's four methods, then what we add.
 DEMO_RECIPES: list[tuple[str, str, dict[str, Any]]] = [
     ("random_unstructured", "random_unstructured", {}),
@@ -56,9 +59,11 @@ def _positive_int(value: str) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_base_patch16_224", choices=list(sp.models.ARCHS))
-    p.add_argument("--source", default="transformers", choices=sp.models.SOURCES)
-    p.add_argument("--weights", default=None, help="local state dict (safetensors/bin/pt)")
+    p.add_argument("--model", default="vit_base_patch16_224", choices=list(sp.models.ARCHS),
+                   help="ViT architecture, built offline from its config (default: %(default)s)")
+    p.add_argument("--source", default="transformers", choices=sp.models.SOURCES,
+                   help="library that builds it (default: %(default)s)")
+    p.add_argument("--weights", default=None, help="local state dict (safetensors/bin/pt); default: random weights")
     p.add_argument("--depth", type=_positive_int, default=None, help="override the number of blocks (quick runs)")
 
 
@@ -68,6 +73,16 @@ def _depth_override(args: argparse.Namespace) -> dict[str, int]:
         return {}
     key = {"transformers": "num_hidden_layers", "timm": "depth", "torchvision": "num_layers"}[args.source]
     return {key: args.depth}
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """The model as the bench rows, tables and plots name it: architecture, source, and the
+    ``--depth`` / ``--weights`` that change what was built."""
+    extra = [args.source]
+    if getattr(args, "depth", None) is not None:
+        extra.append(f"depth {args.depth}")
+    extra.append(f"weights {Path(args.weights).name}" if getattr(args, "weights", None) else "random weights")
+    return f"{args.model} ({', '.join(extra)})"
 
 
 def _build(args: argparse.Namespace) -> nn.Module:
@@ -183,7 +198,7 @@ def _demo_latency(model: nn.Module, args: argparse.Namespace, out: Path) -> tupl
               backends=_gpu_backends() if gpu else ["torch"],
               bsr_block=latency.BSR_BLOCK if gpu else CPU_DEMO_BLOCK)
     print(f"\nlatency vs dense on {kw['device']} ({kw['dtype']}, batch {kw['batches']}):")
-    rows = latency.bench_e2e(model, args.model, _image_size(model), reps=5 if not gpu else 20, **kw)
+    rows = latency.bench_e2e(model, model_label(args), _image_size(model), reps=5 if not gpu else 20, **kw)
     latency.write_latency(rows, out)
     table = latency.markdown(rows)
     print(table)
@@ -268,6 +283,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = _build(args)
     kw: dict[str, Any] = {"scope": args.scope, "seed": args.seed, "coupled": args.coupled,
                           "exclude": tuple(args.exclude)}
+    if args.include_classifier:
+        kw["include_classifier"] = True
     if args.method == "nm" or (args.method in CALIBRATED and args.pattern):
         kw["pattern"] = args.pattern or "2:4"
     else:
@@ -288,9 +305,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         kw["calibration"] = [torch.randn(2, 3, size, size, generator=gen) for _ in range(args.calibration_batches)]
     masks = sp.prune(model, args.method, progress=True, **kw)
     print(masks.summary())
-    if args.out:
-        masks.save(args.out)
-        print(f"wrote {args.out}")
+    for key, what in (("coupled_summary", ""), ("classifier_excluded", "classifier left dense (--include-classifier "
+                                                                          "prunes it): ")):
+        if masks.info.get(key):
+            print(what + str(masks.info[key]))
+    out = Path(args.out) if args.out else Path("results") / "prune" / f"{args.model}-{args.method}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    masks.save(out)
+    print(f"wrote {out}" + ("" if args.out else " (default; --out PATH to choose)"))
     return 0
 
 
@@ -317,6 +339,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     spec_path = Path(args.checkpoint) / MODEL_SPEC
+    guessed = not spec_path.is_file() and args.model is None and args.source is None
     if spec_path.is_file():  # the CLI wrote how to build the skeleton; flags still override
         from sparse_prune.files import bad_file, read_json
 
@@ -333,7 +356,18 @@ def cmd_report(args: argparse.Namespace) -> int:
                 setattr(args, key, spec.get(key))
     args.model = args.model or "vit_base_patch16_224"
     args.source = args.source or "transformers"
-    model = sp.load(_build(args), args.checkpoint)
+    try:
+        model = sp.load(_build(args), args.checkpoint)
+    except (ValueError, TypeError) as exc:
+        if not spec_path.is_file() and Path(args.checkpoint, "manifest.json").is_file():
+            # saved from Python (sp.save): no model.json says which architecture to rebuild
+            tried = f"{args.model} from {args.source}" + (f", depth {args.depth}" if args.depth else "")
+            hint = (f"{args.checkpoint} has no {MODEL_SPEC} (saved from Python with sp.save?), so "
+                    f"{'the default skeleton was tried' if guessed else 'the flags given were tried'} ({tried}) and "
+                    "it does not fit: pass --model NAME --source transformers|timm|torchvision (and --depth N if "
+                    "it was built with fewer blocks) naming the architecture it was saved from")
+            raise ValueError(f"{hint}. Load error: {exc}") from exc
+        raise
     rows = sp.report(model)
     print(json.dumps(rows, indent=1) if args.json else sp.format_report(rows))
     return 0
@@ -395,11 +429,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     notes: list[str] = []
     common = dict(formats=args.formats, backends=backends, sparsities=sparsities, batches=batches, dtype=dtype,
                   device=args.device, notes=notes)
-    rows = latency.bench_e2e(model, args.model, size, compile_=args.compile, cuda_graphs=args.cuda_graphs,
+    label = model_label(args)
+    rows = latency.bench_e2e(model, label, size, compile_=args.compile, cuda_graphs=args.cuda_graphs,
                              reps=args.reps, **common)
     if args.layers and not notes:
         tokens = (size // 16) ** 2 + 1
-        rows += latency.bench_layers(latency.linear_shapes(model), args.model, tokens, reps=max(args.reps, 10), **common)
+        rows += latency.bench_layers(latency.linear_shapes(model), label, tokens, reps=max(args.reps, 10), **common)
+    for r in rows:  # what was built, beside the label
+        r.update(arch=args.model, source=args.source, depth=args.depth, weights=args.weights)
     paths = latency.write_latency(rows, args.out)
     print(latency.markdown(rows))
     print(f"wrote {', '.join(str(p) for p in paths)}")
@@ -436,26 +473,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    parser = _Parser(prog="sparse-prune", description=__doc__)
+    parser = _Parser(prog="sparse-prune", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="prune ViT-B/16 with every method; per-layer sparsity table")
     _model_args(demo)
-    demo.add_argument("--amount", type=float, default=0.5)
-    demo.add_argument("--out", default="results/demo")
+    demo.add_argument("--amount", type=float, default=0.5,
+                      help="fraction of weights each method prunes (default: %(default)s; nm is 2:4)")
+    demo.add_argument("--out", default="results/demo", help="folder for report.md and the rest (default: %(default)s)")
     demo.add_argument("--skip-latency", action="store_true", help="no latency measurement")
     demo.add_argument("--skip-accuracy", action="store_true", help="no accuracy study")
     demo.set_defaults(func=cmd_demo)
 
     pr = sub.add_parser("prune", help="prune a ViT and save the masks (safetensors)")
     _model_args(pr)
-    pr.add_argument("--method", required=True, choices=sp.METHODS)
-    pr.add_argument("--amount", type=float, default=0.5)
-    pr.add_argument("--scope", default="local", choices=("local", "global"))
+    pr.add_argument("--method", required=True, choices=sp.METHODS, help="pruning method")
+    pr.add_argument("--amount", type=float, default=0.5,
+                    help="fraction pruned: of each weight (local) or of all of them (global); of the rows or "
+                         "blocks for the structured and block methods (default: %(default)s; not used by nm)")
+    pr.add_argument("--scope", default="local", choices=("local", "global"),
+                    help="rank each weight on its own (local, default) or all of them together (global)")
     pr.add_argument("--n", type=_norm, default=2.0,
                     help='norm for ln_structured (number, inf, -inf or "fro") and block (> 0, inf or "fro")')
-    pr.add_argument("--dim", type=int, default=0)
+    pr.add_argument("--dim", type=int, default=0,
+                    help="structured methods: the axis of the units pruned whole (0 = output rows, default)")
     pr.add_argument("--pattern", default=None, help='"N:M" for nm / wanda / sparsegpt')
     pr.add_argument("--block", type=int, nargs=2, default=None, metavar=("BM", "BK"),
                     help="block method: rows x columns of the blocks kept or pruned whole (default 32 32; "
@@ -463,32 +505,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--score", default=None, choices=BLOCK_SCORES,
                     help="block method: rank blocks by |W| (magnitude, default) or |W|·‖X‖ (wanda; "
                          "calibrated on --calibration-batches random images)")
-    pr.add_argument("--coupled", action="store_true")
+    pr.add_argument("--coupled", action="store_true",
+                    help="structured methods: prune MLP neurons and whole attention heads together (what is "
+                         "coupled and what is left is printed)")
+    pr.add_argument("--include-classifier", action="store_true",
+                    help="structured methods: also prune the classifier's rows (left out by default: a pruned "
+                         "row is a class never predicted)")
     pr.add_argument("--exclude", nargs="*", default=[], help="module name regexes to keep dense")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random methods and calibration images")
     pr.add_argument("--calibration-batches", type=_positive_int, default=2,
                     help="wanda/sparsegpt/block --score wanda: batches of 2 random images (no data set is downloaded)")
     pr.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per lazy-update block")
     pr.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: Hessian dampening (of its mean diagonal)")
-    pr.add_argument("--out", default=None, help="masks file (.safetensors)")
+    pr.add_argument("--out", default=None,
+                    help="masks file (.safetensors); default: results/prune/MODEL-METHOD.safetensors")
     pr.set_defaults(func=cmd_prune)
 
     cv = sub.add_parser("convert", help="convert a ViT with saved masks to a format; save it (sp.save)")
     _model_args(cv)
-    cv.add_argument("--masks", required=True, help="masks file written by `prune --out`")
-    cv.add_argument("--format", required=True, choices=CONVERT_FORMATS)
-    cv.add_argument("--backend", default="auto", choices=BACKENDS)
+    cv.add_argument("--masks", required=True, help="masks file written by 'sparse-prune prune'")
+    cv.add_argument("--format", required=True, choices=CONVERT_FORMATS, help="format of the converted layers")
+    cv.add_argument("--backend", default="auto", choices=BACKENDS,
+                    help="kernels to run them with (default: auto, our best for the device)")
     cv.add_argument("--block", type=_positive_int, nargs=2, default=None, metavar=("BM", "BK"), help="bsr block")
     cv.add_argument("--round-to", type=_positive_int, default=1, help="shrink: keep widths a multiple of this")
     cv.add_argument("--out", required=True, help="checkpoint directory")
     cv.set_defaults(func=cmd_convert)
 
     rp = sub.add_parser("report", help="per-layer format, density, bytes and flops of a saved model")
-    rp.add_argument("checkpoint", help="directory written by `convert` or sp.save")
-    rp.add_argument("--model", default=None, choices=list(sp.models.ARCHS))
-    rp.add_argument("--source", default=None, choices=sp.models.SOURCES)
+    rp.add_argument("checkpoint", help="directory written by 'sparse-prune convert' or sp.save")
+    rp.add_argument("--model", default=None, choices=list(sp.models.ARCHS),
+                    help="architecture it was saved from (read from its model.json when 'convert' wrote it)")
+    rp.add_argument("--source", default=None, choices=sp.models.SOURCES,
+                    help="library of that architecture (read from model.json likewise)")
     rp.add_argument("--weights", default=None, help=argparse.SUPPRESS)
-    rp.add_argument("--depth", type=_positive_int, default=None)
+    rp.add_argument("--depth", type=_positive_int, default=None, help="its number of blocks, when it was built with --depth")
     rp.add_argument("--json", action="store_true", help="print the rows as JSON")
     rp.set_defaults(func=cmd_report)
 
@@ -503,36 +554,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="default: torch (+ triton on a GPU)")
     be.add_argument("--sparsity", type=float, nargs="+", default=None, help="default 0.5 0.7 0.9 (2:4 is 0.5)")
     be.add_argument("--batch", type=_positive_int, nargs="+", default=None, help="default 1 8 (CPU), 1 8 64 256 (GPU)")
-    be.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    be.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    be.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                    help="dtype of both models (default: %(default)s)")
+    be.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to time (default: %(default)s)")
     be.add_argument("--compile", action="store_true", help="torch.compile dense and sparse alike")
     be.add_argument("--cuda-graphs", action="store_true", help="replay dense and sparse from CUDA graphs")
     be.add_argument("--layers", action="store_true", help="also time each Linear shape of the model alone")
     be.add_argument("--reps", type=_positive_int, default=5, help="timed rounds (median and quartiles reported)")
     be.add_argument("--quick", action="store_true", help="batch 1, sparsity 0.5 and 0.9: minutes on 2 CPU cores")
-    be.add_argument("--out", default="results/bench")
+    be.add_argument("--out", default="results/bench",
+                    help="folder for latency.json, latency.md and the plots (default: %(default)s)")
     be.set_defaults(func=cmd_bench)
 
     ac = sub.add_parser("accuracy", help="accuracy vs pruning ratio per method (+ finetuning), as the seed")
     ac.add_argument("--model", default="digits-vit", choices=["digits-vit", *sp.models.ARCHS],
                     help="digits-vit: a small ViT trained here on the bundled digits (cached under --out)")
-    ac.add_argument("--source", default="transformers", choices=sp.models.SOURCES)
+    ac.add_argument("--source", default="transformers", choices=sp.models.SOURCES,
+                    help="library that builds --model NAME (default: %(default)s)")
     ac.add_argument("--weights", default=None, help="local checkpoint for --model NAME (safetensors/bin/pt)")
     ac.add_argument("--depth", type=_positive_int, default=None, help=argparse.SUPPRESS)
     ac.add_argument("--data", default="digits", help="digits | imagefolder:PATH (PATH/train + PATH/val, or one folder)")
-    ac.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sp.METHODS)
+    ac.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sp.METHODS,
+                    help="methods to sweep (default: %(default)s)")
     ac.add_argument("--amounts", type=float, nargs="+", default=None, help="default 0.1 .. 0.9")
     ac.add_argument("--blocks", type=_block_shape, nargs="+", default=list(DEFAULT_BLOCKS), metavar="BMxBK",
                     help="block shapes of method block, each swept over the amounts (default 4x1 16x16)")
-    ac.add_argument("--scope", default="local", choices=("local", "global"))
+    ac.add_argument("--scope", default="local", choices=("local", "global"),
+                    help="local (each weight on its own, default) or global ranking")
     ac.add_argument("--finetune-epochs", type=int, default=None, help="default 5 (3 with --quick); 0 = none")
-    ac.add_argument("--finetune-amounts", type=float, nargs="+", default=[0.5])
+    ac.add_argument("--finetune-amounts", type=float, nargs="+", default=[0.5],
+                    help="amounts whose masked model is also finetuned (default: 0.5)")
     ac.add_argument("--iterative", type=int, default=1, help="reach finetuned points in K prune+finetune rounds")
     ac.add_argument("--keep-classifier", action="store_true", help="leave the classifier dense")
     ac.add_argument("--train-epochs", type=int, default=40, help="digits-vit training epochs")
-    ac.add_argument("--seed", type=int, default=0)
+    ac.add_argument("--seed", type=int, default=0, help="seed of training, pruning and finetuning")
     ac.add_argument("--quick", action="store_true", help="amounts 0.3/0.5/0.7/0.9, 3 finetune epochs")
-    ac.add_argument("--out", default="results/accuracy")
+    ac.add_argument("--out", default="results/accuracy",
+                    help="folder for the study's JSON, Markdown and plot (default: %(default)s)")
     ac.set_defaults(func=cmd_accuracy)
 
     args = parser.parse_args(argv)

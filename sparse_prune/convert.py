@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
-from sparse_prune import backends
+from sparse_prune import backends, hf
 from sparse_prune import formats as F
 from sparse_prune.constants import BACKENDS
 from sparse_prune.masks import MaskSet
@@ -167,6 +168,7 @@ def apply_plan(model: nn.Module, masks: dict[str, torch.Tensor], layers: list[La
                 target = module
             else:
                 target = SparseLinear(layer.fmt, module.bias, layer.requested, validate=False)
+                target.train(module.training)  # an eval model stays in eval mode
                 parent, child = parent_of(model, layer.module)
                 setattr(parent, child, target)
             target.__dict__[PLAN_ATTR] = layer.summary()
@@ -201,7 +203,7 @@ def fuse_mlp(model: nn.Module) -> list[str]:
         fc1, act, fc2 = (parent._modules.get(a) for a in (site.fc1, site.act, site.fc2))
         if (isinstance(fc1, SparseLinear) and isinstance(fc2, SparseLinear) and isinstance(act, nn.Identity)
                 and fc1.activation == "gelu" and fc2.activation is None and fc1.out_features == fc2.in_features):
-            fused_module = SparseMLP(fc1, fc2, names=(site.fc1, site.fc2))
+            fused_module = SparseMLP(fc1, fc2, names=(site.fc1, site.fc2)).train(parent.training)
             if site.parent:
                 grand, child = parent_of(model, site.parent)
                 setattr(grand, child, fused_module)
@@ -209,13 +211,24 @@ def fuse_mlp(model: nn.Module) -> list[str]:
     return fused
 
 
-def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str = "auto",
+DEFAULT_FORMAT_WARNING = (
+    "convert() without format= or example_inputs= keeps every masked layer dense (the masked dense "
+    "model: never slower than dense, never faster); pass example_inputs= (a batch like the ones you "
+    "will run) to let format='auto' measure per layer which format pays, or name one "
+    "('csr', 'bsr', '2:4', 'shrink')")
+
+
+def convert(model: nn.Module, masks: MaskSet, format: str | None = None, backend: str = "auto",
             inplace: bool = False, example_inputs: Any = None, cache: str | None = None,
             fuse_activations: bool = True, **format_kw: Any) -> nn.Module:
     """Swap every masked ``nn.Linear`` for a :class:`SparseLinear` holding ``format``.
 
     Formats: ``CONVERT_FORMATS`` ("dense" = masked dense baseline, "shrink", "2:4", "csr",
-    "bsr" with ``block=(bm, bk)``). ``format_kw`` go to the format's ``from_dense``.
+    "bsr" with ``block=(bm, bk)``) or "auto". ``format_kw`` go to the format's ``from_dense``.
+    No ``format`` (the default) runs what never loses against dense: ``"auto"`` when
+    ``example_inputs`` is given (each layer measured, dense included), else ``"dense"`` with one
+    warning (:data:`DEFAULT_FORMAT_WARNING`) saying how to get speed. A fixed format can be slower
+    than dense where it does not pay (csr at 50% on a CPU, for one), so none is the default.
     Weights a format cannot take (not 2:4, not structured, not a Linear) keep their module
     with the mask applied, and one warning lists them. The result computes the same function
     as ``masks.apply(copy.deepcopy(model))``; weights reconstructed by the pruner
@@ -243,7 +256,21 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     backend's epilogue fuses it, the same numbers either way; where both of its Linears became
     SparseLinears, the MLP module becomes a :class:`~sparse_prune.nn.SparseMLP` (:func:`fuse_mlp`:
     one op on our CPU kernels, the hidden layer never transposed).
+
+    A model pruned with ``torch.nn.utils.prune`` (or :meth:`MaskSet.attach`) converts as it is,
+    no ``prune.remove`` needed: ``sp.convert(model, sp.MaskSet.from_model(model))``. The copy
+    (or ``model`` itself with ``inplace=True``) has its torch-prune masks made permanent first
+    (:func:`remove_torch_prune`), so the result computes what the pruned model computed.
+
+    The result is for inference: a :class:`SparseLinear` has no gradient (see there for how to
+    finetune). A transformers model's ``save_pretrained`` then writes config.json plus an
+    ``sp.save`` checkpoint that ``sp.from_pretrained`` reads back (:mod:`sparse_prune.hf`;
+    transformers' own ``from_pretrained`` refuses that folder instead of loading it wrong).
     """
+    if format is None:
+        format = "auto" if example_inputs is not None else "dense"
+        if format == "dense":
+            warnings.warn(DEFAULT_FORMAT_WARNING, stacklevel=2)
     check_convert_args(masks, format, backend)
     for flag, value in (("inplace", inplace), ("fuse_activations", fuse_activations)):
         if not isinstance(value, bool):
@@ -253,7 +280,8 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if format != "auto":
         _precheck(format, backend, format_kw, device)
-    model = model if inplace else copy.deepcopy(model)
+    model = model if inplace else copy_model(model)
+    remove_torch_prune(model)
     _use_reconstructed(model, masks)
     if format == "auto":
         layers = plan_auto(model, masks, backend, example_inputs, cache)
@@ -261,7 +289,7 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
         if fuse_activations:
             fuse_gelu(model)
             fuse_mlp(model)
-        return model
+        return hf.guard(model)
     todo: dict[str, torch.Tensor] = dict(masks.items())
     open_mha_out_proj(model, todo)  # torchvision: lets MHA out_proj become a SparseLinear
     left_dense: list[str] = []
@@ -278,7 +306,45 @@ def convert(model: nn.Module, masks: MaskSet, format: str = "csr", backend: str 
     if left_dense:
         warnings.warn(f"format {format!r} left {len(left_dense)} masked weight(s) dense: " + "; ".join(left_dense),
                       stacklevel=2)
-    return model
+    return hf.guard(model)
+
+
+def _torch_pruned(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, tensor name)`` of every mask attached by ``torch.nn.utils.prune`` (or
+    :meth:`MaskSet.attach`), in module order."""
+    return [(module, hook._tensor_name) for module in model.modules()
+            for hook in list(module._forward_pre_hooks.values())
+            if isinstance(hook, torch_prune.BasePruningMethod)]
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for a model pruned with ``torch.nn.utils.prune``.
+
+    Such a module's ``weight`` is a plain attribute computed as ``weight_orig * weight_mask``,
+    a non-leaf tensor that ``deepcopy`` refuses; it is detached for the copy (the copy's hook
+    recomputes it at the next forward) and put back on ``model`` afterwards."""
+    saved = [(module, name, module.__dict__[name]) for module, name in _torch_pruned(model)
+             if isinstance(module.__dict__.get(name), torch.Tensor)]
+    try:
+        for module, name, value in saved:
+            module.__dict__[name] = value.detach()
+        return copy.deepcopy(model)
+    finally:
+        for module, name, value in saved:
+            module.__dict__[name] = value
+
+
+def remove_torch_prune(model: nn.Module) -> list[str]:
+    """Make every ``torch.nn.utils.prune`` mask of ``model`` permanent (``prune.remove``: the
+    parameter becomes ``weight_orig * weight_mask``, hooks and buffers go), in place; returns
+    the parameter names. ``convert`` does this on its copy: the converted model computes what
+    the pruned model computed, and its masks are read by ``MaskSet.from_model``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    done = []
+    for module, name in _torch_pruned(model):
+        torch_prune.remove(module, name)
+        done.append(f"{names[id(module)]}.{name}".lstrip("."))
+    return done
 
 
 def _check_weights(model: nn.Module, masks: MaskSet) -> None:

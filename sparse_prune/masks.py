@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -16,6 +17,16 @@ _META_KEY = "sparse_prune"
 _WEIGHTS_KEY = "sparse_prune_weights"  # metadata: JSON {file key: parameter name} of the weights
 _ORDER_KEY = "sparse_prune_order"  # metadata: JSON list of the mask names in the set's order
 _WEIGHT_PREFIX = "weight:"  # file key of a reconstructed weight (":" never occurs in a mask name)
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """``{"params": count, "sha256": digest}`` of the model's parameter names and shapes (names
+    of ``torch.nn.utils.prune``'d parameters without their ``_orig``): what masks were computed
+    on, recorded by ``sp.prune``/:meth:`MaskSet.from_model` in ``info["fingerprint"]`` and
+    checked by :meth:`MaskSet.validate`. Values, dtype and device do not count."""
+    entries = sorted(f"{n.removesuffix('_orig')}:{'x'.join(map(str, p.shape))}" for n, p in model.named_parameters())
+    digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+    return {"params": len(entries), "sha256": digest}
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -128,7 +139,10 @@ class MaskSet(Mapping):
             else:
                 merged[name] = mask
         weights = {**self._weights, **other._weights}
-        return MaskSet(merged, info={"stacked": [self.info, other.info]}, weights=weights)
+        info: dict[str, Any] = {"stacked": [self.info, other.info]}
+        if self.info.get("fingerprint") == other.info.get("fingerprint") and "fingerprint" in self.info:
+            info["fingerprint"] = self.info["fingerprint"]  # both rounds on the same model
+        return MaskSet(merged, info=info, weights=weights)
 
     def to(self, device: torch.device | str) -> MaskSet:
         return MaskSet({n: m.to(device) for n, m in self._masks.items()}, self.info,
@@ -136,12 +150,25 @@ class MaskSet(Mapping):
 
     # Model interaction --------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` unless every mask names a parameter of ``model`` with its shape.
+        """Raise ``ValueError`` unless every mask names a parameter of ``model`` with its shape,
+        and, when ``info`` holds the :func:`fingerprint` of the model the masks were computed on
+        (every set from ``sp.prune`` or :meth:`from_model`; files saved before it have none and
+        are not checked), unless ``model`` has that fingerprint: masks of a 2-block model do not
+        silently convert a 12-block one. ``del masks.info["fingerprint"]`` skips that check.
 
         A tied parameter (one tensor under several names) may be named by any of its names,
         but by one mask only: two masks for one tensor cannot both hold."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        expected = self.info.get("fingerprint")
+        if isinstance(expected, dict) and "sha256" in expected:
+            found = fingerprint(model)
+            if found["sha256"] != expected["sha256"]:
+                raise ValueError(
+                    f"these masks were computed on another model: {expected.get('params')} parameters "
+                    f"(fingerprint {expected['sha256']}), this one has {found['params']} ({found['sha256']}; "
+                    "names and shapes differ). Prune this model, or del masks.info['fingerprint'] to "
+                    "apply them anyway")
         params = dict(model.named_parameters(remove_duplicate=False))
         orig = {n[: -len("_orig")]: p for n, p in params.items() if n.endswith("_orig")}
         owner: dict[int, str] = {}
@@ -213,7 +240,7 @@ class MaskSet(Mapping):
                     mask = getattr(module, tensor_name + "_mask")
                     key = f"{module_name}.{tensor_name}" if module_name else tensor_name
                     masks[key] = mask.detach().bool().clone()
-        return cls(masks, info={"source": "torch.nn.utils.prune"})
+        return cls(masks, info={"source": "torch.nn.utils.prune", "fingerprint": fingerprint(model)})
 
     # Files --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -18,6 +18,27 @@ from sparse_prune.checks import check_2to4_meta_once
 
 ACTIVATIONS = (None, "gelu")
 
+INFERENCE_ONLY = (
+    "SparseLinear is inference-only: its compact weight has no gradient. To finetune a pruned "
+    "model, train it before converting, with the masks attached (masks.attach(model) keeps the "
+    "pruned weights at zero, as torch.nn.utils.prune does), then sp.convert(model, "
+    "sp.MaskSet.from_model(model)); or convert with format='shrink', whose cut layers are plain "
+    "nn.Linear. Run a converted model under torch.no_grad() or torch.inference_mode()."
+)
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Identity on the output; its backward raises :data:`INFERENCE_ONLY` (instead of autograd's
+    "element 0 of tensors does not require grad", or a silently frozen layer)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(INFERENCE_ONLY)
+
 
 def _checked_activation(activation: str | None) -> str | None:
     if activation not in ACTIVATIONS:
@@ -53,6 +74,12 @@ class SparseLinear(nn.Module):
     ``activation="gelu"`` applies the exact (erf) GELU to the output: inside the kernel where
     its epilogue fuses it (:data:`sparse_prune.backends.FUSED_GELU`), after it otherwise, so the
     result is the same either way. ``convert`` sets it where the model's Linear feeds a GELU.
+
+    Inference-only: no gradient flows through the compact weight (nor back to the input). Where
+    autograd would record the call (grad mode on, and the module in training mode or an input
+    that requires grad) the output carries a node whose backward raises ``RuntimeError`` with
+    :data:`INFERENCE_ONLY`, which says how to finetune instead; the forward values are the same.
+    (In eager mode; under ``torch.compile`` the node is left out, as its backward would be traced.)
 
     Validated at every door: the format's :meth:`~sparse_prune.formats.WeightFormat.validate`
     runs at construction (``validate=False`` only for a format just built by ``from_dense``)
@@ -191,10 +218,17 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
         lead = x.shape[:-1]
+        # eager only: torch.compile traces the backward ahead of time, and would hit the raise
+        track = (torch.is_grad_enabled() and (self.training or x.requires_grad)
+                 and not torch.compiler.is_compiling())
+        if track:
+            anchor = x if x.requires_grad else torch.zeros((), device=x.device, requires_grad=True)
+            x = x.detach()
         y = backends.KERNELS[self._kernel_key](x.reshape(-1, self.in_features), self)
         if self.activation == "gelu" and not self.fused_activation:
             y = torch.nn.functional.gelu(y)
-        return y.reshape(*lead, self.out_features)
+        y = y.reshape(*lead, self.out_features)
+        return _InferenceOnly.apply(y, anchor) if track else y
 
     def set_activation(self, activation: str | None) -> None:
         """Apply ``activation`` (see the class docstring) from now on."""
@@ -252,8 +286,8 @@ class SparseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.layers()
-        if not self.fused(x):
-            return fc2(fc1(x))
+        if not self.fused(x) or (torch.is_grad_enabled() and x.requires_grad):
+            return fc2(fc1(x))  # (with autograd: whatever SparseLinear does with a gradient)
         if x.shape[-1] != fc1.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={fc1.in_features}")
         lead = x.shape[:-1]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from tqdm.auto import tqdm
 from sparse_prune import sparsegpt as sg
 from sparse_prune.calibration import check_calibration, input_norms
 from sparse_prune.constants import DEFAULT_BSR_BLOCK
-from sparse_prune.masks import MaskSet
-from sparse_prune.structure import Member, find_groups
+from sparse_prune.masks import MaskSet, fingerprint
+from sparse_prune.structure import Member, scan
 
 UNSTRUCTURED = ("random_unstructured", "l1_unstructured")
 STRUCTURED = ("random_structured", "ln_structured")
@@ -411,6 +412,27 @@ def _pruned_units_local(us: _UnitSet, scores: torch.Tensor | None, gen: torch.Ge
 # The entry point
 
 
+def packed_projections(model: nn.Module, targets: Sequence[Target]) -> list[str]:
+    """``in_proj_weight`` of every ``nn.MultiheadAttention`` whose Linears are pruned: its packed
+    q/k/v projection is no ``nn.Linear``, so per-weight methods leave it dense."""
+    pruned = {t.module_name for t in targets}
+    return [f"{name}.in_proj_weight" for name, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and isinstance(m.in_proj_weight, torch.Tensor)
+            and f"{name}.out_proj".lstrip(".") in pruned]
+
+
+def final_classifier(model: nn.Module) -> str | None:
+    """The parameter name of the model's final classifier (output layer): the weight of its last
+    ``nn.Linear`` in module order (ConvNeXt's ``head.fc``, a ViT's ``classifier``/``head``, an
+    MLP's last layer); ``None`` when the model has no Linear, or that Linear is all it holds
+    (``nn.Linear`` or ``Sequential(Linear)``: the layer is the model, not its head)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    holders = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    if not linears or len(holders) < 2:
+        return None
+    return f"{linears[-1]}.weight" if linears[-1] else "weight"
+
+
 def _per_layer_rules(per_layer: Any) -> list[tuple[str, Amount]]:
     if per_layer is None:
         return []
@@ -443,6 +465,7 @@ def prune(
     exclude: Any = (),
     per_layer: Mapping[str, Amount] | None = None,
     coupled: bool = False,
+    include_classifier: bool = False,
     progress: bool = False,
     blocksize: int | None = None,
     percdamp: float | None = None,
@@ -471,8 +494,16 @@ def prune(
         exclude: module names/regexes (``re.search``) or module types to leave dense.
         per_layer: ``{regex: amount}``; the first regex found in a parameter name sets that
             layer's amount, and such layers are pruned locally.
-        coupled: structured methods only: prune ViT MLP neurons (fc1 rows + fc2 columns) and
-            whole attention heads (q, k, v rows + output-projection columns) together.
+        coupled: structured methods only: prune MLP neurons (fc1 rows + fc2 columns) and
+            whole attention heads (q, k, v rows + output-projection columns) together, for the
+            layouts :mod:`sparse_prune.structure` recognises. What it coupled and what it left
+            is ``info["coupled_summary"]`` (one line); when anything was left (weights pruned on
+            their own, attention modules of a layout it does not know, whose heads stay whole)
+            that line is also a ``UserWarning``.
+        include_classifier: structured methods only: also prune the final classifier's rows
+            (:func:`final_classifier`: the last ``nn.Linear``). Off by default, because a pruned
+            output row is a class that can never be predicted; ``info["classifier_excluded"]``
+            names the weight left out. Other methods always include it (unless ``exclude``).
         progress: tqdm bars (``sparsegpt``: one over the layers, one per layer over the batches).
         blocksize: ``sparsegpt`` only: columns per lazy-update block (default 128; a multiple
             of M for N:M).
@@ -487,7 +518,9 @@ def prune(
             from ``calibration``, gathered as for method ``wanda``).
 
     Returns:
-        ``MaskSet`` with a ``torch.bool`` mask (True = keep) for every pruned parameter;
+        ``MaskSet`` with a ``torch.bool`` mask (True = keep) for every pruned parameter, its
+        ``info`` holding the arguments and the model's :func:`~sparse_prune.masks.fingerprint`
+        (checked by ``apply``/``attach``/``convert``);
         ``sparsegpt`` also fills ``MaskSet.weights`` with the reconstructed weights (zero where
         pruned, the parameters' dtype), which ``apply``/``attach``/``convert``/``save`` use.
 
@@ -547,9 +580,19 @@ def prune(
 
     if calibration is not None:
         check_calibration(calibration, method)
+    if not isinstance(include_classifier, bool):
+        raise TypeError(f"include_classifier must be a bool, got {include_classifier!r}")
+    if include_classifier and method not in STRUCTURED:
+        raise ValueError(f"include_classifier=True applies to structured methods {STRUCTURED} (the others "
+                         f"prune the classifier unless excluded), not {method!r}")
     targets = collect_targets(model, include, exclude)
     exclude = _check_rules(exclude)
     _warn_unmatched(model, _check_include(include), exclude, rules, targets, method)
+    classifier = final_classifier(model) if method in STRUCTURED and not include_classifier else None
+    if classifier is not None and any(t.param == classifier for t in targets):
+        targets = [t for t in targets if t.param != classifier]
+    else:
+        classifier = None
 
     def amount_for(name: str) -> tuple[Amount | None, bool]:
         for regex, value in rules:
@@ -558,7 +601,16 @@ def prune(
         return amount, False
 
     info = {"method": method, "amount": amount, "scope": scope, "seed": int(seed),
-            "coupled": bool(coupled)}
+            "coupled": bool(coupled), "fingerprint": fingerprint(model)}
+    if method in STRUCTURED:
+        info["classifier_excluded"] = classifier
+    packed = [] if (coupled and method in STRUCTURED) else packed_projections(model, targets)
+    if packed:  # honest: sparsity() is over the masked weights, and these are not among them
+        info["not_pruned"] = packed
+        warnings.warn(f"{method} left {len(packed)} packed q/k/v projection(s) of nn.MultiheadAttention unpruned "
+                      f"(no nn.Linear: {', '.join(packed[:3])}{', ...' if len(packed) > 3 else ''}); sparsity() "
+                      "counts the masked weights only. coupled structured pruning removes their heads.",
+                      stacklevel=2)
     if method == "ln_structured":
         info["n"] = n if isinstance(n, str) else float(n)
     if method in STRUCTURED:
@@ -579,8 +631,12 @@ def prune(
         return MaskSet({p: masks[p] for p in order}, info, weights={p: weights[p] for p in order})
 
     if method in STRUCTURED:
-        _prune_structured(model, method, targets, amount, amount_for, scope, n, dim, seed, coupled,
-                          exclude, masks, progress)
+        summary = _prune_structured(model, method, targets, amount, amount_for, scope, n, dim, seed, coupled,
+                                    exclude, masks, progress)
+        if coupled:
+            info["coupled_summary"] = summary[0]
+            if summary[1]:
+                warnings.warn(summary[0], stacklevel=2)
         order = [name for name, _ in model.named_parameters() if name in masks]
         return MaskSet({name: masks[name] for name in order}, info)
 
@@ -627,16 +683,23 @@ def prune(
 
 
 def _prune_structured(model, method, targets, amount, amount_for, scope, n, dim, seed, coupled, exclude,
-                      masks, progress) -> None:
+                      masks, progress) -> tuple[str, bool]:
+    """Fill ``masks``; return (the one-line coupled summary, whether anything was left uncoupled)."""
     weights = {t.param: t.weight for t in targets}
     unit_sets: list[_UnitSet] = []
     grouped: set[str] = set()
+    kinds = {"mlp": 0, "heads": 0}
+    excluded_groups = 0
+    left: list[str] = []
     if coupled:
         params = dict(model.named_parameters())
         modules = dict(model.named_modules())
-        for group in find_groups(model):
+        groups, left = scan(model)
+        for group in groups:
             if any(_matches(p, exclude, modules.get(p.rpartition(".")[0])) for p in group.params):
+                excluded_groups += 1
                 continue
+            kinds[group.kind] += 1
             for p in group.params:
                 weights[p] = params[p].detach()
             layer_amount, from_rule = next(
@@ -644,6 +707,7 @@ def _prune_structured(model, method, targets, amount, amount_for, scope, n, dim,
             unit_sets.append(_UnitSet(f"{group.kind} group {group.name}", group.members, group.units,
                                       layer_amount if (scope == "local" or from_rule) else None))
             grouped.update(group.params)
+    alone = [t.param for t in targets if t.param not in grouped]
     for t in targets:
         if t.param in grouped:
             continue
@@ -681,4 +745,17 @@ def _prune_structured(model, method, targets, amount, amount_for, scope, n, dim,
             pruned_flat[torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[:k]] = True
         for (us, _), part in zip(pool, pruned_flat.split([us.units for us, _ in pool]), strict=True):
             _drop_units(masks, us, part.nonzero().flatten())
-
+    if not coupled:
+        return "", False
+    line = f"coupled: {kinds['mlp']} MLP group(s), {kinds['heads']} attention-head group(s)"
+    if excluded_groups:
+        line += f"; {excluded_groups} group(s) excluded"
+    if alone:
+        shown = ", ".join(alone[:4]) + (f", ... ({len(alone)} in all)" if len(alone) > 4 else "")
+        line += f"; pruned on their own (in no group, along dim {dim}): {shown}"
+    if left:
+        shown = ", ".join(left[:3]) + (f", ... ({len(left)} in all)" if len(left) > 3 else "")
+        line += f"; attention of a layout not recognised, heads left whole: {shown}"
+    if not any(kinds.values()) and not left:
+        line += "; no MLP or attention block recognised in this model"
+    return line, bool(alone or left or not any(kinds.values()))

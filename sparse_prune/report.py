@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from sparse_prune import backends
 from sparse_prune.convert import PLAN_ATTR
-from sparse_prune.nn import SparseLinear
+from sparse_prune.nn import SparseLinear, SparseMLP
 from sparse_prune.shrink import DENSE_SHAPE_ATTR
 
 
@@ -31,8 +32,15 @@ def report(model: nn.Module) -> list[dict[str, Any]]:
     flops (per input row, of what the kernel really computes: dense for rebuild paths, see
     :func:`sparse_prune.backends.flops_per_row`), why (the plan's reason). Layers placed by
     ``format="auto"`` show ``auto:<choice>`` and ``auto_speedup`` (measured dense ms / chosen
-    ms). ``format_report(rows)`` prints them."""
+    ms). The two layers of a :class:`~sparse_prune.nn.SparseMLP` that runs as one op on their
+    device carry ``"mlp": "sparse_mlp"``. ``format_report(rows)`` prints them."""
     rows = []
+    in_fused_mlp = set()
+    for name, module in model.named_modules():
+        if isinstance(module, SparseMLP):
+            fc1, _ = module.layers()
+            if module.fused(torch.empty(0, device=fc1.values.device)):
+                in_fused_mlp.update(f"{name}.{child}" if name else child for child in module.names)
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
             fmt = module.weight_format
@@ -46,6 +54,8 @@ def report(model: nn.Module) -> list[dict[str, Any]]:
                          "flops": backends.flops_per_row(module.format_name, module.backend, fmt)})
             if module.activation:
                 rows[-1]["activation"] = module.activation + (" (fused)" if module.fused_activation else "")
+            if name in in_fused_mlp:
+                rows[-1]["mlp"] = "sparse_mlp"
             _plan_fields(rows[-1], module)
         elif isinstance(module, nn.Linear):
             w = module.weight
@@ -66,7 +76,8 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     auto = any("auto_speedup" in r for r in rows)
     head = ("name", "format", "backend", "kernel", "shape", "density", "bytes", "dense_bytes", "flops") + (
         ("auto_speedup",) if auto else ())
-    cells = [[str(r["name"]), r["format"], r["backend"], r.get("kernel", ""), "x".join(map(str, r["shape"])),
+    cells = [[str(r["name"]), r["format"], r["backend"],
+              r.get("kernel", "") + (f" [{r['mlp']}]" if "mlp" in r else ""), "x".join(map(str, r["shape"])),
               f"{r['density']:.3f}", str(r["bytes"]), str(r["dense_bytes"]), str(r["flops"])]
              + ([f"{r['auto_speedup']:.2f}x" if "auto_speedup" in r else ""] if auto else []) for r in rows]
     cells.append(["total", "", "", "", "", "", str(sum(r["bytes"] for r in rows)),

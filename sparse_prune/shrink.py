@@ -173,10 +173,11 @@ def _set_heads(model: nn.Module, group: Group, kept: int) -> None:
         return
     if hasattr(module, "num_attention_heads"):  # transformers 5.x
         module.num_attention_heads = kept
-    inner = getattr(module, "attention", None)
-    if inner is not None and hasattr(inner, "num_attention_heads"):  # transformers 4.x
-        inner.num_attention_heads = kept
-        inner.all_head_size = kept * inner.attention_head_size
+    for attr in ("attention", "self"):  # transformers 4.x ViT, BERT-style
+        inner = getattr(module, attr, None)
+        if isinstance(inner, nn.Module) and hasattr(inner, "num_attention_heads"):
+            inner.num_attention_heads = kept
+            inner.all_head_size = kept * inner.attention_head_size
     if hasattr(module, "num_heads"):  # timm Attention, HeadPrunedAttention
         module.num_heads = kept
         if hasattr(module, "attn_dim"):
@@ -184,9 +185,10 @@ def _set_heads(model: nn.Module, group: Group, kept: int) -> None:
 
 
 def _member_indices(group: Group, keep: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
-    """param name -> (dim, indices to keep along dim), fused members concatenated in order."""
+    """param name -> (dim, indices to keep along dim), fused members concatenated in order;
+    followers (Swin's relative-position bias table) included."""
     out: dict[str, tuple[int, list[torch.Tensor]]] = {}
-    for m in group.members:
+    for m in (*group.members, *group.followers):
         idx = (m.offset + keep[:, None] * m.width + torch.arange(m.width)[None, :]).flatten()
         out.setdefault(m.param, (m.dim, []))[1].append(idx)
     return {p: (d, torch.cat(parts)) for p, (d, parts) in out.items()}

@@ -176,7 +176,12 @@ def test_convert_fuses_vit_mlps(source, fmt):
         assert torch.equal(out(fused), out(plain))
         ref = out(masks.apply(copy.deepcopy(model)))
     torch.testing.assert_close(out(fused), ref, rtol=1e-4, atol=1e-4)
-    assert len([r for r in sp.report(fused) if r["format"] == fmt]) >= 4
+    rows = sp.report(fused)
+    assert len([r for r in rows if r["format"] == fmt]) >= 4
+    mlp_rows = [r for r in rows if r.get("mlp") == "sparse_mlp"]
+    assert len(mlp_rows) == 4 and all(r["name"].endswith(("fc1", "fc2", ".0", ".3")) for r in mlp_rows)
+    assert "[sparse_mlp]" in sp.format_report(rows)
+    assert not any("mlp" in r for r in sp.report(plain))
 
 
 def test_sparse_mlp_is_saved_and_loaded_fused(tmp_path):

@@ -33,8 +33,8 @@ def test_converted_vit_matches_masked_dense(fixture, fmt, request, images):
     expected = _logits(masks.apply(copy.deepcopy(model))(images))
     fast = sp.convert(model, masks, format=fmt, **fkw)
     swapped = sum(isinstance(m, sp.SparseLinear) for m in fast.modules())
-    # coupled shrink cuts the blocks' Linears physically; only the classifier is gathered
-    assert swapped == (1 if fmt == "shrink" else len(masks))
+    # coupled shrink cuts the blocks' Linears physically; the classifier is left out by default
+    assert swapped == (0 if fmt == "shrink" else len(masks))
     torch.testing.assert_close(_logits(fast(images)), expected, rtol=1e-5, atol=1e-5)
     # the original model is untouched (inplace=False)
     assert not any(isinstance(m, sp.SparseLinear) for m in model.modules())

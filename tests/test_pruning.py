@@ -195,7 +195,8 @@ def test_global_structured_normalises_unit_size():
         g = torch.Generator().manual_seed(0)
         for m in model:
             m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-    masks = sp.prune(model, "ln_structured", amount=0.5, n=2, dim=0, scope="global")
+    masks = sp.prune(model, "ln_structured", amount=0.5, n=2, dim=0, scope="global",
+                     include_classifier=True)  # the second Linear is the output layer
     dead = [int((~m.any(1)).sum()) for m in masks.values()]
     assert sum(dead) == 10
     assert 0 < dead[0] < 10 and 0 < dead[1] < 10

@@ -94,7 +94,12 @@ def test_every_method_and_scope(fixture, method, scope, request, images):
         kw["block"] = (4, 4)
     masks = sp.prune(model, method, **kw)
     # Linear weights: HF q,k,v,o,fc1,fc2; timm qkv,proj,fc1,fc2; torchvision out_proj + MLP
-    assert len(masks) == {"hf_vit": 13, "timm_vit": 9, "tv_vit": 7}[fixture]
+    # (its packed in_proj is no Linear: info says so); and the classifier, which structured
+    # methods leave out by default
+    structured = method in ("ln_structured", "random_structured")
+    assert len(masks) == {"hf_vit": 13, "timm_vit": 9, "tv_vit": 7}[fixture] - structured
+    assert len(masks.info.get("not_pruned", ())) == (2 if fixture == "tv_vit" else 0)
+    assert (masks.info.get("classifier_excluded") is not None) == structured
     if method in ("ln_structured", "random_structured") and scope == "global":
         # the amount counts units (rows) across layers of different widths, not weights
         assert 0.3 < masks.sparsity() < 0.7

@@ -152,6 +152,30 @@ struct Avx512 : SimdMicro<Zmm, 8, 4> {
     if (r16 < r1 - r0) X86Common::epilogue(p, yt + r16 * p.tile, t, r0 + r16, r1);
   }
 
+  // X86Common::pack with 16x16 transposes: whole 64-byte lines per panel row (the 8x8 AVX2
+  // transposes wrote each line in two halves).
+  static void pack(const Problem& p, const float* x, float* xp, int64_t t) {
+    const int64_t tok0 = t * p.tile;
+    const int64_t width = tile_width(p, t);
+    float* panel = xp + t * p.kp * p.tile;
+    const int64_t k16 = p.K / 16 * 16;
+    for (int64_t j = 0; j < width; j += 16) {
+      const int64_t n = p.M - tok0 - j < 16 ? p.M - tok0 - j : 16;  // valid tokens (may be <= 0)
+      const float* src = x + (tok0 + j) * p.K;
+      for (int64_t k = 0; k < k16; k += 16) {
+        __m512 v[16];
+#pragma GCC unroll 16
+        for (int u = 0; u < 16; ++u) v[u] = u < n ? _mm512_loadu_ps(src + u * p.K + k) : _mm512_setzero_ps();
+        transpose16(v);
+#pragma GCC unroll 16
+        for (int u = 0; u < 16; ++u) _mm512_storeu_ps(panel + (k + u) * width + j, v[u]);
+      }
+      for (int64_t k = k16; k < p.kp; ++k)
+        for (int64_t u = 0; u < 16; ++u)
+          panel[k * width + j + u] = (u < n && k < p.K) ? src[u * p.K + k] : 0.0f;
+    }
+  }
+
   // X86Common::to_panels on 16 lanes (tile widths are multiples of 16 here).
   static void to_panels(const Problem& p, const float* yt, int64_t t, int64_t r0, int64_t r1) {
     const int64_t valid = p.M - t * p.tile < p.tile ? p.M - t * p.tile : p.tile;

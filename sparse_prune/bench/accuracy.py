@@ -75,6 +75,8 @@ def _prune(model: nn.Module, method: str, pattern: str | None, block: tuple[int,
             kw["scope"] = scope if method not in CALIBRATED else "local"
     if method in ("random_structured", "ln_structured"):
         kw["dim"] = 0
+        # as the seed, the classifier is pruned too unless keep_classifier (then `exclude` has it)
+        kw["include_classifier"] = True
     return prune(model, method, **kw)
 
 

@@ -467,8 +467,29 @@ def _where(r: dict[str, Any]) -> str:
     return f"{shape}{r['format']}/{r['backend']} sparsity {r['sparsity']:.2f} batch {r['batch']}"
 
 
+def speedup_range(r: dict[str, Any]) -> tuple[float, float]:
+    """The speedup's spread from the quartiles of both sides: ``dense q1 / sparse q3`` to
+    ``dense q3 / sparse q1`` (the interquartile boxes' worst and best ratio)."""
+    return r["dense_q1"] / r["sparse_q3"], r["dense_q3"] / r["sparse_q1"]
+
+
+def _setting(rows: Sequence[dict[str, Any]]) -> str:
+    """``model, dtype, device`` of the rows (every distinct value, joined)."""
+    def values(key: str) -> str:
+        return " / ".join(dict.fromkeys(str(r.get(key)) for r in rows))
+
+    return f"{values('model')}, {values('dtype')}, {values('device')}"
+
+
 def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
-    """speedup.png (speedup vs sparsity, one line per format/backend and batch) and memory.png."""
+    """speedup.png and memory.png of the measured rows (end to end, else per layer).
+
+    speedup.png: one panel per batch size; each (format, backend) is its own marker at each
+    measured sparsity (the median speedup), nudged sideways so points at one sparsity do not
+    hide each other, with bars over :func:`speedup_range` (the quartiles); nothing joins the
+    points, as nothing was measured between them. The title names the model, dtype and device,
+    each panel its batch; the dashed line is dense (1x).
+    """
     try:
         import matplotlib
 
@@ -476,31 +497,52 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("speedup") is not None]
     e2e = [r for r in ok if r["kind"] == "e2e"] or ok
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lines: dict[tuple, list] = {}
-    for r in e2e:
-        lines.setdefault((_format(r), r["backend"], r["batch"]), []).append((r["sparsity"], r["speedup"]))
-    for (fmt, backend, batch), pts in sorted(lines.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{fmt}/{backend} b{batch}")
-    ax.axhline(1.0, ls="--", color="gray")
-    ax.set(xlabel="sparsity", ylabel="speedup vs dense (x)", title="latency: dense ms / sparse ms")
-    if lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    batches = sorted({r["batch"] for r in e2e}) or [None]
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(7.0, 4.2 * len(batches)), 4.8), squeeze=False,
+                             sharey=True)
+    series = sorted({(_format(r), r["backend"]) for r in e2e})
+    markers = "osD^vP*Xh<>p"
+    width = min(0.05, 0.008 * max(1, len(series) - 1))
+    for ax, batch in zip(axes[0], batches, strict=True):
+        for i, (fmt, backend) in enumerate(series):
+            pts = sorted((r for r in e2e if r["batch"] == batch and (_format(r), r["backend"]) == (fmt, backend)),
+                         key=lambda r: r["sparsity"])
+            if not pts:
+                continue
+            shift = (i / max(1, len(series) - 1) - 0.5) * width if len(series) > 1 else 0.0
+            x = [r["sparsity"] + shift for r in pts]
+            y = [r["speedup"] for r in pts]
+            lo_hi = [speedup_range(r) for r in pts]
+            err = [[v - lo for v, (lo, _) in zip(y, lo_hi, strict=True)],
+                   [hi - v for v, (_, hi) in zip(y, lo_hi, strict=True)]]
+            ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], ls="none", capsize=3, ms=5,
+                        color=f"C{i % 10}", label=f"{fmt} / {backend}")
+        ax.axhline(1.0, ls="--", color="gray", lw=1)
+        ax.set(xlabel="sparsity (fraction of weights pruned)", title=f"batch {batch}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("speedup vs dense (x), median")
+    if series:
+        axes[0][-1].legend(fontsize=7, loc="best")
+    reps = sorted({r.get("reps") for r in e2e if r.get("reps")})
+    fig.suptitle(f"Speedup: {_setting(e2e)}" if e2e else "Speedup: no measured point", fontsize=10)
+    fig.text(0.5, 0.005, f"points: median of {'/'.join(map(str, reps)) or '?'} timed rounds; bars: quartile range "
+             "(dense q1 / sparse q3 to dense q3 / sparse q1); dashed: dense", ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     paths.append(out / "speedup.png")
     atomic.save_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen = {}
     for r in e2e:
-        seen.setdefault(f"{r['format']} {r['sparsity']:.2f}", r["bytes"] / 1e6)
+        seen.setdefault(f"{_format(r)} {r['sparsity']:.2f}", r["bytes"] / 1e6)
     if e2e:
         ax.bar(["dense", *seen], [e2e[0]["dense_bytes"] / 1e6, *seen.values()])
-    ax.set(ylabel="weight MB", title="weight memory per format")
+    models = " / ".join(dict.fromkeys(f"{r['model']}, {r['dtype']}" for r in e2e))
+    ax.set(ylabel="weight MB (indices and metadata included)", title=f"Weight memory per format: {models}")
+    ax.title.set_fontsize(9)
     ax.tick_params(axis="x", rotation=45, labelsize=7)
     fig.tight_layout()
     paths.append(out / "memory.png")
@@ -519,4 +561,5 @@ def write_latency(rows: Sequence[dict[str, Any]], out: str | Path) -> list[Path]
 
 __all__ = ["ROW_KEYS", "STATUSES", "bad_rows", "bench_e2e", "bench_layers", "block_masks", "layer_counts",
            "linear_shapes", "markdown", "mask_kind", "natural_masks", "plot", "points", "resolve_backend",
+           "speedup_range",
            "write_latency"]
