@@ -27,6 +27,10 @@ def write_temp(path: str | os.PathLike, write: Callable[[str], None]) -> str:
     is removed and the error raised."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
@@ -49,3 +53,17 @@ def commit(tmp: str, path: str | os.PathLike) -> None:
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write ``path`` crash-safely: ``write(tmp)`` fills a temporary file, then it replaces ``path``."""
     commit(write_temp(path, write), path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`write_atomic` of a UTF-8 text file (the CLI's JSON and Markdown results)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    write_atomic(path, write)
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """``fig.savefig`` crash-safely (the format from ``path``'s suffix, as matplotlib would)."""
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))

@@ -12,21 +12,26 @@ again in fresh rounds of the winner against dense alone — stays a masked ``nn.
 noise on shared cores never buys a slower layer. Decisions are cached in an optional JSON
 file by (device name, torch/Triton/CUDA versions, dtype, rows, shape, density, fitting
 candidates), so a second conversion skips the timing — and another GPU or library re-measures.
+A cache entry that is not one this run could have chosen (edited by hand, written by another
+version, a format or backend that no longer fits the mask) is measured again, never trusted;
+an unreadable cache file counts as empty. The cache is written crash-safely.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparse_prune import backends, ops
+from sparse_prune import atomic, backends, ops
 from sparse_prune import formats as F
-from sparse_prune.agreement import Mismatch, check_matches, reference_dtype
+from sparse_prune.agreement import Mismatch, check_matches, nonfinite_reach, reference_dtype
+from sparse_prune.calibration import run_batch
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import SparseLinear
 from sparse_prune.timing import describe_device, time_interleaved
@@ -55,8 +60,7 @@ def _record_inputs(model: nn.Module, masks: MaskSet, example_inputs: Any) -> dic
              if name in wanted and type(module) is nn.Linear]
     try:
         with torch.inference_mode():
-            inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            masked(*inputs)
+            run_batch(masked, example_inputs, 0, "example_inputs")
     finally:
         for h in hooks:
             h.remove()
@@ -104,11 +108,32 @@ def _load_cache(path: str | os.PathLike | None) -> dict[str, Any]:
     if path is None or not os.path.isfile(path):
         return {}
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}  # a broken cache only costs a re-measurement
     return data if isinstance(data, dict) else {}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _cached(entry: Any, cands: list[tuple[str, str, Any, dict]]) -> dict[str, Any] | None:
+    """A cache entry, if it is one this run could have measured: a ``format``/``backend``/``kw``
+    that is dense or one of today's candidates for this mask, and a finite positive ``ratio``.
+    Anything else (edited, truncated, written by another version) is ``None``: re-measure."""
+    if not (isinstance(entry, dict) and _number(entry.get("ratio")) and isinstance(entry.get("kw"), dict)):
+        return None
+    kw = entry["kw"]
+    if set(kw) - {"block"} or ("block" in kw and not (
+            isinstance(kw["block"], list) and len(kw["block"]) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in kw["block"]))):
+        return None
+    choice = (entry.get("format"), entry.get("backend"), {k: tuple(v) for k, v in kw.items()})
+    if choice == ("dense", "torch", {}) or any(choice == (c[0], c[1], c[3]) for c in cands):
+        return entry
+    return None
 
 
 def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: list[str] | None = None,
@@ -120,6 +145,9 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
     whose output failed the agreement check)."""
     if example_inputs is None:
         raise ValueError("format='auto' needs example_inputs (a batch like the ones you will run)")
+    if not isinstance(example_inputs, (torch.Tensor, tuple, dict)):
+        raise TypeError(f"example_inputs must be a tensor, a tuple of model arguments or a dict of keyword "
+                        f"arguments, got {type(example_inputs).__name__}")
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     inputs = _record_inputs(model, masks, example_inputs)
@@ -136,8 +164,9 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
         cands = _candidates(weight, mask, backends_)
         key = "|".join([versions, str(device), str(weight.dtype), str(x.shape[0]), "x".join(map(str, weight.shape)),
                         f"{float(mask.float().mean()):.2f}", ",".join(sorted({f"{c[0]}/{c[1]}" for c in cands}))])
-        if key in store:
-            decisions[name] = store[key]
+        hit = _cached(store.get(key), cands)
+        if hit is not None:
+            decisions[name] = hit
             continue
         dense = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None).to(weight)
         with torch.no_grad():
@@ -152,12 +181,13 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
             high = reference_dtype(device)
             reference = torch.nn.functional.linear(x.to(high), dense.weight.to(high),
                                                    None if dense.bias is None else dense.bias.to(high))
+            reach = nonfinite_reach(x, dense.weight) if not bool(torch.isfinite(x).all()) else None
         for fmt_name, backend, fmt, kw in cands:
             label = f"{fmt_name}/{backend}" + (f"/{kw['block'][0]}x{kw['block'][1]}" if kw else "")
             try:
-                layer = SparseLinear(fmt, module.bias, backend)
+                layer = SparseLinear(fmt, module.bias, backend, validate=False)
                 with torch.inference_mode():
-                    check_matches(layer(x), reference, baseline, f"{name} {label}")
+                    check_matches(layer(x), reference, baseline, f"{name} {label}", reach)
             except (Mismatch, ValueError, RuntimeError) as exc:
                 rejected.append(f"{label}: {exc}")  # never pick a candidate that disagrees or fails
                 continue
@@ -177,8 +207,12 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
                            "ratio": ms["dense"] / ms[best], "ms": ms, "rejected": rejected,
                            "margin": SPARSE_MARGIN, "confirm": confirm}
         store[key] = decisions[name]
-    if cache is not None:
+    if cache is not None:  # crash-safe: a killed run leaves the old cache or the new one
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-        with open(cache, "w") as fh:
-            json.dump(store, fh, indent=1)
+        atomic.write_atomic(cache, lambda tmp: _dump(store, tmp))
     return decisions
+
+
+def _dump(data: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)

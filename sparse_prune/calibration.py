@@ -34,6 +34,52 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def check_calibration(calibration: Any, method: str) -> Iterable[Any]:
+    """``calibration`` must be an iterable of batches (a list, a DataLoader, a generator), not
+    one batch: a bare tensor would be iterated image by image. ``TypeError`` otherwise."""
+    if isinstance(calibration, torch.Tensor):
+        raise TypeError(f"calibration for {method!r} must be an iterable of model inputs (e.g. a list of "
+                        f"batches), got one Tensor of shape {tuple(calibration.shape)}: wrap it, calibration=[x]")
+    if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration for {method!r} must be an iterable of model inputs (tensors, tuples or "
+                        f"dicts), got {type(calibration).__name__}")
+    return calibration
+
+
+def run_batch(model: nn.Module, batch: Any, index: int, what: str = "calibration") -> Any:
+    """``call_model`` on one checked batch; a batch the model cannot run (wrong shape, dtype or
+    type: torch's raw ``RuntimeError``/``TypeError``/``IndexError``) is a ``ValueError`` naming
+    ``what`` and the batch. Errors of the library's own hooks pass through unchanged."""
+    if not isinstance(batch, (torch.Tensor, Mapping, list, tuple)):
+        raise TypeError(f"{what} batch {index} must be a tensor, a tuple/list of tensors or a dict of "
+                        f"model inputs, got {type(batch).__name__}")
+    try:
+        return call_model(model, batch)
+    except (RuntimeError, TypeError, IndexError) as exc:
+        raise ValueError(f"{what} batch {index} does not fit the model ({_describe(batch)}): "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a {batch.dtype} tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return "a dict of " + ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        return f"a {type(batch).__name__} of " + ", ".join(_describe(v) for v in batch)
+    return type(batch).__name__
+
+
+def check_finite_sum(total: torch.Tensor, tokens: int, layer: str, method: str) -> None:
+    """Calibration statistics of ``layer`` need tokens and finite inputs: ``ValueError`` for 0
+    tokens (empty batches) or a NaN/inf in the accumulated sums — scores from those are garbage."""
+    if tokens == 0:
+        raise ValueError(f"calibration gave 0 tokens to {layer} (empty batches): {method} needs at least one input")
+    if not bool(torch.isfinite(total).all()):
+        raise ValueError(f"calibration inputs of {layer} contain NaN or inf (a non-finite calibration batch, "
+                         f"or activations that overflowed): {method} scores would be garbage; give finite inputs")
+
+
 @torch.no_grad()
 def input_norms(model: nn.Module, targets: Sequence[Any], calibration: Iterable[Any],
                 progress: bool = False) -> dict[str, torch.Tensor]:
@@ -43,6 +89,7 @@ def input_norms(model: nn.Module, targets: Sequence[Any], calibration: Iterable[
     reduced per input channel and repeated over the kernel window (im2col column order).
     """
     sums: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
 
     def hook_for(t: Any) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -54,6 +101,8 @@ def input_norms(model: nn.Module, targets: Sequence[Any], calibration: Iterable[
             else:
                 sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
             sums[t.param] = sums[t.param] + sq if t.param in sums else sq
+            tokens[t.param] = tokens.get(t.param, 0) + (x.numel() // x.shape[1 if isinstance(module, nn.Conv2d) else -1]
+                                                        if x.numel() else 0)
         return hook
 
     owners = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
@@ -71,8 +120,9 @@ def input_norms(model: nn.Module, targets: Sequence[Any], calibration: Iterable[
     batches = 0
     try:
         model.eval()
-        for batch in tqdm(calibration, desc="wanda calibration", disable=not progress, leave=False):
-            call_model(model, move_batch(batch, device))
+        for batch in tqdm(check_calibration(calibration, "wanda"), desc="wanda calibration",
+                          disable=not progress, leave=False):
+            run_batch(model, move_batch(batch, device), batches)
             batches += 1
     finally:
         for h in handles:
@@ -83,6 +133,8 @@ def input_norms(model: nn.Module, targets: Sequence[Any], calibration: Iterable[
     missing = [t.param for t in targets if t.param not in sums]
     if missing:
         raise ValueError(f"calibration inputs never reached {len(missing)} layer(s), e.g. {missing[0]}")
+    for name, total in sums.items():
+        check_finite_sum(total, tokens[name], name, "wanda")
     return {name: s.sqrt() for name, s in sums.items()}
 
 

@@ -18,23 +18,24 @@ plain parameters and every SparseLinear's format arrays) and ``manifest.json``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import uuid
 import warnings
+from dataclasses import fields
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from sparse_prune import atomic, backends, hf
+from sparse_prune import atomic, backends, files, hf
 from sparse_prune import formats as F
 from sparse_prune.constants import BACKENDS
 from sparse_prune.convert import PLAN_ATTR, fuse_mlp, parent_of
-from sparse_prune.nn import SparseLinear
+from sparse_prune.nn import ACTIVATIONS, SparseLinear
 from sparse_prune.shrink import DENSE_SHAPE_ATTR, apply_keep, open_mha_out_proj
 from sparse_prune.structure import find_groups, gelu_sites
 
@@ -67,6 +68,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write ``model`` (converted or not) to ``directory`` (created if missing)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{os.fspath(directory)} is an existing file; sp.save writes a directory there")
     os.makedirs(directory, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -94,6 +97,10 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         raise
     atomic.commit(tmp_weights, weights)
     atomic.commit(tmp_manifest, os.path.join(directory, MANIFEST))
+    for name in os.listdir(directory):  # leftovers of saves killed before (never needed again)
+        if name.startswith((f".{WEIGHTS}.", f".{MANIFEST}.")) and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -101,29 +108,39 @@ def _write_json(path: str, data: Any) -> None:
         json.dump(data, fh, indent=1)
 
 
-def _check_token(manifest: dict[str, Any], weights: str) -> None:
-    """The weights file must be the one the manifest was written with (see :func:`save`);
-    checkpoints from before the token carry none and are not checked."""
+def _paired_manifest(manifest: dict[str, Any], directory: str | os.PathLike, weights: str) -> dict[str, Any]:
+    """The manifest that belongs to the weights file (see :func:`save`): the one in place, or —
+    after a save killed between its two renames (new weights, old manifest) — the new manifest
+    that save left complete and fsynced under its temporary name, so the load rolls forward to
+    the new checkpoint, whole. Any other mismatch is refused. Checkpoints from before the token
+    carry none and are not checked."""
     token = manifest.get("weights_token")
     if token is None:
-        return
-    with safe_open(weights, framework="pt") as fh:
-        found = (fh.metadata() or {}).get(TOKEN_KEY)
-    if found != token:
-        raise ValueError(f"{weights} does not belong to the manifest beside it (an interrupted or mixed "
-                         "save); save the model again")
+        return manifest
+    found = files.safetensors_metadata(weights, "checkpoint weights file").get(TOKEN_KEY)
+    if found == token:
+        return manifest
+    for name in sorted(os.listdir(directory)) if found is not None else []:
+        if name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"):
+            try:
+                pending = _read_manifest(directory, name)
+            except (ValueError, OSError):
+                continue  # a temporary file killed half-way: not the one
+            if pending.get("weights_token") == found:
+                warnings.warn(f"{directory}: completing an interrupted save (its new manifest {name} matches the "
+                              "weights); save the model again to tidy the directory", stacklevel=3)
+                return pending
+    raise ValueError(f"{weights} does not belong to the manifest beside it (an interrupted or mixed "
+                     "save); save the model again")
 
 
-def _read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    path = os.path.join(directory, MANIFEST)
+def _read_manifest(directory: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
+    path = os.path.join(directory, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: not a sparse_prune.save directory")
-    try:
-        with open(path) as fh:
-            manifest = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is broken") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("format_version"), int):
+    manifest = files.read_json(path, "checkpoint manifest")
+    if (not isinstance(manifest, dict) or not isinstance(manifest.get("format_version"), int)
+            or isinstance(manifest.get("format_version"), bool)):
         raise ValueError(f"{path}: manifest has no integer 'format_version'; the checkpoint is broken")
     if manifest["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest['format_version']} was written by a newer "
@@ -131,7 +148,21 @@ def _read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("groups", list), ("sparse_linear", dict), ("dense_shapes", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ValueError(f"{path}: manifest field {key!r} missing or not a {kind.__name__}")
+    for i, entry in enumerate(manifest["groups"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("kind"), str)
+                and _is_int(entry.get("units"))):
+            raise ValueError(f"{path}: manifest groups[{i}] must be an object with a str 'name' and 'kind' and "
+                             f"an int 'units', got {entry!r}")
+    for name, shape in manifest["dense_shapes"].items():
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v >= 0 for v in shape)):
+            raise ValueError(f"{path}: manifest dense_shapes[{name!r}] must be a list of two ints >= 0, got {shape!r}")
+    if not isinstance(manifest.get("weights_token", ""), str):
+        raise ValueError(f"{path}: manifest field 'weights_token' must be a str")
     return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _cut_groups(skeleton: nn.Module, saved: list[dict[str, Any]]) -> None:
@@ -164,14 +195,33 @@ def _check_entries(entries: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
         if not isinstance(entry, dict):
             raise ValueError(f"checkpoint entry for {name!r} is not an object")
         try:
-            if entry["format"] not in F.FORMATS:
+            if not isinstance(entry["format"], str) or entry["format"] not in F.FORMATS:
                 raise ValueError(f"{name!r} has unknown format {entry['format']!r}; allowed: {', '.join(F.FORMATS)}")
+            if not isinstance(entry.get("requested_backend", entry["backend"]), str):
+                raise ValueError(f"{name!r}: 'requested_backend' must be a str")
             _layer_backend(entry, name)
+            cls = F.FORMATS[entry["format"]]
+            want = [f.name for f in fields(cls) if f.type in ("torch.Tensor", torch.Tensor)]
+            if not isinstance(entry["fields"], list) or sorted(map(str, entry["fields"])) != sorted(want) \
+                    or not all(isinstance(f, str) for f in entry["fields"]):
+                raise ValueError(f"{name!r}: 'fields' must list the {entry['format']!r} arrays {want}, "
+                                 f"got {entry['fields']!r}")
+            if not isinstance(entry["bias"], bool):
+                raise ValueError(f"{name!r}: 'bias' must be true or false, got {entry['bias']!r}")
+            static = [f.name for f in fields(cls) if f.name not in want]
+            if not isinstance(entry["static"], dict) or sorted(entry["static"]) != sorted(static):
+                raise ValueError(f"{name!r}: 'static' must be an object with the keys {static}, "
+                                 f"got {entry['static']!r}")
+            for key, value in entry["static"].items():
+                if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value)):
+                    raise ValueError(f"{name!r}: static {key!r} must be a list of two ints, got {value!r}")
+            if entry.get("activation") not in ACTIVATIONS:
+                raise ValueError(f"{name!r}: 'activation' must be one of {ACTIVATIONS}, got {entry.get('activation')!r}")
+            if not isinstance(entry.get("plan") or {}, dict):
+                raise ValueError(f"{name!r}: 'plan' must be an object or null, got {entry.get('plan')!r}")
             missing = [f"{name}.{f}" for f in entry["fields"] if f"{name}.{f}" not in tensors]
             if entry["bias"] and f"{name}.bias" not in tensors:
                 missing.append(f"{name}.bias")
-            if not isinstance(entry["static"], dict):
-                raise ValueError(f"{name!r}: 'static' must be an object")
         except KeyError as exc:
             raise ValueError(f"checkpoint entry for {name!r} is incomplete: missing {exc}") from exc
         if missing:
@@ -193,26 +243,51 @@ def _swap_sparse(skeleton: nn.Module, entries: dict[str, Any], tensors: dict[str
             fmt = cls(**arrays, **static)
         except TypeError as exc:
             raise ValueError(f"checkpoint entry for {name!r} does not fit format {entry['format']!r}: {exc}") from exc
-        fmt.validate()
+        try:
+            fmt.validate()
+        except ValueError as exc:
+            raise ValueError(f"checkpoint arrays of {name!r} ({entry['format']}): {name}.{exc}") from None
         try:
             target = skeleton.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"skeleton has no module {name!r}: not the saved architecture") from exc
         if not isinstance(target, nn.Linear | SparseLinear) or (target.out_features, target.in_features) != fmt.shape:
             raise ValueError(f"skeleton module {name!r} is not a Linear of shape {fmt.shape}")
+        want = target.weight.dtype if isinstance(target, nn.Linear) else target.values.dtype
+        for key, value in ((f"{name}.values", fmt.values), (f"{name}.bias", bias)):
+            if value is not None and value.dtype != want:
+                raise ValueError(_dtype_message(key, value.dtype, want))
         try:
             if not backends.runs_on(backend, fmt.device):
                 raise ValueError(f"it cannot run on {fmt.device}")
-            layer = SparseLinear(fmt, bias, backend, activation=entry.get("activation"))
+            layer = SparseLinear(fmt, bias, backend, activation=entry.get("activation"), validate=False)
         except ValueError as exc:  # e.g. saved with backend="cuda", loaded on a CPU machine
             moved.append(f"{name} ({backend}: {exc})")
-            layer = SparseLinear(fmt, bias, "auto", activation=entry.get("activation"))
+            layer = SparseLinear(fmt, bias, "auto", activation=entry.get("activation"), validate=False)
         layer.train(target.training)
         if isinstance(entry.get("plan"), dict):
             layer.__dict__[PLAN_ATTR] = entry["plan"]
         parent, child = parent_of(skeleton, name)
         setattr(parent, child, layer)
     return moved
+
+
+def _dtype_message(key: str, got: torch.dtype, want: torch.dtype) -> str:
+    return (f"array {key!r} is {got} in the file, the skeleton's is {want}: dtypes must match the skeleton "
+            f"(to load a checkpoint saved in {got}, cast the skeleton first: skeleton.to({got}))")
+
+
+def _check_dtypes(work: nn.Module, tensors: dict[str, torch.Tensor], sparse: dict[str, Any]) -> None:
+    """Every plain tensor of the file has the dtype of the skeleton's tensor of that name (the
+    SparseLinear arrays were checked when rebuilt); ``assign=True`` would otherwise take the
+    file's dtype silently (an int64 bias in a float32 model)."""
+    skip = {f"{name}.{f}" for name, entry in sparse.items() for f in [*entry["fields"], "bias"]}
+    for key, have in work.state_dict(keep_vars=True).items():
+        got = tensors.get(key)
+        if key in skip or got is None:
+            continue
+        if got.dtype != have.dtype:
+            raise ValueError(_dtype_message(key, got.dtype, have.dtype))
 
 
 def _fuse_saved_activations(model: nn.Module) -> None:
@@ -233,13 +308,16 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
     the same architecture, any weights), in place, and return it.
 
     Groups are cut to the saved unit counts, SparseLinears rebuilt from the stored arrays
-    (validated), and every tensor assigned from the file (its dtype), on the skeleton's device.
+    (validated), and every tensor assigned from the file, on the skeleton's device.
+    Every tensor's dtype must be the skeleton's (cast the skeleton to load a checkpoint saved in
+    another dtype), and every format array is validated before a layer is built.
     Each layer asks for the backend it was saved with, re-resolved for this device; one saved
     with ``backend="cuda"``/``"triton"`` that cannot run here (a CPU machine) gets ``"auto"``,
     and one warning lists them. All-or-nothing: the whole manifest and file are checked and the
     model is rebuilt on a copy, so the skeleton is only modified when everything fits.
-    Errors: ``FileNotFoundError`` (no manifest), ``ValueError`` (newer or broken manifest,
-    a skeleton of another architecture, malformed format arrays).
+    Errors: ``FileNotFoundError`` (no manifest or weights file), ``ValueError`` naming the
+    checkpoint (newer or broken manifest, wrong manifest field types, an empty, truncated or
+    corrupted weights file, a skeleton of another architecture or dtype, malformed arrays).
 
     A transformers skeleton gets the ``save_pretrained`` of :mod:`sparse_prune.hf`, as
     ``convert`` gives it.
@@ -249,23 +327,31 @@ def load(skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
     manifest = _read_manifest(directory)
     params = next(iter(skeleton.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
-    _check_token(manifest, os.path.join(directory, WEIGHTS))
-    tensors = load_file(os.path.join(directory, WEIGHTS), device=str(device))
-    _check_entries(manifest["sparse_linear"], tensors)
-    work = copy.deepcopy(skeleton)
-    _cut_groups(work, manifest["groups"])
-    moved = _swap_sparse(work, manifest["sparse_linear"], tensors)
-    _fuse_saved_activations(work)
-    fuse_mlp(work)  # as convert() left it: a ViT MLP of two SparseLinears runs as one op
+    if device.type == "meta":
+        raise ValueError("skeleton is on the meta device (no storage to load into): build it on a real device, "
+                         "e.g. skeleton.to_empty(device='cpu')")
+    weights = os.path.join(directory, WEIGHTS)
+    manifest = _paired_manifest(manifest, directory, weights)
+    tensors, _ = files.read_safetensors(weights, device, "checkpoint weights file")
     try:
-        work.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint does not fit the skeleton: {exc}") from exc
-    for name, shape in manifest["dense_shapes"].items():
+        _check_entries(manifest["sparse_linear"], tensors)
+        work = copy.deepcopy(skeleton)
+        _cut_groups(work, manifest["groups"])
+        moved = _swap_sparse(work, manifest["sparse_linear"], tensors)
+        _check_dtypes(work, tensors, manifest["sparse_linear"])
+        _fuse_saved_activations(work)
+        fuse_mlp(work)  # as convert() left it: a ViT MLP of two SparseLinears runs as one op
         try:
-            work.get_submodule(name).__dict__[DENSE_SHAPE_ATTR] = tuple(shape)
-        except AttributeError as exc:
-            raise ValueError(f"skeleton has no module {name!r}: not the saved architecture") from exc
+            work.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint does not fit the skeleton: {exc}") from exc
+        for name, shape in manifest["dense_shapes"].items():
+            try:
+                work.get_submodule(name).__dict__[DENSE_SHAPE_ATTR] = tuple(shape)
+            except AttributeError as exc:
+                raise ValueError(f"skeleton has no module {name!r}: not the saved architecture") from exc
+    except ValueError as exc:  # name the checkpoint in every refusal
+        raise ValueError(f"checkpoint {os.fspath(directory)}: {exc}") from exc
     if moved:
         warnings.warn(f"{len(moved)} layer(s) were saved with a backend that cannot run here and use "
                       "backend='auto' instead: " + "; ".join(moved), stacklevel=2)

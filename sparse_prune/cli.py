@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sparse_prune as sp
+from sparse_prune import atomic
 from sparse_prune.constants import BACKENDS
 from sparse_prune.convert import CONVERT_FORMATS
 from sparse_prune.pruning import BLOCK_SCORES, CALIBRATED
@@ -37,13 +39,32 @@ DEMO_RECIPES: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``sparse-prune: error: ...`` (exit 2), like every other error."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("sparse-prune").strip()  # the subcommand, if any
+        self.exit(2, f"sparse-prune: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
+
+
+def _positive_int(value: str) -> int:
+    """An argparse type: an int >= 1 (``--depth``, ``--batch``, ``--reps`` ...)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value!r}")
+    return number
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="vit_base_patch16_224", choices=list(sp.models.ARCHS),
                    help="ViT architecture, built offline from its config (default: %(default)s)")
     p.add_argument("--source", default="transformers", choices=sp.models.SOURCES,
                    help="library that builds it (default: %(default)s)")
     p.add_argument("--weights", default=None, help="local state dict (safetensors/bin/pt); default: random weights")
-    p.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
+    p.add_argument("--depth", type=_positive_int, default=None, help="override the number of blocks (quick runs)")
 
 
 def _depth_override(args: argparse.Namespace) -> dict[str, int]:
@@ -126,7 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "structured pruning prunes fc2 columns and attention output-projection columns "
         "together with fc1 rows and q/k/v heads.\n\n" + table + "\n"
     )
-    (out / "sparsity.json").write_text(json.dumps(
+    atomic.write_text(out / "sparsity.json", json.dumps(
         {k: {"info": m.info, "overall": m.sparsity(), "layers": m.layer_sparsity(), "seconds": timings[k]}
          for k, m in results.items()}, indent=1, default=str))
     print(table)
@@ -142,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         picks = _pick_a_point(latency_rows, accuracy_rows)
         print("\n" + picks)
         report += picks
-    (out / "report.md").write_text(report)
+    atomic.write_text(out / "report.md", report)
     print(f"\nwrote {out / 'report.md'}, {out / 'sparsity.json'} and the masks (*.safetensors)")
     return 0
 
@@ -242,7 +263,23 @@ def _pick_a_point(latency_rows: Sequence[dict[str, Any]], accuracy_rows: Sequenc
     return "\n".join(lines) + "\n"
 
 
+def _check_out(path: str | None, directory: bool) -> None:
+    """Refuse an output path before any work: a checkpoint ``directory`` onto an existing file,
+    or a file into a missing directory or onto a directory."""
+    if path is None:
+        return
+    target = Path(path)
+    if directory:
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"--out {path}: is an existing file; a checkpoint is a directory")
+    elif target.is_dir():
+        raise ValueError(f"--out {path}: is a directory; give a file name (e.g. masks.safetensors)")
+    elif not target.absolute().parent.is_dir():
+        raise ValueError(f"--out {path}: directory {target.absolute().parent} does not exist")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    _check_out(args.out, directory=False)
     model = _build(args)
     kw: dict[str, Any] = {"scope": args.scope, "seed": args.seed, "coupled": args.coupled,
                           "exclude": tuple(args.exclude)}
@@ -283,6 +320,7 @@ MODEL_SPEC = "model.json"  # written next to a CLI-converted checkpoint: how to 
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    _check_out(args.out, directory=True)
     model = _build(args)
     masks = sp.MaskSet.load(args.masks)
     kw: dict[str, Any] = {}
@@ -293,7 +331,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     converted = sp.convert(model, masks, format=args.format, backend=args.backend, inplace=True, **kw)
     sp.save(converted, args.out)
     spec = {"model": args.model, "source": args.source, "depth": args.depth}
-    (Path(args.out) / MODEL_SPEC).write_text(json.dumps(spec, indent=1))
+    atomic.write_text(Path(args.out) / MODEL_SPEC, json.dumps(spec, indent=1))
     print(sp.format_report(sp.report(converted)))
     print(f"\nwrote {args.out} (model.safetensors, manifest.json, {MODEL_SPEC})")
     return 0
@@ -303,7 +341,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     spec_path = Path(args.checkpoint) / MODEL_SPEC
     guessed = not spec_path.is_file() and args.model is None and args.source is None
     if spec_path.is_file():  # the CLI wrote how to build the skeleton; flags still override
-        spec = json.loads(spec_path.read_text())
+        from sparse_prune.files import bad_file, read_json
+
+        spec = read_json(spec_path, "model spec")
+        if not isinstance(spec, dict):
+            raise bad_file(spec_path, "must be a JSON object {model, source, depth}")
+        for key, ok in (("model", lambda v: v in sp.models.ARCHS), ("source", lambda v: v in sp.models.SOURCES),
+                        ("depth", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1))):
+            if key in spec and not ok(spec[key]):
+                raise bad_file(spec_path, f"{key!r} is {spec[key]!r}: not a known {key}"
+                               + (" (an int >= 1 or null)" if key == "depth" else ""))
         for key in ("model", "source", "depth"):
             if getattr(args, key) is None:
                 setattr(args, key, spec.get(key))
@@ -420,7 +467,14 @@ def _norm(value: str) -> float | str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparse-prune", description=DESCRIPTION)
+    """Run the CLI; returns the exit code. Every error is one line on stderr,
+    ``sparse-prune: error: ...`` naming the file or argument, with a non-zero code (2; 1 for a
+    bench point that was wrong); ``--debug`` (anywhere on the line) shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = _Parser(prog="sparse-prune", description=DESCRIPTION)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="prune ViT-B/16 with every method; per-layer sparsity table")
@@ -459,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "row is a class never predicted)")
     pr.add_argument("--exclude", nargs="*", default=[], help="module name regexes to keep dense")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random methods and calibration images")
-    pr.add_argument("--calibration-batches", type=int, default=2,
+    pr.add_argument("--calibration-batches", type=_positive_int, default=2,
                     help="wanda/sparsegpt/block --score wanda: batches of 2 random images (no data set is downloaded)")
     pr.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per lazy-update block")
     pr.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: Hessian dampening (of its mean diagonal)")
@@ -473,8 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cv.add_argument("--format", required=True, choices=CONVERT_FORMATS, help="format of the converted layers")
     cv.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="kernels to run them with (default: auto, our best for the device)")
-    cv.add_argument("--block", type=int, nargs=2, default=None, metavar=("BM", "BK"), help="bsr block")
-    cv.add_argument("--round-to", type=int, default=1, help="shrink: keep widths a multiple of this")
+    cv.add_argument("--block", type=_positive_int, nargs=2, default=None, metavar=("BM", "BK"), help="bsr block")
+    cv.add_argument("--round-to", type=_positive_int, default=1, help="shrink: keep widths a multiple of this")
     cv.add_argument("--out", required=True, help="checkpoint directory")
     cv.set_defaults(func=cmd_convert)
 
@@ -485,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rp.add_argument("--source", default=None, choices=sp.models.SOURCES,
                     help="library of that architecture (read from model.json likewise)")
     rp.add_argument("--weights", default=None, help=argparse.SUPPRESS)
-    rp.add_argument("--depth", type=int, default=None, help="its number of blocks, when it was built with --depth")
+    rp.add_argument("--depth", type=_positive_int, default=None, help="its number of blocks, when it was built with --depth")
     rp.add_argument("--json", action="store_true", help="print the rows as JSON")
     rp.set_defaults(func=cmd_report)
 
@@ -499,14 +553,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     be.add_argument("--backends", nargs="+", default=None, choices=BACKENDS,
                     help="default: torch (+ triton on a GPU)")
     be.add_argument("--sparsity", type=float, nargs="+", default=None, help="default 0.5 0.7 0.9 (2:4 is 0.5)")
-    be.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 8 (CPU), 1 8 64 256 (GPU)")
+    be.add_argument("--batch", type=_positive_int, nargs="+", default=None, help="default 1 8 (CPU), 1 8 64 256 (GPU)")
     be.add_argument("--dtype", default="float32", choices=list(DTYPES),
                     help="dtype of both models (default: %(default)s)")
     be.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to time (default: %(default)s)")
     be.add_argument("--compile", action="store_true", help="torch.compile dense and sparse alike")
     be.add_argument("--cuda-graphs", action="store_true", help="replay dense and sparse from CUDA graphs")
     be.add_argument("--layers", action="store_true", help="also time each Linear shape of the model alone")
-    be.add_argument("--reps", type=int, default=5, help="timed rounds (median and quartiles reported)")
+    be.add_argument("--reps", type=_positive_int, default=5, help="timed rounds (median and quartiles reported)")
     be.add_argument("--quick", action="store_true", help="batch 1, sparsity 0.5 and 0.9: minutes on 2 CPU cores")
     be.add_argument("--out", default="results/bench",
                     help="folder for latency.json, latency.md and the plots (default: %(default)s)")
@@ -518,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ac.add_argument("--source", default="transformers", choices=sp.models.SOURCES,
                     help="library that builds --model NAME (default: %(default)s)")
     ac.add_argument("--weights", default=None, help="local checkpoint for --model NAME (safetensors/bin/pt)")
-    ac.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
+    ac.add_argument("--depth", type=_positive_int, default=None, help=argparse.SUPPRESS)
     ac.add_argument("--data", default="digits", help="digits | imagefolder:PATH (PATH/train + PATH/val, or one folder)")
     ac.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sp.METHODS,
                     help="methods to sweep (default: %(default)s)")
@@ -542,8 +596,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"sparse-prune {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("sparse-prune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line, no traceback: the message names the file or argument
+        if debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in message:
+            message += f": {exc.filename}"
+        if isinstance(exc, re.error):
+            message = f"bad regular expression {exc.pattern!r}: {exc}"
+        print(f"sparse-prune: error: {args.command}: {message} (--debug for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -167,7 +167,7 @@ def apply_plan(model: nn.Module, masks: dict[str, torch.Tensor], layers: list[La
                     left_dense.append(f"{layer.param} ({layer.reason})")
                 target = module
             else:
-                target = SparseLinear(layer.fmt, module.bias, layer.requested)
+                target = SparseLinear(layer.fmt, module.bias, layer.requested, validate=False)
                 target.train(module.training)  # an eval model stays in eval mode
                 parent, child = parent_of(model, layer.module)
                 setattr(parent, child, target)
@@ -272,7 +272,11 @@ def convert(model: nn.Module, masks: MaskSet, format: str | None = None, backend
         if format == "dense":
             warnings.warn(DEFAULT_FORMAT_WARNING, stacklevel=2)
     check_convert_args(masks, format, backend)
+    for flag, value in (("inplace", inplace), ("fuse_activations", fuse_activations)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
     masks.validate(model)
+    _check_weights(model, masks)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if format != "auto":
         _precheck(format, backend, format_kw, device)
@@ -343,8 +347,28 @@ def remove_torch_prune(model: nn.Module) -> list[str]:
     return done
 
 
+def _check_weights(model: nn.Module, masks: MaskSet) -> None:
+    """Refuse, before any work, what no format can hold: masked weights on the meta device (no
+    data) or of zero size (``Linear(0, n)``); warn when there is nothing to convert."""
+    if not len(masks):
+        warnings.warn("convert: masks is an empty MaskSet: nothing to convert (the model is returned as it is)",
+                      stacklevel=3)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in masks:
+        param = params.get(name, params.get(name + "_orig"))
+        if param is not None and param.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (no data to convert): materialize the model first "
+                             "(e.g. model.to_empty(device='cpu') and load its weights)")
+        if param is not None and param.numel() == 0:
+            raise ValueError(f"{name} has a zero-size weight {tuple(param.shape)}: no format holds it; leave it "
+                             "out of the masks")
+
+
 def _use_reconstructed(model: nn.Module, masks: MaskSet) -> None:
     """Write the pruner's reconstructed weights (``masks.weights``, when it has any) into
-    ``model`` (already a copy unless ``inplace``), so every format compiles them."""
-    if masks.weights:
+    ``model`` (already a copy unless ``inplace``), so every format compiles them. A tied
+    weight (one Parameter in several modules) is zeroed in place too, so its other modules
+    compute with the masked weight, as after ``masks.apply``."""
+    tied = len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.parameters()))
+    if masks.weights or tied:
         masks.apply(model)  # writes the reconstructed values, pruned entries zero

@@ -43,6 +43,42 @@ def _need(cond: bool, field: str, why: str) -> None:
         raise ValueError(f"{field}: {why}")
 
 
+def _check_common(fmt) -> tuple[int, int]:
+    """What every format's ``validate`` checks first: ``shape`` a pair of ints >= 0, ``values`` a
+    floating tensor of :data:`~sparse_prune.constants.FORMAT_DTYPES`, every array on one device
+    and of a non-floating dtype except ``values``. Returns ``shape``."""
+    shape = fmt.shape
+    _need(isinstance(shape, tuple) and len(shape) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape),
+          "shape", f"must be a pair of ints >= 0 (N, K), got {shape!r}")
+    _need(isinstance(fmt.values, torch.Tensor), "values", "must be a tensor")
+    _need(fmt.values.dtype in _FLOATS, "values", f"dtype must be one of {_FLOATS}, got {fmt.values.dtype}")
+    for f in fields(fmt):
+        value = getattr(fmt, f.name)
+        if f.name != "values" and isinstance(value, torch.Tensor):
+            _need(value.device == fmt.values.device, f.name,
+                  f"is on {value.device}, values on {fmt.values.device}: all arrays must be on one device")
+            _need(not value.is_floating_point() and not value.is_complex(), f.name,
+                  f"must be an integer tensor, got {value.dtype}")
+    return shape
+
+
+def _in_range(idx: torch.Tensor, limit: int) -> bool:
+    """Every index in ``[0, limit)``: one min/max pass in the index's own dtype (no int64 copy)."""
+    low, high = torch.aminmax(idx)
+    return int(low) >= 0 and int(high) < limit
+
+
+def _increasing_per_row(cols: torch.Tensor, crow: torch.Tensor) -> bool:
+    """Columns strictly increasing inside every row of a compressed-rows layout (``crow``
+    already checked: 0 first, non-decreasing, nnz last): one vectorised pass."""
+    up = cols[1:] > cols[:-1]
+    starts = crow[1:-1]
+    starts = starts[(starts > 0) & (starts < cols.numel())] - 1  # a row's first entry may drop
+    up[starts] = True
+    return bool(up.all())
+
+
 def _check_index(t: torch.Tensor, field: str, dtypes: tuple[torch.dtype, ...]) -> None:
     _need(isinstance(t, torch.Tensor), field, "must be a tensor")
     _need(t.dtype in dtypes, field, f"dtype must be one of {dtypes}, got {t.dtype}")
@@ -101,6 +137,7 @@ class Dense(WeightFormat):
         return self.values
 
     def validate(self) -> None:
+        _check_common(self)
         _need(tuple(self.values.shape) == tuple(self.shape), "values", f"shape must be {tuple(self.shape)}")
 
 
@@ -143,7 +180,7 @@ class Shrunk(WeightFormat):
         return reference.shrunk_to_dense(self.values, self.out_index, self.in_index, *self.shape)
 
     def validate(self) -> None:
-        n, k = self.shape
+        n, k = _check_common(self)
         for field, idx, limit in (("out_index", self.out_index, n), ("in_index", self.in_index, k)):
             _check_index(idx, field, (torch.int64, torch.int32))
             if idx.numel():
@@ -182,7 +219,7 @@ class SemiStructured(WeightFormat):
         return reference.decompress_2to4(self.values, self.meta, self.shape[1])
 
     def validate(self) -> None:
-        n, k = self.shape
+        n, k = _check_common(self)
         _need(k % 4 == 0, "shape", f"K = {k} must be a multiple of 4")
         _need(tuple(self.values.shape) == (n, k // 2), "values", f"shape must be {(n, k // 2)}")
         _need(self.meta.dtype == torch.int16, "meta", f"dtype must be torch.int16, got {self.meta.dtype}")
@@ -233,7 +270,7 @@ class CSR(WeightFormat):
         return self.values.numel()
 
     def validate(self) -> None:
-        n, k = self.shape
+        n, k = _check_common(self)
         _check_index(self.crow_indices, "crow_indices", (torch.int32, torch.int64))
         _check_index(self.col_indices, "col_indices", (torch.int32, torch.int16, torch.int64))
         _need(self.values.dim() == 1, "values", "must be 1-D [nnz]")
@@ -244,12 +281,9 @@ class CSR(WeightFormat):
         _need(int(crow[-1]) == self.values.numel() == self.col_indices.numel(), "crow_indices",
               f"last entry ({int(crow[-1])}) must equal len(values) ({self.values.numel()}) "
               f"and len(col_indices) ({self.col_indices.numel()})")
-        cols = self.col_indices.long()
-        if cols.numel():
-            _need(int(cols.min()) >= 0 and int(cols.max()) < k, "col_indices", f"must lie in [0, {k})")
-            same_row = torch.ones_like(cols, dtype=torch.bool)
-            same_row[crow[1:-1][crow[1:-1] < cols.numel()]] = False  # first entry of each row
-            _need(bool(((cols[1:] > cols[:-1]) | ~same_row[1:]).all()), "col_indices",
+        if self.col_indices.numel():
+            _need(_in_range(self.col_indices, k), "col_indices", f"must lie in [0, {k})")
+            _need(_increasing_per_row(self.col_indices, crow), "col_indices",
                   "must be strictly increasing within each row")
 
 
@@ -295,6 +329,7 @@ class BSR(WeightFormat):
         return -(-self.shape[0] // self.block[0]) * self.block[0], -(-self.shape[1] // self.block[1]) * self.block[1]
 
     def validate(self) -> None:
+        _check_common(self)
         bm, bk = _check_block(self.block)
         pn, pk = self.padded_shape
         nr, nc = pn // bm, pk // bk
@@ -308,13 +343,10 @@ class BSR(WeightFormat):
         _need(bool((crow[1:] >= crow[:-1]).all()), "crow_indices", "must be non-decreasing")
         _need(int(crow[-1]) == self.values.shape[0] == self.col_indices.numel(), "crow_indices",
               "last entry must equal the number of blocks in values and col_indices")
-        cols = self.col_indices.long()
+        cols = self.col_indices
         if cols.numel():
-            _need(int(cols.min()) >= 0 and int(cols.max()) < nc, "col_indices", f"block columns must lie in [0, {nc})")
-            same_row = torch.ones_like(cols, dtype=torch.bool)
-            same_row[crow[1:-1][crow[1:-1] < cols.numel()]] = False
-            _need(bool(((cols[1:] > cols[:-1]) | ~same_row[1:]).all()), "col_indices",
-                  "must be strictly increasing within each block row")
+            _need(_in_range(cols, nc), "col_indices", f"block columns must lie in [0, {nc})")
+            _need(_increasing_per_row(cols, crow), "col_indices", "must be strictly increasing within each block row")
         pad_k = pk - self.shape[1]
         if pad_k and cols.numel():  # the CPU kernel multiplies the padding with zero inputs
             last = self.values[cols == nc - 1][:, :, bk - pad_k:]

@@ -154,7 +154,12 @@ class MaskSet(Mapping):
         and, when ``info`` holds the :func:`fingerprint` of the model the masks were computed on
         (every set from ``sp.prune`` or :meth:`from_model`; files saved before it have none and
         are not checked), unless ``model`` has that fingerprint: masks of a 2-block model do not
-        silently convert a 12-block one. ``del masks.info["fingerprint"]`` skips that check."""
+        silently convert a 12-block one. ``del masks.info["fingerprint"]`` skips that check.
+
+        A tied parameter (one tensor under several names) may be named by any of its names,
+        but by one mask only: two masks for one tensor cannot both hold."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         expected = self.info.get("fingerprint")
         if isinstance(expected, dict) and "sha256" in expected:
             found = fingerprint(model)
@@ -164,8 +169,9 @@ class MaskSet(Mapping):
                     f"(fingerprint {expected['sha256']}), this one has {found['params']} ({found['sha256']}; "
                     "names and shapes differ). Prune this model, or del masks.info['fingerprint'] to "
                     "apply them anyway")
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         orig = {n[: -len("_orig")]: p for n, p in params.items() if n.endswith("_orig")}
+        owner: dict[int, str] = {}
         for name, mask in self._masks.items():
             param = params.get(name, orig.get(name))
             if param is None:
@@ -174,6 +180,10 @@ class MaskSet(Mapping):
                 raise ValueError(
                     f"mask {name!r} has shape {tuple(mask.shape)}, the parameter has {tuple(param.shape)}"
                 )
+            if id(param) in owner:
+                raise ValueError(f"masks {owner[id(param)]!r} and {name!r} name one tied parameter (the same "
+                                 "tensor): keep one of them")
+            owner[id(param)] = name
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> nn.Module:
@@ -185,7 +195,7 @@ class MaskSet(Mapping):
         not fit.
         """
         self.validate(model)
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         for name, mask in self._masks.items():
             if name in params:
                 param = params[name]
@@ -207,7 +217,7 @@ class MaskSet(Mapping):
         """
         self.validate(model)
         modules = dict(model.named_modules())
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for name, weight in self._weights.items():
                 param = params[name] if name in params else params[name + "_orig"]
@@ -251,29 +261,34 @@ class MaskSet(Mapping):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> MaskSet:
-        """Read a file written by :meth:`save` (weights included); a non-bool mask, or a weight
-        that is not floating or does not match its mask, is a ``ValueError``."""
-        from safetensors import safe_open
+        """Read a file written by :meth:`save` (weights included). Every bad file is a
+        ``ValueError`` naming it: empty, truncated, corrupted or not safetensors, broken
+        metadata, a non-bool mask, a weight that is not floating or does not match its mask
+        (``FileNotFoundError`` when it does not exist)."""
+        from sparse_prune import files
 
+        tensors, meta = files.read_safetensors(path, device, "mask file")
+        keys = files.json_field(meta, _WEIGHTS_KEY, path, dict) if _WEIGHTS_KEY in meta else {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+            raise files.bad_file(path, f"metadata {_WEIGHTS_KEY!r} must map file keys to parameter names (str)")
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise files.bad_file(path, f"metadata lists weight {missing[0]!r}, which the file does not hold")
         masks, weights = {}, {}
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            keys = json.loads(meta[_WEIGHTS_KEY]) if _WEIGHTS_KEY in meta else {}
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if name in keys:
-                    if not tensor.is_floating_point():
-                        raise ValueError(f"{path}: weight {keys[name]!r} is {tensor.dtype}, must be floating")
-                    weights[keys[name]] = tensor
-                elif tensor.dtype != torch.bool:
-                    raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype}, masks must be torch.bool")
-                else:
-                    masks[name] = tensor
-        info = json.loads(meta[_META_KEY]) if _META_KEY in meta else {}
-        order = json.loads(meta[_ORDER_KEY]) if _ORDER_KEY in meta else []
-        if sorted(order) == sorted(masks):  # the saved order (safetensors sorts its keys)
+        for name, tensor in tensors.items():
+            if name in keys:
+                if not tensor.is_floating_point():
+                    raise files.bad_file(path, f"weight {keys[name]!r} is {tensor.dtype}, must be floating")
+                weights[keys[name]] = tensor
+            elif tensor.dtype != torch.bool:
+                raise files.bad_file(path, f"tensor {name!r} is {tensor.dtype}, masks must be torch.bool")
+            else:
+                masks[name] = tensor
+        info = files.json_field(meta, _META_KEY, path, dict) if _META_KEY in meta else {}
+        order = files.json_field(meta, _ORDER_KEY, path, list) if _ORDER_KEY in meta else []
+        if sorted(map(str, order)) == sorted(masks):  # the saved order (safetensors sorts its keys)
             masks = {name: masks[name] for name in order}
         try:
             return cls(masks, info, weights)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise files.bad_file(path, str(exc)) from None

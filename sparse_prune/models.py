@@ -44,6 +44,10 @@ def vit(
         raise ValueError(f"unknown ViT {name!r}; known: {', '.join(ARCHS)}")
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    for key in ("num_hidden_layers", "depth", "num_layers"):
+        if key in overrides and (isinstance(overrides[key], bool) or not isinstance(overrides[key], int)
+                                 or overrides[key] < 1):
+            raise ValueError(f"{key} must be an int >= 1 (the number of blocks), got {overrides[key]!r}")
     hidden, depth, heads, mlp, patch, image = ARCHS[name]
     if source == "transformers":
         from transformers import ViTConfig, ViTForImageClassification
@@ -67,7 +71,10 @@ def vit(
         kw.update(overrides)
         model = VisionTransformer(**kw)
     if weights is not None:
-        model.load_state_dict(load_state_dict(weights), strict=True)
+        try:
+            model.load_state_dict(load_state_dict(weights), strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{os.fspath(weights)}: does not fit {name} ({source}): {str(exc).splitlines()[0]} ...") from exc
     return model.eval()
 
 
@@ -77,12 +84,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from sparse_prune.files import read_safetensors
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path, "cpu", "weights file")[0]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupted, not a torch file, or pickled code weights_only refuses
+        raise ValueError(f"{path}: not a readable torch state dict (truncated, corrupted, another format, or "
+                         f"objects weights_only=True refuses): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                         ) from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path!r} does not hold a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path!r} does not hold a state dict (name -> tensor)")
     return state

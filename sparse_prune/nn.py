@@ -46,6 +46,17 @@ def _checked_activation(activation: str | None) -> str | None:
     return activation
 
 
+def _check_bias(bias: torch.Tensor | None, fmt, where: str) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{where} must be a tensor or None, got {type(bias).__name__}")
+    if bias.dtype != fmt.dtype:
+        raise ValueError(f"{where}: dtype {bias.dtype} must be the weight values' dtype {fmt.dtype}")
+    if tuple(bias.shape) != (fmt.shape[0],):
+        raise ValueError(f"{where}: shape {tuple(bias.shape)} must be [out_features] = ({fmt.shape[0]},)")
+
+
 class SparseLinear(nn.Module):
     """``y = x · Wᵀ + b`` with ``W`` held in a compact format; a drop-in ``nn.Linear``.
 
@@ -69,13 +80,22 @@ class SparseLinear(nn.Module):
     that requires grad) the output carries a node whose backward raises ``RuntimeError`` with
     :data:`INFERENCE_ONLY`, which says how to finetune instead; the forward values are the same.
     (In eager mode; under ``torch.compile`` the node is left out, as its backward would be traced.)
+
+    Validated at every door: the format's :meth:`~sparse_prune.formats.WeightFormat.validate`
+    runs at construction (``validate=False`` only for a format just built by ``from_dense``)
+    and on every ``load_state_dict`` (a load hook, strict or not, ``assign`` or not), before any
+    array reaches a kernel; ``bias`` must be a 1-D ``[out_features]`` tensor of the values'
+    dtype. A bad array is a ``ValueError`` naming its state-dict key, and this layer keeps its arrays.
     """
 
     def __init__(self, fmt: F.WeightFormat, bias: torch.Tensor | None, backend: str = "auto",
-                 activation: str | None = None):
+                 activation: str | None = None, *, validate: bool = True):
         super().__init__()
         self.activation = _checked_activation(activation)
         self.format_name = F.format_name(fmt)
+        if validate:
+            fmt.validate()
+        _check_bias(bias, fmt, "bias")
         self.out_features, self.in_features = fmt.shape
         self.requested_backend = backend
         self._format_cls = type(fmt)
@@ -118,24 +138,43 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        """``load_state_dict``: the incoming format arrays are validated before they replace the
-        buffers (``ValueError`` naming the layer and field; the module is left as it was), and
-        the layer is re-bound afterwards, so payloads derived from the old arrays (sm90
-        metadata, cuSPARSELt pack, CSR row schedule, materialized weight) are rebuilt."""
+        """``load_state_dict``: the incoming format arrays are validated as they come, before
+        they replace the buffers — before torch casts or assigns them (an int64 index past
+        int32's range is refused, not wrapped); a partial state dict (``strict=False``) with the
+        arrays it keeps. A bad one is a ``ValueError`` naming the layer, the field and its
+        state-dict key; the module is left as it was. The bias must be floating (with
+        ``assign=True``, of the values' dtype). The layer is re-bound afterwards, so payloads
+        derived from the old arrays (sm90 metadata, cuSPARSELt pack, CSR row schedule,
+        materialized weight) are rebuilt."""
+        for n in self._tensor_fields:
+            value = state_dict.get(prefix + n)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"load_state_dict: state dict key {prefix}{n} must be a tensor, got "
+                                f"{type(value).__name__}")
         incoming = {n: state_dict.get(prefix + n, getattr(self, n)) for n in self._tensor_fields}
-        if any(incoming[n] is not getattr(self, n) for n in self._tensor_fields):
+        changed = any(incoming[n] is not getattr(self, n) for n in self._tensor_fields)  # sp.load: built from them
+        if changed:
             try:
                 self._format_cls(**incoming, **self._static).validate()
             except (ValueError, TypeError, RuntimeError) as exc:
+                field = str(exc).split(":")[0]
+                key = f" (state dict key {prefix}{field})" if field in self._tensor_fields else ""
                 raise ValueError(f"load_state_dict: {prefix.rstrip('.') or 'SparseLinear'}: invalid "
-                                 f"{self.format_name} arrays: {exc}") from exc
+                                 f"{self.format_name} arrays: {exc}{key}") from exc
+        bias = state_dict.get(prefix + "bias")
+        if bias is not None and self.bias is not None:
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            values_dtype = incoming["values"].dtype if assign else self.values.dtype
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+                raise TypeError(f"load_state_dict: state dict key {prefix}bias must be a floating tensor, got "
+                                f"{getattr(bias, 'dtype', type(bias).__name__)}")
+            if assign and bias.dtype != values_dtype:
+                raise ValueError(f"load_state_dict: state dict key {prefix}bias: dtype {bias.dtype} must be the "
+                                 f"weight values' dtype {values_dtype}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        try:
-            self._bind()
-        except ValueError as exc:  # as in _apply: said at the next call
-            self._bind_error = exc
-            self._bound_key = None
+        if changed:
+            self._rebind()  # payloads from the loaded arrays
 
     def _bound_to(self) -> tuple:
         return (self.values.device, self.values.dtype, self.requested_backend)
@@ -144,12 +183,15 @@ class SparseLinear(nn.Module):
         super()._apply(fn, recurse)
         if self._bound_to() == self._bound_key and self._bind_error is None:
             return self  # same device and dtype: keep the prepared payloads (no recompression)
+        self._rebind()
+        return self
+
+    def _rebind(self) -> None:
         try:
             self._bind()
         except ValueError as exc:  # e.g. backend="cuda" moved to the CPU: say so at the next call
             self._bind_error = exc
             self._bound_key = None
-        return self
 
     @property
     def weight_format(self) -> F.WeightFormat:

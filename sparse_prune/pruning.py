@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparse_prune import sparsegpt as sg
-from sparse_prune.calibration import input_norms
+from sparse_prune.calibration import check_calibration, input_norms
 from sparse_prune.constants import DEFAULT_BSR_BLOCK
 from sparse_prune.masks import MaskSet, fingerprint
 from sparse_prune.structure import Member, scan
@@ -111,12 +111,16 @@ def check_norm(n: Any) -> float | str:
 
 
 def check_block(block: Any) -> tuple[int, int]:
-    """``(bm, bk)``: a tuple or list of two positive ints (not bools or floats)."""
+    """``(bm, bk)``: a tuple or list of two positive ints (not bools or floats), each at most
+    :data:`~sparse_prune.formats.MAX_BLOCK_SIDE` (the formats' and kernels' bound)."""
+    from sparse_prune.formats import MAX_BLOCK_SIDE
+
     if (isinstance(block, (tuple, list)) and len(block) == 2
-            and all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in block)):
+            and all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and 1 <= b <= MAX_BLOCK_SIDE
+                    for b in block)):
         return int(block[0]), int(block[1])
-    raise ValueError(f"block must be a tuple or list of two positive ints (rows, columns of a block), "
-                     f"e.g. (32, 32) or (4, 1); got {block!r}")
+    raise ValueError(f"block must be a tuple or list of two positive ints (rows, columns of a block) of at most "
+                     f"{MAX_BLOCK_SIDE} each, e.g. (32, 32) or (4, 1); got {block!r}")
 
 
 def _check_block_norm(n: Any) -> float:
@@ -188,6 +192,7 @@ def collect_targets(model: nn.Module, include: Any = (nn.Linear,), exclude: Any 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     include, exclude = _check_include(include), _check_rules(exclude)
     targets = []
+    seen: set[int] = set()  # a tied weight (one Parameter in several modules) gets one mask
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(module, include) or not isinstance(weight, torch.Tensor):
@@ -195,8 +200,47 @@ def collect_targets(model: nn.Module, include: Any = (nn.Linear,), exclude: Any 
         param = f"{name}.weight" if name else "weight"
         if _matches(name, exclude, module) or _matches(param, [r for r in exclude if isinstance(r, str)], None):
             continue
+        if isinstance(weight, nn.Parameter):
+            if id(weight) in seen:
+                continue
+            seen.add(id(weight))
+        if weight.device.type == "meta":
+            raise ValueError(f"{param} is on the meta device (no data to prune): materialize the model first "
+                             "(e.g. model.to_empty(device='cpu') and load its weights)")
+        if weight.numel() == 0:
+            raise ValueError(f"{param} has a zero-size weight {tuple(weight.shape)}: nothing to prune; leave it out "
+                             f"with exclude=[{name!r}]")
         targets.append(Target(name, module, param, weight.detach()))
     return targets
+
+
+def _warn_unmatched(model: nn.Module, include: tuple, exclude: tuple, rules: list, targets: list[Target],
+                    method: str) -> None:
+    """Patterns that matched nothing are typos until proven otherwise: one warning naming them
+    (``exclude`` regexes matching no module or parameter, ``per_layer`` regexes matching no
+    pruned weight), and one when there is nothing to prune at all, saying why."""
+    import warnings
+
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    dead = [r for r in exclude if isinstance(r, str) and not any(re.search(r, n) for n in names)]
+    if dead:
+        warnings.warn(f"prune: exclude pattern(s) {dead} matched no module or parameter of the model", stacklevel=3)
+    dead = [r for r, _ in rules if not any(re.search(r, t.param) for t in targets)]
+    if dead:
+        warnings.warn(f"prune: per_layer pattern(s) {dead} matched none of the weights pruned", stacklevel=3)
+    if targets:
+        return
+    from sparse_prune.nn import SparseLinear
+
+    kinds = ", ".join(c.__name__ for c in include)
+    if any(isinstance(m, SparseLinear) for m in model.modules()) and not any(
+            isinstance(m, include) for m in model.modules()):
+        why = f"the model is already converted (it holds SparseLinear layers and no {kinds})"
+    elif not any(isinstance(m, include) for m in model.modules()):
+        why = f"include=({kinds},) matched no module of the model"
+    else:
+        why = f"exclude={exclude!r} left out every {kinds} of the model"
+    warnings.warn(f"prune({method!r}) returns an empty MaskSet: {why}", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,8 +300,8 @@ def block_scores(score: torch.Tensor, block: tuple[int, int], n: float = 2.0) ->
     mean for n = 1, the max for ``inf``) ranks them fairly against full blocks. For full blocks
     the order is that of the plain norm.
     """
-    bm, bk = block
     rows, cols = score.shape
+    bm, bk = min(block[0], max(rows, 1)), min(block[1], max(cols, 1))  # a block past the weight is the weight
     padded = nn.functional.pad(score.double(), (0, -cols % bk, 0, -rows % bm))
     tiles = padded.reshape(padded.shape[0] // bm, bm, padded.shape[1] // bk, bk)
     norms = torch.linalg.vector_norm(tiles, ord=n, dim=(1, 3))
@@ -281,6 +325,7 @@ def _block_mask(keep: torch.Tensor, block: tuple[int, int], weight: torch.Tensor
     """Per-block keep flags ``[R, C]`` -> a bool mask of ``weight``'s shape."""
     rows = weight.shape[0]
     cols = weight.numel() // rows
+    block = min(block[0], rows), min(block[1], cols)  # as block_scores: never past the weight
     full = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
     return full.reshape(weight.shape).to(weight.device)
 
@@ -533,6 +578,8 @@ def prune(
         if nm is not None and rules:
             raise ValueError("per_layer amounts apply to amount=, not pattern= (use exclude= to keep layers dense)")
 
+    if calibration is not None:
+        check_calibration(calibration, method)
     if not isinstance(include_classifier, bool):
         raise TypeError(f"include_classifier must be a bool, got {include_classifier!r}")
     if include_classifier and method not in STRUCTURED:
@@ -540,6 +587,7 @@ def prune(
                          f"prune the classifier unless excluded), not {method!r}")
     targets = collect_targets(model, include, exclude)
     exclude = _check_rules(exclude)
+    _warn_unmatched(model, _check_include(include), exclude, rules, targets, method)
     classifier = final_classifier(model) if method in STRUCTURED and not include_classifier else None
     if classifier is not None and any(t.param == classifier for t in targets):
         targets = [t for t in targets if t.param != classifier]

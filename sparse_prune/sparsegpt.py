@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparse_prune.calibration import call_model, mha_out_proj_hook, move_batch
+from sparse_prune.calibration import (
+    call_model,
+    check_calibration,
+    check_finite_sum,
+    mha_out_proj_hook,
+    move_batch,
+    run_batch,
+)
 
 DEFAULT_BLOCKSIZE = 128
 DEFAULT_PERCDAMP = 0.01
@@ -61,6 +68,9 @@ def check_options(blocksize: Any, percdamp: Any, pattern: tuple[int, int] | None
 def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor of the dampened ``H⁻¹`` [K, K] fp32, dead-input flags [K] bool)."""
     H = hessian.detach().to(torch.float64).clone()
+    if not bool(torch.isfinite(H).all()):  # no dampening fixes that: say what is wrong
+        raise ValueError(f"the calibration Hessian (K = {H.shape[0]}) holds NaN or inf: the calibration inputs "
+                         "(or the activations they produce) are not finite; give finite calibration data")
     diag = H.diagonal()
     dead = diag <= 0
     live_mean = diag[~dead].mean() if bool((~dead).any()) else torch.tensor(1.0, dtype=H.dtype)
@@ -293,7 +303,7 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
         if isinstance(opts.get("amount"), int) and opts["amount"] > numel:
             raise ValueError(f"amount={opts['amount']} is larger than the {numel} weights of {t.param}")
     device = targets[0].weight.device
-    batches = [move_batch(b, device) for b in calibration]
+    batches = [move_batch(b, device) for b in check_calibration(calibration, "sparsegpt")]
     if not batches:
         raise ValueError("calibration is empty: give an iterable of model inputs (tensors, tuples or dicts)")
     work = copy.deepcopy(model).eval()
@@ -328,8 +338,8 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
 
     handles = [hook_on(t.param, record(t.param)) for t in targets]
     try:
-        for b in batches:
-            call_model(work, b)
+        for i, b in enumerate(batches):
+            run_batch(work, b, i)
             if len(order) == len(targets):
                 break
     finally:
@@ -422,8 +432,7 @@ def sparsegpt(model: nn.Module, targets: Sequence[Any], calibration: Iterable[An
                     pass
         finally:
             h.remove()
-        if acc.tokens == 0:
-            raise ValueError(f"calibration inputs never reached {stage[0]}")
+        check_finite_sum(acc.total, acc.tokens, stage[0], "sparsegpt")
         hessian = acc.hessian()
         for param in stage:
             mod = mods[param]

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from sparse_prune import atomic
 from sparse_prune.bench.train import evaluate, train
 from sparse_prune.masks import MaskSet
 from sparse_prune.pruning import CALIBRATED, METHODS, check_amount, check_block, prune
@@ -209,7 +210,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> bool:
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -219,8 +220,8 @@ def write_study(rows: Sequence[dict[str, Any]], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "accuracy.json", out / "accuracy.md"]
-    paths[0].write_text(json.dumps(list(rows), indent=1))
-    paths[1].write_text(markdown(rows))
+    atomic.write_text(paths[0], json.dumps(list(rows), indent=1))  # crash-safe, as every output
+    atomic.write_text(paths[1], markdown(rows))
     if plot(rows, out / "accuracy.png"):
         paths.append(out / "accuracy.png")
     return paths

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparse_prune import atomic
 from sparse_prune.agreement import (
     Mismatch,
     allowed_error,
@@ -531,7 +532,7 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
              "(dense q1 / sparse q3 to dense q3 / sparse q1); dashed: dense", ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     paths.append(out / "speedup.png")
-    fig.savefig(paths[-1], dpi=110)
+    atomic.save_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen = {}
@@ -545,7 +546,7 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     ax.tick_params(axis="x", rotation=45, labelsize=7)
     fig.tight_layout()
     paths.append(out / "memory.png")
-    fig.savefig(paths[-1], dpi=110)
+    atomic.save_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
     return paths
 
@@ -553,8 +554,8 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
 def write_latency(rows: Sequence[dict[str, Any]], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps(list(rows), indent=1))
-    (out / "latency.md").write_text(markdown(rows))
+    atomic.write_text(out / "latency.json", json.dumps(list(rows), indent=1))  # crash-safe, as every output
+    atomic.write_text(out / "latency.md", markdown(rows))
     return [out / "latency.json", out / "latency.md", *plot(rows, out)]
 
 
