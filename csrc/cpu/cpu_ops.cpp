@@ -99,12 +99,13 @@ Problem plan(int64_t M, int64_t N, int64_t K, int64_t block_cols, int64_t lanes,
   p.kp = (K + block_cols - 1) / block_cols * block_cols;
   // K-block: ~24 KiB of panel (L1 is 32 KiB on the CPUs we target), a multiple of 16 columns.
   // Sparse rows get wider K-blocks, so that a row's segment in a block holds ~`segment` stored
-  // weights (96 for csr and bsr, 0 = L1-sized blocks for 2:4: see semi_layer):
+  // weights (48 for csr and 2:4, 96 for bsr: see the *_layer functions):
   // each segment costs an accumulator load/store, a mispredicted loop exit and, a whole row
   // away from the previous one in the CSR arrays, cache misses on its first values (software
   // prefetching them did not help, measured); against that, the L2 reads of a wider panel
   // slice are cheap. Measured on fc1/fc2 (M = 197, 2 threads): 90% csr ran 1.6x faster with
-  // 480-column blocks than with L1-sized ones, and 96 per segment beat 48 by 6-8% at 90%.
+  // 480-column blocks than with L1-sized ones (and 96 per segment beat 48 by 6-8% at 90% before
+  // the block bounds were counted: see csr_layer).
   const int64_t l1_cols = std::max<int64_t>(16, 24576 / (p.tile * 4) / 16 * 16);
   const double per_col = stored_per_row / std::max<int64_t>(1, K);
   segment = static_cast<double>(env_int("SPARSE_PRUNE_CPU_SEGMENT", static_cast<int64_t>(segment)));
@@ -354,6 +355,11 @@ Layer csr_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType c
   const int64_t* c = l.crow64.data_ptr<int64_t>();
   l.cum.assign(c, c + l.N + 1);
   l.alpha_per_kblock = 2;
+  // 48 stored weights per K-block segment: measured on a quiet machine (2 threads, M = 197,
+  // against 96): fc1 50% 1.21x vs 0.97x, 70% 1.83x vs 1.54x, 90% 4.11x vs 3.84x; fc2 50% 0.91x
+  // vs 0.83x, 90% equal. (96 had won by 6-8% before the block bounds were counted instead of
+  // binary-searched, which made a segment cheaper.)
+  l.segment = 48;
   l.csr = CsrWeight{l.vc.data_ptr(), c, l.cc.data_ptr(), ib};
   return l;
 }
@@ -420,11 +426,9 @@ Layer semi_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType 
   l.cum.resize(N + 1);
   for (int64_t i = 0; i <= N; ++i) l.cum[i] = i * (K / 2);
   l.alpha_per_kblock = 0;
-  // L1-sized K-blocks (no widening): a 2:4 segment has a fixed trip count (no mispredicted
-  // exit, no index loads), so short segments cost little, while a panel slice that misses L1
-  // costs every group. Measured on fc1 (M = 197) in three runs, 1 and 2 threads: 1.11x vs
-  // 0.90x, 1.55x vs 1.30x, 1.35x vs 1.04x against the 96-weight segments csr and bsr use.
-  l.segment = 0;
+  // 48-weight segments, as csr (see csr_layer); 96 ran 1.38x -> 1.28x (fc1) and 1.11x -> 0.92x
+  // (fc2) on a quiet machine, L1-only blocks 1.28x and 1.04x.
+  l.segment = 48;
   l.semi = Semi24Weight{l.vc.data_ptr(), l.mc.data_ptr<int16_t>(), l.mc.size(1)};
   return l;
 }
