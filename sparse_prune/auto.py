@@ -20,6 +20,7 @@ an unreadable cache file counts as empty. The cache is written crash-safely.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,12 @@ BSR_BLOCKS = {"cuda": ((32, 32), (16, 16)), "cpu": ((4, 1), (8, 1), (1, 4), (16,
 # A sparse layer is chosen only when dense's median time is at least this many times its own,
 # in both measurements (on 2 shared cores, run-to-run noise of a layer is ~3-8%).
 SPARSE_MARGIN = 1.1
+# The whole converted model must beat the masked dense one by this much (model_plans/choose_model):
+# per-layer rounds time each layer alone, its weight hot in cache, and cannot see the fused MLP
+# op. Measured (90% L1-unstructured ViT-B/16, batch 1, 2 threads, Xeon): per-layer rounds chose
+# BSR 4x1 (3.4x CSR's stored values) for 60 of 73 layers, each 1.86x dense alone, and that model
+# ran 1.76x dense end to end against 2.32x with CSR on every layer.
+MODEL_MARGIN = 1.05
 # A BSR candidate storing more than this fraction of the dense weight cannot win: not timed.
 BSR_MAX_STORED = 0.6
 
@@ -164,9 +171,10 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
         cands = _candidates(weight, mask, backends_)
         key = "|".join([versions, str(device), str(weight.dtype), str(x.shape[0]), "x".join(map(str, weight.shape)),
                         f"{float(mask.float().mean()):.2f}", ",".join(sorted({f"{c[0]}/{c[1]}" for c in cands}))])
+        labels = {_label(c[0], c[1], c[3]): (c[0], c[1], {k: list(v) for k, v in c[3].items()}) for c in cands}
         hit = _cached(store.get(key), cands)
         if hit is not None:
-            decisions[name] = hit
+            decisions[name] = {**hit, "key": key, "labels": labels}
             continue
         dense = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None).to(weight)
         with torch.no_grad():
@@ -183,7 +191,7 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
                                                    None if dense.bias is None else dense.bias.to(high))
             reach = nonfinite_reach(x, dense.weight) if not bool(torch.isfinite(x).all()) else None
         for fmt_name, backend, fmt, kw in cands:
-            label = f"{fmt_name}/{backend}" + (f"/{kw['block'][0]}x{kw['block'][1]}" if kw else "")
+            label = _label(fmt_name, backend, kw)
             try:
                 layer = SparseLinear(fmt, module.bias, backend, validate=False)
                 with torch.inference_mode():
@@ -203,14 +211,87 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
             if confirm["dense"] < SPARSE_MARGIN * confirm[best]:
                 best = "dense"
         fmt_name, backend, kw = meta[best]
-        decisions[name] = {"format": fmt_name, "backend": backend, "kw": {k: list(v) for k, v in kw.items()},
-                           "ratio": ms["dense"] / ms[best], "ms": ms, "rejected": rejected,
-                           "margin": SPARSE_MARGIN, "confirm": confirm}
-        store[key] = decisions[name]
+        store[key] = {"format": fmt_name, "backend": backend, "kw": {k: list(v) for k, v in kw.items()},
+                      "ratio": ms["dense"] / ms[best], "ms": ms, "rejected": rejected,
+                      "margin": SPARSE_MARGIN, "confirm": confirm}
+        decisions[name] = {**store[key], "key": key, "labels": labels}
+    _save_cache(cache, store)
+    return decisions
+
+
+def _label(fmt_name: str, backend: str, kw: dict) -> str:
+    return f"{fmt_name}/{backend}" + (f"/{kw['block'][0]}x{kw['block'][1]}" if kw else "")
+
+
+def _save_cache(cache: str | os.PathLike | None, store: dict[str, Any]) -> None:
     if cache is not None:  # crash-safe: a killed run leaves the old cache or the new one
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
         atomic.write_atomic(cache, lambda tmp: _dump(store, tmp))
-    return decisions
+
+
+def _restricted(decision: dict[str, Any], family: str) -> dict[str, Any]:
+    """``decision`` limited to ``family`` (a format name) and dense: the family's fastest
+    candidate of the layer's rounds where it beat dense there by the margin, else dense."""
+    ms = decision.get("ms", {})
+    dense = ms.get("dense")
+    timed = [(ms[label], label) for label, (fmt_name, _, _) in decision["labels"].items()
+             if fmt_name == family and _number(ms.get(label))]
+    if not timed or not _number(dense) or dense < SPARSE_MARGIN * min(timed)[0]:
+        return {**decision, "format": "dense", "backend": "torch", "kw": {}, "ratio": 1.0}
+    t, label = min(timed)
+    fmt_name, backend, kw = decision["labels"][label]
+    return {**decision, "format": fmt_name, "backend": backend, "kw": kw, "ratio": dense / t}
+
+
+def model_plans(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The whole-model plans worth timing: ``"per-layer"`` (each layer's measured choice), one
+    per sparse format some layer chose (:func:`_restricted` on every layer), and ``"dense"``.
+    Plans that choose the same thing for every layer are kept once (the first label, ``"dense"``
+    before ``"per-layer"``)."""
+    chosen = sorted({d["format"] for d in decisions.values()} - {"dense"})
+    plans = {"dense": {n: {**d, "format": "dense", "backend": "torch", "kw": {}, "ratio": 1.0}
+                       for n, d in decisions.items()},
+             "per-layer": decisions, **{f: {n: _restricted(d, f) for n, d in decisions.items()} for f in chosen}}
+    seen, out = set(), {}
+    for label, plan in plans.items():
+        sig = tuple(sorted((n, d["format"], d["backend"], json.dumps(d["kw"], sort_keys=True)) for n, d in plan.items()))
+        if sig not in seen:
+            seen.add(sig)
+            out[label] = plan
+    return out
+
+
+def choose_model(built: dict[str, nn.Module], decisions: dict[str, dict[str, Any]], example_inputs: Any,
+                 device: torch.device, cache: str | os.PathLike | None = None, reps: int = 7
+                 ) -> tuple[str, dict[str, Any]]:
+    """The plan (a key of ``built``, the converted models of :func:`model_plans`; ``"dense"``
+    among them) whose whole forward on ``example_inputs`` is fastest, and its record ``{"plan",
+    "ms", "ratio", "margin", "confirm"}``. A sparse plan must beat dense by
+    :data:`MODEL_MARGIN` in the rounds of every plan and again in fresh rounds against dense
+    alone, else ``"dense"``. Cached like the layers' decisions (by every layer's key)."""
+    store = _load_cache(cache)
+    digest = hashlib.sha256(json.dumps(sorted((n, d["key"]) for n, d in decisions.items())).encode()).hexdigest()
+    key = f"{_versions(device)}|model|{digest[:32]}"
+    entry = store.get(key)
+    if (isinstance(entry, dict) and entry.get("plan") in built and isinstance(entry.get("ms"), dict)
+            and all(_number(v) for v in entry["ms"].values())):
+        return entry["plan"], entry
+    fns = {f"model:{label}": (lambda m=m: run_batch(m, example_inputs, 0, "example_inputs")) for label, m in built.items()}
+    with torch.inference_mode():
+        ms = {k.removeprefix("model:"): v for k, v in time_interleaved(fns, device, warmup=1, reps=reps).items()}
+        best = min(ms, key=ms.get)
+        if best != "dense" and ms["dense"] < MODEL_MARGIN * ms[best]:
+            best = "dense"
+        confirm = None
+        if best != "dense":
+            confirm = {k.removeprefix("model:"): v for k, v in time_interleaved(
+                {"model:dense": fns["model:dense"], f"model:{best}": fns[f"model:{best}"]}, device,
+                warmup=1, reps=reps).items()}
+            if confirm["dense"] < MODEL_MARGIN * confirm[best]:
+                best = "dense"
+    store[key] = {"plan": best, "ms": ms, "ratio": ms["dense"] / ms[best], "margin": MODEL_MARGIN, "confirm": confirm}
+    _save_cache(cache, store)
+    return best, store[key]
 
 
 def _dump(data: Any, path: str) -> None:

@@ -126,12 +126,44 @@ def plan(model: nn.Module, masks: dict[str, torch.Tensor], format: str, backend:
     return layers
 
 
-def plan_auto(model: nn.Module, masks: MaskSet, backend: str, example_inputs: Any,
-              cache: str | None) -> list[LayerPlan]:
-    """``format="auto"``'s plan: per layer the measured fastest candidate, dense included."""
-    from sparse_prune.auto import choose
+def convert_auto(model: nn.Module, masks: MaskSet, backend: str, example_inputs: Any, cache: str | None,
+                 fuse_activations: bool) -> nn.Module:
+    """``format="auto"`` on ``model`` (a copy the caller owns): every layer's candidates timed
+    (:func:`sparse_prune.auto.choose`), then the whole-model plans built from those rounds
+    (:func:`sparse_prune.auto.model_plans`: per-layer, one per chosen format, dense) timed end to
+    end on ``example_inputs`` (:func:`sparse_prune.auto.choose_model`); the fastest is returned."""
+    from sparse_prune import auto
 
-    decisions = choose(model, masks, example_inputs, None if backend == "auto" else [backend], cache)
+    decisions = auto.choose(model, masks, example_inputs, None if backend == "auto" else [backend], cache)
+    plans = auto.model_plans(decisions)
+    if len(plans) == 1:  # every layer stays dense: nothing to time
+        return _build_auto(model, masks, plans["dense"], fuse_activations, "")  # dense first in plans
+    built = {label: _build_auto(copy.deepcopy(model), masks, plan, fuse_activations, label)
+             for label, plan in plans.items()}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    best, record = auto.choose_model(built, decisions, example_inputs, device, cache)
+    chosen = built[best]
+    note = (f"; whole model: {best} plan, {record['ratio']:.2f}x dense measured end to end (per-layer plan "
+            f"{record['ms']['dense'] / record['ms'].get('per-layer', record['ms']['dense']):.2f}x)")
+    for module in chosen.modules():
+        summary = module.__dict__.get(PLAN_ATTR)
+        if summary is not None:
+            summary["reason"] += note
+    return chosen
+
+
+def _build_auto(model: nn.Module, masks: MaskSet, decisions: dict[str, dict[str, Any]], fuse_activations: bool,
+                label: str) -> nn.Module:
+    apply_plan(model, dict(masks.items()), plan_auto(model, masks, decisions, label))
+    if fuse_activations:
+        fuse_gelu(model)
+        fuse_mlp(model)
+    return model
+
+
+def plan_auto(model: nn.Module, masks: MaskSet, decisions: dict[str, dict[str, Any]], label: str = ""
+              ) -> list[LayerPlan]:
+    """The plan of ``format="auto"``'s ``decisions`` (per layer: a measured candidate or dense)."""
     layers = []
     for name, mask in masks.items():
         module_name, module, param = resolve_param(model, name)
@@ -141,7 +173,8 @@ def plan_auto(model: nn.Module, masks: MaskSet, backend: str, example_inputs: An
             layers.append(LayerPlan(name, module_name, "dense", "torch", why))
             continue
         kw = {k: tuple(v) for k, v in choice["kw"].items()}
-        reason = f"auto: fastest measured ({choice['ratio']:.2f}x dense)"
+        reason = (f"auto: fastest measured ({choice['ratio']:.2f}x dense)" if label in ("", "per-layer") else
+                  f"auto: {label} plan ({choice['ratio']:.2f}x dense alone)")
         if choice["format"] == "dense":
             layers.append(LayerPlan(name, module_name, "dense", "torch", reason, ratio=choice["ratio"]))
             continue
@@ -284,12 +317,7 @@ def convert(model: nn.Module, masks: MaskSet, format: str | None = None, backend
     remove_torch_prune(model)
     _use_reconstructed(model, masks)
     if format == "auto":
-        layers = plan_auto(model, masks, backend, example_inputs, cache)
-        apply_plan(model, dict(masks.items()), layers)
-        if fuse_activations:
-            fuse_gelu(model)
-            fuse_mlp(model)
-        return hf.guard(model)
+        return hf.guard(convert_auto(model, masks, backend, example_inputs, cache, fuse_activations))
     todo: dict[str, torch.Tensor] = dict(masks.items())
     open_mha_out_proj(model, todo)  # torchvision: lets MHA out_proj become a SparseLinear
     left_dense: list[str] = []

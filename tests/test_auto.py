@@ -11,11 +11,19 @@ from sparse_prune import auto
 
 
 def _fake_timer(winner):
+    """Candidates (and whole-model plans) named after ``winner`` take half the time; the
+    per-layer plan is the winner's plan too unless dense wins."""
     calls = []
+
+    def fast(name):
+        if name.startswith("model:"):
+            plan = name.removeprefix("model:")
+            return plan.startswith(winner) or (plan == "per-layer" and winner != "dense")
+        return name.startswith(winner)
 
     def timer(fns, device="cpu", warmup=2, reps=5):
         calls.append(sorted(fns))
-        return {name: (0.5 if name.startswith(winner) else 1.0) for name in fns}
+        return {name: (0.5 if fast(name) else 1.0) for name in fns}
 
     return timer, calls
 
@@ -29,11 +37,19 @@ def test_auto_keeps_the_fastest(hf_vit, images, monkeypatch, winner, expect):
     rows = {r["name"]: r for r in sp.report(fast)}
     assert rows["vit.layers.0.mlp.fc1"]["format"] == expect
     assert rows["vit.layers.0.mlp.fc1"]["auto_speedup"] == pytest.approx(1.0 if winner == "dense" else 2.0)
-    full = [c for c in calls if len(c) > 2]  # every candidate; then the winner alone against dense
+    layer_calls = [c for c in calls if not c[0].startswith("model:")]
+    full = [c for c in layer_calls if len(c) > 2]  # every candidate; then the winner alone against dense
     assert full and all("dense" in c and any(n.startswith("2:4") for n in c) for c in full)
-    confirms = [c for c in calls if len(c) == 2]
+    confirms = [c for c in layer_calls if len(c) == 2]
     assert all("dense" in c and any(n.startswith(winner) for n in c) for c in confirms)
     assert len(confirms) == (0 if winner == "dense" else len(full))
+    # then the whole model: the per-layer plan against dense (and again alone when it won)
+    model_calls = [c for c in calls if c[0].startswith("model:")]
+    if winner == "dense":
+        assert model_calls == []  # no layer chose a sparse format: nothing to time
+    else:
+        assert model_calls == [["model:dense", "model:per-layer"]] * 2
+        assert "whole model: per-layer plan" in rows["vit.layers.0.mlp.fc1"]["why"]
     expected = masks.apply(copy.deepcopy(hf_vit))(images).logits
     torch.testing.assert_close(fast(images).logits, expected, rtol=1e-5, atol=1e-5)
     assert "auto_speedup" in sp.format_report(sp.report(fast))
@@ -48,7 +64,14 @@ def test_auto_measures_for_real_and_caches(hf_vit, images, tmp_path, monkeypatch
     torch.testing.assert_close(fast(images).logits, expected, rtol=1e-5, atol=1e-5)
     stored = json.loads(cache.read_text())
     assert stored and all(k.startswith(auto._versions(torch.device("cpu"))) for k in stored)  # device + versions
-    for decision in stored.values():  # sparse only when it beat dense by the margin, twice
+    models = {k: v for k, v in stored.items() if "|model|" in k}
+    assert len(models) == 1  # the whole-model choice, with the plans it timed
+    (record,) = models.values()
+    assert record["plan"] in record["ms"] and "dense" in record["ms"] and "per-layer" in record["ms"]
+    if record["plan"] != "dense":
+        assert record["ms"]["dense"] >= auto.MODEL_MARGIN * record["ms"][record["plan"]]
+        assert record["confirm"]["dense"] >= auto.MODEL_MARGIN * record["confirm"][record["plan"]]
+    for decision in (v for k, v in stored.items() if "|model|" not in k):  # sparse only when it beat dense by the margin, twice
         best = min(decision["ms"], key=decision["ms"].get)
         if decision["format"] != "dense":
             assert best.startswith(decision["format"])
@@ -59,14 +82,18 @@ def test_auto_measures_for_real_and_caches(hf_vit, images, tmp_path, monkeypatch
         else:
             assert best == "dense" or decision["ms"]["dense"] < auto.SPARSE_MARGIN * decision["ms"][best] or (
                 decision["confirm"] is not None)
+    plan = record["plan"]
     for r in sp.report(fast):
         assert r["format"].startswith("auto:")
+        assert f"whole model: {plan} plan" in r["why"]
+        if plan == "dense":
+            assert r["format"] == "auto:dense"
         # 80% unstructured: 2:4 cannot take it
         assert r["format"] != "auto:2:4"
     timer, calls = _fake_timer("dense")
     monkeypatch.setattr(auto, "time_interleaved", timer)
     again = sp.convert(hf_vit, masks, format="auto", example_inputs=images, cache=str(cache))
-    assert calls == []  # every decision came from the cache
+    assert calls == []  # every decision came from the cache, the whole-model one too
     assert [r["format"] for r in sp.report(again)] == [r["format"] for r in sp.report(fast)]
 
 

@@ -199,22 +199,35 @@ struct SimdMicro : X86Common {
   }
 
   // The panel stride is the tile's width, V·kLanes: a compile-time constant, so the address of
-  // a column is a shift/lea, not an imul, behind every index load.
+  // a column is a shift/lea, not an imul, behind every index load. One-vector tiles (V = 1)
+  // use four accumulators: with two, the FMA latency (4 cycles per chain) bounded a 16-token
+  // tile to 2 cycles per stored weight (measured on fc1 90%, AVX-512).
   template <int V, typename I>
   static void csr_seg(const float* panel, int64_t /*width*/, const float* val, const I* col, int64_t p0,
                       int64_t p1, float* yt, bool first) {
     constexpr int64_t ps = V * kLanes;
-    R a[V], b[V];
-    start<V>(a, b, yt, first);
+    constexpr int S = V == 1 ? 4 : 2;
+    R acc[S][V];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[s][v] = (s == 0 && !first) ? Vt::load(yt + kLanes * v) : Vt::zero();
     int64_t q = p0;
-    for (; q + 2 <= p1; q += 2) {
-      const float* x0 = panel + static_cast<int64_t>(col[q]) * ps;
-      const float* x1 = panel + static_cast<int64_t>(col[q + 1]) * ps;
-      fma_row<V>(a, Vt::bcast(val + q), x0);
-      fma_row<V>(b, Vt::bcast(val + q + 1), x1);
+    for (; q + S <= p1; q += S) {
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s)
+        fma_row<V>(acc[s], Vt::bcast(val + q + s), panel + static_cast<int64_t>(col[q + s]) * ps);
     }
-    if (q < p1) fma_row<V>(a, Vt::bcast(val + q), panel + static_cast<int64_t>(col[q]) * ps);
-    finish<V>(a, b, yt);
+#pragma GCC unroll 4
+    for (int s = 0; s < S - 1; ++s)
+      if (q + s < p1) fma_row<V>(acc[s], Vt::bcast(val + q + s), panel + static_cast<int64_t>(col[q + s]) * ps);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      R sum = acc[0][v];
+#pragma GCC unroll 4
+      for (int s = 1; s < S; ++s) sum = Vt::add(sum, acc[s][v]);
+      Vt::store(yt + kLanes * v, sum);
+    }
   }
 
   // Four rows of a block row at once, over C vectors of the tile starting at vector v0: every
