@@ -15,6 +15,13 @@ candidates), so a second conversion skips the timing — and another GPU or libr
 A cache entry that is not one this run could have chosen (edited by hand, written by another
 version, a format or backend that no longer fits the mask) is measured again, never trusted;
 an unreadable cache file counts as empty. The cache is written crash-safely.
+
+Then the whole model (:func:`model_plans`, :func:`choose_model`): the per-layer plan, one plan
+per sparse format that beat dense on some layer (that format there, dense elsewhere) and the
+masked dense model are built (GELU and MLP fusion included) and their forwards on
+``example_inputs`` timed in rotating rounds; a sparse plan is kept only when it beats dense by
+:data:`MODEL_MARGIN`, twice. Per-layer rounds time a layer alone, its weight hot in cache, and
+cannot see the fused MLP op; the forward of the whole model can.
 """
 
 from __future__ import annotations
@@ -169,9 +176,11 @@ def choose(model: nn.Module, masks: MaskSet, example_inputs: Any, backends_: lis
         weight, x = params[name].detach(), inputs[layer_name]
         mask = mask.to(weight.device)
         cands = _candidates(weight, mask, backends_)
-        key = "|".join([versions, str(device), str(weight.dtype), str(x.shape[0]), "x".join(map(str, weight.shape)),
-                        f"{float(mask.float().mean()):.2f}", ",".join(sorted({f"{c[0]}/{c[1]}" for c in cands}))])
         labels = {_label(c[0], c[1], c[3]): (c[0], c[1], {k: list(v) for k, v in c[3].items()}) for c in cands}
+        # every candidate (BSR blocks included) is in the key: two layers of one shape and density
+        # whose masks admit different blocks must not share a decision one of them cannot take
+        key = "|".join([versions, str(device), str(weight.dtype), str(x.shape[0]), "x".join(map(str, weight.shape)),
+                        f"{float(mask.float().mean()):.2f}", ",".join(sorted(labels))])
         hit = _cached(store.get(key), cands)
         if hit is not None:
             decisions[name] = {**hit, "key": key, "labels": labels}
@@ -245,10 +254,12 @@ def _restricted(decision: dict[str, Any], family: str) -> dict[str, Any]:
 
 def model_plans(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """The whole-model plans worth timing: ``"per-layer"`` (each layer's measured choice), one
-    per sparse format some layer chose (:func:`_restricted` on every layer), and ``"dense"``.
+    per sparse format that beat dense by the margin on some layer (:func:`_restricted` on every
+    layer: the format where it did, dense elsewhere), and ``"dense"``.
     Plans that choose the same thing for every layer are kept once (the first label, ``"dense"``
     before ``"per-layer"``)."""
-    chosen = sorted({d["format"] for d in decisions.values()} - {"dense"})
+    chosen = sorted({_restricted(d, f)["format"] for d in decisions.values()
+                     for f in {fmt_name for fmt_name, _, _ in d["labels"].values()}} - {"dense"})
     plans = {"dense": {n: {**d, "format": "dense", "backend": "torch", "kw": {}, "ratio": 1.0}
                        for n, d in decisions.items()},
              "per-layer": decisions, **{f: {n: _restricted(d, f) for n, d in decisions.items()} for f in chosen}}
@@ -259,6 +270,17 @@ def model_plans(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, dic
             seen.add(sig)
             out[label] = plan
     return out
+
+
+def _model_entry_ok(entry: Any, built: dict[str, nn.Module]) -> bool:
+    """A cached whole-model record this run could have written: a plan built now, finite
+    positive times of built plans (dense and the plan among them), the ratio they give."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("ms"), dict) and entry.get("plan") in built):
+        return False
+    ms = entry["ms"]
+    if not (set(ms) <= set(built) and "dense" in ms and entry["plan"] in ms and all(_number(v) for v in ms.values())):
+        return False
+    return _number(entry.get("ratio")) and math.isclose(entry["ratio"], ms["dense"] / ms[entry["plan"]], rel_tol=1e-9)
 
 
 def choose_model(built: dict[str, nn.Module], decisions: dict[str, dict[str, Any]], example_inputs: Any,
@@ -273,8 +295,7 @@ def choose_model(built: dict[str, nn.Module], decisions: dict[str, dict[str, Any
     digest = hashlib.sha256(json.dumps(sorted((n, d["key"]) for n, d in decisions.items())).encode()).hexdigest()
     key = f"{_versions(device)}|model|{digest[:32]}"
     entry = store.get(key)
-    if (isinstance(entry, dict) and entry.get("plan") in built and isinstance(entry.get("ms"), dict)
-            and all(_number(v) for v in entry["ms"].values())):
+    if _model_entry_ok(entry, built):  # else (edited, stale, another version's plans): measure again
         return entry["plan"], entry
     fns = {f"model:{label}": (lambda m=m: run_batch(m, example_inputs, 0, "example_inputs")) for label, m in built.items()}
     with torch.inference_mode():

@@ -67,7 +67,7 @@ def test_auto_measures_for_real_and_caches(hf_vit, images, tmp_path, monkeypatch
     models = {k: v for k, v in stored.items() if "|model|" in k}
     assert len(models) == 1  # the whole-model choice, with the plans it timed
     (record,) = models.values()
-    assert record["plan"] in record["ms"] and "dense" in record["ms"] and "per-layer" in record["ms"]
+    assert record["plan"] in record["ms"] and "dense" in record["ms"]  # "per-layer" too unless it was dense
     if record["plan"] != "dense":
         assert record["ms"]["dense"] >= auto.MODEL_MARGIN * record["ms"][record["plan"]]
         assert record["confirm"]["dense"] >= auto.MODEL_MARGIN * record["confirm"][record["plan"]]
@@ -103,3 +103,49 @@ def test_auto_needs_example_inputs(hf_vit):
         sp.convert(hf_vit, masks, format="auto")
     with pytest.raises(ValueError, match="unknown format 'coo'; allowed: auto"):
         sp.convert(hf_vit, masks, format="coo")
+
+
+def _layer_and_model_timer(layer_ms, model_ms):
+    """Per-layer rounds: the first prefix of ``layer_ms`` a candidate starts with (else 1.0);
+    whole-model rounds: ``model_ms`` by plan label (else 1.0)."""
+    calls = []
+
+    def timer(fns, device="cpu", warmup=2, reps=5):
+        calls.append(sorted(fns))
+        out = {}
+        for name in fns:
+            if name.startswith("model:"):
+                out[name] = model_ms.get(name.removeprefix("model:"), 1.0)
+            else:
+                out[name] = next((v for k, v in layer_ms.items() if name.startswith(k)), 1.0)
+        return out
+
+    return timer, calls
+
+
+def test_auto_whole_model_overrules_the_layers(hf_vit, images, monkeypatch):
+    """Each layer alone prefers BSR, the model runs faster on CSR: the csr plan is built."""
+    timer, calls = _layer_and_model_timer({"bsr": 0.4, "csr": 0.5}, {"csr": 0.3})
+    monkeypatch.setattr(auto, "time_interleaved", timer)
+    masks = sp.prune(hf_vit, "l1_unstructured", amount=0.9)  # fits csr and (1-0.9^4 stored) bsr 4x1
+    fast = sp.convert(hf_vit, masks, format="auto", example_inputs=images)
+    rows = sp.report(fast)
+    assert {r["format"] for r in rows} == {"auto:csr"}, [(r["name"], r["why"]) for r in rows][:3]
+    assert all("whole model: csr plan, 3.33x dense" in r["why"] for r in rows)
+    timed_plans = [c for c in calls if c[0].startswith("model:")][0]
+    # per-layer: BSR where a block fits within BSR_MAX_STORED, CSR elsewhere
+    assert timed_plans == ["model:bsr", "model:csr", "model:dense", "model:per-layer"]
+    expected = masks.apply(copy.deepcopy(hf_vit))(images).logits
+    torch.testing.assert_close(fast(images).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_model_not_faster_than_dense_stays_dense(hf_vit, images, monkeypatch):
+    """Every layer beat dense alone, the whole model does not by MODEL_MARGIN: all dense."""
+    timer, _ = _layer_and_model_timer({"csr": 0.5}, {"per-layer": 1.0 / (auto.MODEL_MARGIN * 0.99)})
+    monkeypatch.setattr(auto, "time_interleaved", timer)
+    masks = sp.prune(hf_vit, "nm")
+    fast = sp.convert(hf_vit, masks, format="auto", example_inputs=images)
+    rows = sp.report(fast)
+    assert {r["format"] for r in rows} == {"auto:dense"}
+    assert all("whole model: dense plan" in r["why"] for r in rows)
+    assert not any(isinstance(m, sp.SparseLinear) for m in fast.modules())
