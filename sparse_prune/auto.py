@@ -16,9 +16,9 @@ A cache entry that is not one this run could have chosen (edited by hand, writte
 version, a format or backend that no longer fits the mask) is measured again, never trusted;
 an unreadable cache file counts as empty. The cache is written crash-safely.
 
-Then the whole model (:func:`model_plans`, :func:`choose_model`): the per-layer plan, one plan
-per sparse format that beat dense on some layer (that format there, dense elsewhere) and the
-masked dense model are built (GELU and MLP fusion included) and their forwards on
+Then the whole model (:func:`model_plans`, :func:`choose_model`): the per-layer plan, two plans
+per sparse format timed on some layer (that format where it beat dense alone, dense elsewhere;
+and that format on every layer it was timed on) and the masked dense model are built (GELU and MLP fusion included) and their forwards on
 ``example_inputs`` timed in rotating rounds; a sparse plan is kept only when it beats dense by
 :data:`MODEL_MARGIN`, twice. Per-layer rounds time a layer alone, its weight hot in cache, and
 cannot see the fused MLP op; the forward of the whole model can.
@@ -31,6 +31,8 @@ import hashlib
 import json
 import math
 import os
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +41,7 @@ from torch import nn
 from sparse_prune import atomic, backends, ops
 from sparse_prune import formats as F
 from sparse_prune.agreement import Mismatch, check_matches, nonfinite_reach, reference_dtype
-from sparse_prune.calibration import run_batch
+from sparse_prune.calibration import call_model, run_batch
 from sparse_prune.masks import MaskSet
 from sparse_prune.nn import SparseLinear
 from sparse_prune.timing import describe_device, time_interleaved
@@ -242,7 +244,8 @@ def _restricted(decision: dict[str, Any], family: str, everywhere: bool = False)
     """``decision`` limited to ``family`` (a format name) and dense: the family's fastest
     candidate of the layer's rounds where it beat dense there by the margin (``everywhere``:
     wherever it was timed), else dense."""
-    ms = decision.get("ms", {})
+    ms = decision.get("ms")
+    ms = ms if isinstance(ms, dict) else {}
     dense = ms.get("dense")
     timed = [(ms[label], label) for label, (fmt_name, _, _) in decision["labels"].items()
              if fmt_name == family and _number(ms.get(label))]
@@ -256,8 +259,8 @@ def _restricted(decision: dict[str, Any], family: str, everywhere: bool = False)
 def model_plans(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """The whole-model plans worth timing: ``"dense"``, ``"per-layer"`` (each layer's measured
     choice) and, per sparse format timed on some layer, ``"<format>"`` (that format where it beat
-    dense alone by the margin, dense elsewhere) and ``"<format>:all"`` (that format wherever it
-    fits: what ``convert(format=...)`` builds). Measured why the last: at 70% L1-unstructured
+    dense alone by the margin, dense elsewhere) and ``"<format>:all"`` (that format on every
+    layer where it was timed and agreed: its fastest backend and block there). Measured why the last: at 70% L1-unstructured
     (ViT-B/16, batch 1) csr on every layer ran 1.23x dense end to end, while the layers where csr
     beat dense alone by 1.1x gave 1.12x (the fused MLP op pays even where fc2 alone does not).
     Plans that choose the same thing for every layer are kept once (the first label, ``"dense"``
@@ -271,40 +274,77 @@ def model_plans(decisions: dict[str, dict[str, Any]]) -> dict[str, dict[str, dic
         plans[f"{f}:all"] = {n: _restricted(d, f, everywhere=True) for n, d in decisions.items()}
     seen, out = set(), {}
     for label, plan in plans.items():
-        sig = tuple(sorted((n, d["format"], d["backend"], json.dumps(d["kw"], sort_keys=True)) for n, d in plan.items()))
+        sig = _plan_sig(plan)
         if sig not in seen:
             seen.add(sig)
             out[label] = plan
     return out
 
 
-def _model_entry_ok(entry: Any, built: dict[str, nn.Module]) -> bool:
-    """A cached whole-model record this run could have written: a plan built now, finite
-    positive times of built plans (dense and the plan among them), the ratio they give."""
-    if not (isinstance(entry, dict) and isinstance(entry.get("ms"), dict) and entry.get("plan") in built):
-        return False
-    ms = entry["ms"]
-    if not (set(ms) <= set(built) and "dense" in ms and entry["plan"] in ms and all(_number(v) for v in ms.values())):
-        return False
-    return _number(entry.get("ratio")) and math.isclose(entry["ratio"], ms["dense"] / ms[entry["plan"]], rel_tol=1e-9)
+def _plan_sig(plan: dict[str, dict[str, Any]]) -> tuple:
+    return tuple(sorted((n, d["format"], d["backend"], json.dumps(d["kw"], sort_keys=True)) for n, d in plan.items()))
 
 
-def choose_model(built: dict[str, nn.Module], decisions: dict[str, dict[str, Any]], example_inputs: Any,
-                 device: torch.device, cache: str | os.PathLike | None = None, reps: int = 7
+def _times_ok(ms: Any, labels: set[str], plan: str) -> bool:
+    return (isinstance(ms, dict) and set(ms) <= labels and "dense" in ms and plan in ms
+            and all(_number(v) for v in ms.values()))
+
+
+def _model_entry_ok(entry: Any, labels: set[str]) -> bool:
+    """A cached whole-model record this run could have written: a plan among ``labels`` (the
+    plans of this run), finite positive times of those plans, the ratio they give and the rule:
+    a sparse plan is the fastest of its rounds and beat dense by MODEL_MARGIN there and in its
+    confirmation rounds."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("plan"), str) and entry["plan"] in labels):
+        return False
+    plan, ms = entry["plan"], entry.get("ms")
+    if not _times_ok(ms, labels, plan) or not _number(entry.get("ratio")):
+        return False
+    if not math.isclose(entry["ratio"], ms["dense"] / ms[plan], rel_tol=1e-9):
+        return False
+    if plan == "dense":
+        return True
+    confirm = entry.get("confirm")
+    return (min(ms, key=ms.get) == plan and ms["dense"] >= MODEL_MARGIN * ms[plan]
+            and _times_ok(confirm, {"dense", plan}, plan) and confirm["dense"] >= MODEL_MARGIN * confirm[plan])
+
+
+def choose_model(plans: dict[str, dict[str, dict[str, Any]]], build: Callable[[str], nn.Module],
+                 decisions: dict[str, dict[str, Any]], example_inputs: Any, device: torch.device,
+                 cache: str | os.PathLike | None = None, reps: int = 7, variant: str = ""
                  ) -> tuple[str, dict[str, Any]]:
-    """The plan (a key of ``built``, the converted models of :func:`model_plans`; ``"dense"``
-    among them) whose whole forward on ``example_inputs`` is fastest, and its record ``{"plan",
-    "ms", "ratio", "margin", "confirm"}``. A sparse plan must beat dense by
-    :data:`MODEL_MARGIN` in the rounds of every plan and again in fresh rounds against dense
-    alone, else ``"dense"``. Cached like the layers' decisions (by every layer's key)."""
+    """The plan (a key of ``plans``, from :func:`model_plans`) whose whole forward on
+    ``example_inputs`` is fastest, and its record ``{"plan", "ms", "ratio", "margin",
+    "confirm"}``. ``build(label)`` returns that plan's converted model; every plan is built
+    (all held at once while they are timed: one model copy per plan), run once, and timed in
+    rotating rounds; a plan whose forward fails is dropped with a warning. A sparse plan must
+    beat dense by :data:`MODEL_MARGIN` in the rounds of every plan and again in fresh rounds
+    against dense alone, else ``"dense"``. Cached like the layers' decisions, by every layer's
+    key, every plan's content and ``variant`` (what else changes the built models)."""
     store = _load_cache(cache)
-    digest = hashlib.sha256(json.dumps(sorted((n, d["key"]) for n, d in decisions.items())).encode()).hexdigest()
-    key = f"{_versions(device)}|model|{digest[:32]}"
+    payload = [sorted((n, d["key"]) for n, d in decisions.items()),
+               sorted((label, repr(_plan_sig(plan))) for label, plan in plans.items()), variant]
+    key = f"{_versions(device)}|model|{hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]}"
     entry = store.get(key)
-    if _model_entry_ok(entry, built):  # else (edited, stale, another version's plans): measure again
+    if _model_entry_ok(entry, set(plans)):  # else (edited, stale, another version's plans): measure again
         return entry["plan"], entry
-    fns = {f"model:{label}": (lambda m=m: run_batch(m, example_inputs, 0, "example_inputs")) for label, m in built.items()}
+    built: dict[str, nn.Module] = {}
+    for label in plans:
+        model = build(label)  # outside inference mode: the built model's buffers are plain tensors
+        try:
+            with torch.inference_mode():  # dense comes first: inputs that do not fit fail there, named as such
+                run_batch(model, example_inputs, 0, "example_inputs") if label == "dense" else call_model(
+                    model, example_inputs)
+        except (ValueError, RuntimeError) as exc:
+            if label == "dense":
+                raise
+            warnings.warn(f"format='auto': the {label} plan's forward failed on example_inputs, so it is not "
+                          f"timed: {type(exc).__name__}: {exc}", stacklevel=3)
+            continue
+        built[label] = model
     with torch.inference_mode():
+        fns = {f"model:{label}": (lambda m=m: run_batch(m, example_inputs, 0, "example_inputs"))
+               for label, m in built.items()}
         ms = {k.removeprefix("model:"): v for k, v in time_interleaved(fns, device, warmup=1, reps=reps).items()}
         best = min(ms, key=ms.get)
         if best != "dense" and ms["dense"] < MODEL_MARGIN * ms[best]:

@@ -128,28 +128,29 @@ def plan(model: nn.Module, masks: dict[str, torch.Tensor], format: str, backend:
 
 def convert_auto(model: nn.Module, masks: MaskSet, backend: str, example_inputs: Any, cache: str | None,
                  fuse_activations: bool) -> nn.Module:
-    """``format="auto"`` on ``model`` (a copy the caller owns): every layer's candidates timed
-    (:func:`sparse_prune.auto.choose`), then the whole-model plans built from those rounds
-    (:func:`sparse_prune.auto.model_plans`: per-layer, one per chosen format, dense) timed end to
-    end on ``example_inputs`` (:func:`sparse_prune.auto.choose_model`); the fastest is returned."""
+    """``format="auto"`` on ``model`` (converted in place: the caller's copy, or the user's model
+    with ``inplace=True``): every layer's candidates timed (:func:`sparse_prune.auto.choose`),
+    then the whole-model plans built from those rounds (:func:`sparse_prune.auto.model_plans`)
+    timed end to end on ``example_inputs`` (:func:`sparse_prune.auto.choose_model`, on copies);
+    the fastest plan is then built into ``model``."""
     from sparse_prune import auto
 
     decisions = auto.choose(model, masks, example_inputs, None if backend == "auto" else [backend], cache)
     plans = auto.model_plans(decisions)
     if len(plans) == 1:  # every layer stays dense: nothing to time
         return _build_auto(model, masks, plans["dense"], fuse_activations, "")  # dense first in plans
-    built = {label: _build_auto(copy.deepcopy(model), masks, plan, fuse_activations, label)
-             for label, plan in plans.items()}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    best, record = auto.choose_model(built, decisions, example_inputs, device, cache)
-    chosen = built[best]
+    best, record = auto.choose_model(
+        plans, lambda label: _build_auto(copy.deepcopy(model), masks, plans[label], fuse_activations, label),
+        decisions, example_inputs, device, cache, variant=f"fuse_activations={fuse_activations}")
+    _build_auto(model, masks, plans[best], fuse_activations, best)
     note = (f"; whole model: {best} plan, {record['ratio']:.2f}x dense measured end to end (per-layer plan "
             f"{record['ms']['dense'] / record['ms'].get('per-layer', record['ms']['dense']):.2f}x)")
-    for module in chosen.modules():
+    for module in model.modules():
         summary = module.__dict__.get(PLAN_ATTR)
         if summary is not None:
             summary["reason"] += note
-    return chosen
+    return model
 
 
 def _build_auto(model: nn.Module, masks: MaskSet, decisions: dict[str, dict[str, Any]], fuse_activations: bool,
@@ -280,9 +281,12 @@ def convert(model: nn.Module, masks: MaskSet, format: str | None = None, backend
     gather/scatter ``Shrunk`` format. ``round_to`` applies to both.
 
     ``format="auto"`` times, per layer on ``example_inputs`` (required), every format and
-    backend that fits its mask against the masked dense layer and keeps the fastest, dense
-    included (:mod:`sparse_prune.auto`; ``cache=`` a JSON path to reuse decisions); ``report()``
-    shows each choice and its measured ratio. ``backend`` limits the candidates when not "auto".
+    backend that fits its mask against the masked dense layer; then it builds whole-model plans
+    from those rounds (the per-layer fastest; per format, where it won and everywhere it fits;
+    all dense), times their forwards on ``example_inputs`` and keeps the fastest, a sparse plan
+    only when it beats dense by 1.05x twice (:mod:`sparse_prune.auto`; ``cache=`` a JSON path to
+    reuse decisions; while timing, one model copy per plan is held); ``report()`` shows each
+    layer's choice, its measured ratio and the plan. ``backend`` limits the candidates when not "auto".
 
     ``fuse_activations`` (default on): where a ViT MLP's first Linear became a SparseLinear and
     feeds an exact GELU, the GELU moves into the layer (:func:`fuse_gelu`): one kernel where the

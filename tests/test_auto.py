@@ -152,3 +152,68 @@ def test_auto_model_not_faster_than_dense_stays_dense(hf_vit, images, monkeypatc
     assert {r["format"] for r in rows} == {"auto:dense"}
     assert all("whole model: dense plan" in r["why"] for r in rows)
     assert not any(isinstance(m, sp.SparseLinear) for m in fast.modules())
+
+
+def test_auto_inplace_converts_the_users_model(hf_vit, images, monkeypatch):
+    """The whole-model plans are timed on copies; the winner is built into the model itself."""
+    timer, _ = _fake_timer("csr")
+    monkeypatch.setattr(auto, "time_interleaved", timer)
+    model = copy.deepcopy(hf_vit)
+    masks = sp.prune(model, "nm")
+    out = sp.convert(model, masks, format="auto", example_inputs=images, inplace=True)
+    assert out is model
+    assert any(isinstance(m, sp.SparseLinear) for m in model.modules())
+    assert {r["format"] for r in sp.report(model)} == {"auto:csr"}
+
+
+@pytest.mark.parametrize("edit", [
+    lambda e: e.update(plan=[]),                      # unhashable: must not crash
+    lambda e: e.update(plan="per-layer", ratio=1.0, ms={"dense": 1.0, "per-layer": 1.0}),  # breaks the rule
+    lambda e: e.update(ms=None),
+    lambda e: e.update(confirm={"dense": "x"}),
+])
+def test_edited_model_record_is_remeasured(hf_vit, images, tmp_path, monkeypatch, edit):
+    timer, calls = _fake_timer("csr")
+    monkeypatch.setattr(auto, "time_interleaved", timer)
+    masks = sp.prune(hf_vit, "nm")
+    cache = tmp_path / "auto.json"
+    sp.convert(hf_vit, masks, format="auto", example_inputs=images, cache=str(cache))
+    store = json.loads(cache.read_text())
+    for key, entry in store.items():
+        if "|model|" in key:
+            edit(entry)
+        else:
+            entry["ms"] = None  # a layer record without its rounds: plans fall back to dense there
+    cache.write_text(json.dumps(store))
+    calls.clear()
+    again = sp.convert(hf_vit, masks, format="auto", example_inputs=images, cache=str(cache))
+    assert [c for c in calls if c[0].startswith("model:")]  # the whole model was measured again
+    torch.testing.assert_close(again(images).logits, masks.apply(copy.deepcopy(hf_vit))(images).logits,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_model_record_depends_on_fusion(hf_vit, images, tmp_path, monkeypatch):
+    timer, calls = _fake_timer("csr")
+    monkeypatch.setattr(auto, "time_interleaved", timer)
+    masks = sp.prune(hf_vit, "nm")
+    cache = tmp_path / "auto.json"
+    sp.convert(hf_vit, masks, format="auto", example_inputs=images, cache=str(cache))
+    calls.clear()
+    sp.convert(hf_vit, masks, format="auto", example_inputs=images, cache=str(cache), fuse_activations=False)
+    assert [c for c in calls if c[0].startswith("model:")]  # other models: measured, not the fused record
+    assert sum("|model|" in k for k in json.loads(cache.read_text())) == 2
+
+
+def test_auto_drops_a_plan_whose_forward_fails(hf_vit, images, monkeypatch):
+    timer, calls = _fake_timer("csr")
+    monkeypatch.setattr(auto, "time_interleaved", timer)
+
+    def broken(self, x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sp.SparseMLP, "forward", broken)  # every sparse plan here fuses the MLPs
+    masks = sp.prune(hf_vit, "nm")
+    with pytest.warns(UserWarning, match="the per-layer plan's forward failed on example_inputs, so it is not timed: RuntimeError: boom"):
+        fast = sp.convert(hf_vit, masks, format="auto", example_inputs=images)
+    assert [c for c in calls if c[0].startswith("model:")] == [["model:dense"]]
+    assert {r["format"] for r in sp.report(fast)} == {"auto:dense"}

@@ -168,8 +168,8 @@ struct X86Common {
 };
 
 // The micro-kernels over one vector type Vt (Ymm here; Zmm in spmm_avx512.cpp): Vt::R is the
-// register, kLanes its floats. Two accumulator sets (stored weights alternate between them)
-// hide the 4-cycle FMA latency when V is small. Panel rows of a tile are `ps` floats apart
+// register, kLanes its floats. Two accumulator sets (stored weights alternate between them;
+// four for csr's one-vector tiles) hide the 4-cycle FMA latency when V is small. Panel rows of a tile are `ps` floats apart
 // (the tile's width, a multiple of kLanes), Yᵀ rows `ys` apart.
 template <class Vt, int MaxV, int RowChunk>
 struct SimdMicro : X86Common {
