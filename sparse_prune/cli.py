@@ -328,6 +328,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         kw["block"] = tuple(args.block)
     if args.round_to != 1:
         kw["round_to"] = args.round_to
+    if args.format == "auto":  # measured on this machine, on random images of the batch it will run
+        size = _image_size(model)
+        gen = torch.Generator().manual_seed(0)
+        kw["example_inputs"] = torch.randn(args.batch, 3, size, size, generator=gen)
+        kw["cache"] = args.cache
+    elif args.batch != 1 or args.cache is not None:
+        raise ValueError("--batch and --cache are for --format auto (what it measures on, where it keeps its "
+                         f"decisions), not --format {args.format}")
     converted = sp.convert(model, masks, format=args.format, backend=args.backend, inplace=True, **kw)
     sp.save(converted, args.out)
     spec = {"model": args.model, "source": args.source, "depth": args.depth}
@@ -524,7 +532,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cv = sub.add_parser("convert", help="convert a ViT with saved masks to a format; save it (sp.save)")
     _model_args(cv)
     cv.add_argument("--masks", required=True, help="masks file written by 'sparse-prune prune'")
-    cv.add_argument("--format", required=True, choices=CONVERT_FORMATS, help="format of the converted layers")
+    cv.add_argument("--format", required=True, choices=("auto", *CONVERT_FORMATS),
+                    help="format of the converted layers; auto: the fastest measured here, per layer and for the "
+                         "whole model, dense where nothing sparse pays")
+    cv.add_argument("--batch", type=_positive_int, default=1,
+                    help="auto: images per batch it measures on (the batch you will run; default 1)")
+    cv.add_argument("--cache", default=None, help="auto: JSON file of its decisions, reused by the next run")
     cv.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="kernels to run them with (default: auto, our best for the device)")
     cv.add_argument("--block", type=_positive_int, nargs=2, default=None, metavar=("BM", "BK"), help="bsr block")

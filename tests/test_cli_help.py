@@ -109,3 +109,31 @@ def test_speed_plot_and_header(tmp_path):
     assert [p.name for p in paths] == ["speedup.png", "memory.png"] and all(p.stat().st_size > 0 for p in paths)
     assert latency.markdown(rows).startswith("End to end: m (timm, depth 2, random weights), float32, cpu-x")
     json.dumps(rows)
+
+
+def test_convert_auto_measures_saves_and_reports(tmp_path, capsys, monkeypatch):
+    """`convert --format auto`: measured on random images of the model's size (--batch), its
+    decisions kept in --cache, the result saved and read back by `report`."""
+    masks = tmp_path / "m.safetensors"
+    assert cli.main(["prune", *TINY, "--method", "l1_unstructured", "--amount", "0.9", "--out", str(masks)]) == 0
+    seen = []
+    real = sp.convert
+
+    def spy(model, m, **kw):
+        seen.append(kw)
+        return real(model, m, **kw)
+
+    monkeypatch.setattr(sp, "convert", spy)
+    cache, ck = tmp_path / "auto.json", tmp_path / "ck"
+    capsys.readouterr()
+    assert cli.main(["convert", *TINY, "--masks", str(masks), "--format", "auto", "--batch", "2",
+                     "--cache", str(cache), "--out", str(ck)]) == 0
+    out = capsys.readouterr().out
+    assert seen[0]["format"] == "auto" and tuple(seen[0]["example_inputs"].shape) == (2, 3, 224, 224)
+    assert "auto:" in out and cache.is_file()
+    assert cli.main(["report", str(ck), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # the sparse layers keep auto's reason through sp.save; where the plan kept layers dense
+    # (noise can make the tiny model's plan dense) they load back as plain nn.Linear
+    assert rows and all((r["format"].startswith("auto:") and "whole model:" in r["why"]) or r["format"] == "nn.Linear"
+                        for r in rows)
