@@ -156,6 +156,64 @@ def test_threads_split_rows_bitwise_equal(isa, kind):
     assert torch.equal(one, two)
 
 
+def _kind_format(kind, w, mask, block=(8, 1)):
+    return (F.CSR.from_dense(w, mask) if kind == "csr" else F.BSR.from_dense(w, mask, block=block)
+            if kind == "bsr" else F.SemiStructured.from_dense(w, _two_four(w)))
+
+
+def _threads(n, fn):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("split", ["rows", "tokens", "auto"])
+@pytest.mark.parametrize("kind, block", [("csr", None), ("bsr", (8, 1)), ("bsr", (3, 5)), ("2:4", None)])
+@pytest.mark.parametrize("m", [197, 531])
+def test_token_and_row_splits_bitwise_equal_to_one_thread(isa, no_reference, monkeypatch, split, kind, block, m):
+    """Workers take whole token tiles (their own panels and rows of Y) or ranges of rows; either
+    way every output is summed as on one thread."""
+    w, mask, x, b = _problem(m, 300, 100 if kind != "2:4" else 96, 0.3)
+    fmt = _kind_format(kind, w, mask, block)
+    one = _threads(1, lambda: _run(fmt, x, b, True))
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SPLIT", split)
+    two = _threads(2, lambda: _check(fmt, x, b, True))
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("kind", ["csr", "bsr", "2:4"])
+def test_token_split_checks_every_row(isa, monkeypatch, kind):
+    """The index pass runs once, split by rows, before any product: a bad index in the last row
+    (the second worker's) still raises."""
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SPLIT", "tokens")
+    w, mask, x, b = _problem(300, 64, 48, 0.5)
+    fmt = _kind_format(kind, w, mask, (4, 1))
+    if kind == "csr":
+        col = fmt.col_indices.clone()
+        col[-1] = 48
+        call = lambda: torch.ops.sparse_prune.csr_linear(x, fmt.values, fmt.crow_indices, col, 64, b)  # noqa: E731
+    elif kind == "bsr":
+        col = fmt.col_indices.clone()
+        col[-1] = 10**4
+        call = lambda: torch.ops.sparse_prune.bsr_linear(x, fmt.values, fmt.crow_indices, col, 64, b)  # noqa: E731
+    else:
+        meta = fmt.meta.clone()
+        meta[-1, -1] = 0
+        call = lambda: torch.ops.sparse_prune.semi24_linear(x, fmt.values, meta, b)  # noqa: E731
+    with pytest.raises(ValueError, match="col_indices|meta"):
+        _threads(2, call)
+
+
+def test_split_switch_refuses_unknown(monkeypatch):
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SPLIT", "diagonal")
+    w, mask, x, b = _problem(5, 8, 16, 0.5)
+    with pytest.raises(ValueError, match="SPARSE_PRUNE_CPU_SPLIT"):
+        _run(F.CSR.from_dense(w, mask), x, b)
+
+
 @pytest.mark.parametrize("kind", ["csr", "bsr", "2:4"])
 def test_non_finite_inputs(isa, kind):
     """Lower bound: an output that a kept weight connects to a NaN/inf input is not finite.
@@ -423,7 +481,8 @@ def test_isa_units_export_only_entry_points():
     assert not weak, weak[:5]
     public = {line.split(" ", 2)[2].split("(")[0] for line in exported if line.split()[1] == "T"}
     names = {name.rsplit("::", 1)[1] for name in public}
-    assert names <= {"compiled", "pack_x", "csr_rows", "bsr_rows", "semi24_rows"}, names
+    assert names <= {"compiled", "pack_x", "csr_index", "csr_rows", "bsr_index", "bsr_rows", "semi24_check",
+                     "semi24_rows"}, names
 
 
 def test_semi24_metadata_check_covers_the_partial_last_word():

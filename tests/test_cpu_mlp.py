@@ -112,6 +112,28 @@ def test_fused_mlp_without_gelu_no_tokens_and_threads(isa):
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("split", ["rows", "tokens"])
+@pytest.mark.parametrize("k1, k2", [("csr", "bsr"), ("bsr", "2:4"), ("2:4", "csr")])
+def test_fused_mlp_token_split_bitwise_equal_to_one_thread(isa, no_reference, monkeypatch, split, k1, k2):
+    """With the token split each worker runs both layers on its own tiles (its own hidden
+    panels): the result is still the one-thread one, bit for bit."""
+    f1, f2 = _weight(200, 64, k1, 1), _weight(37, 200, k2, 2)  # fc2 bsr (4x3 blocks) overhangs 200
+    g = torch.Generator().manual_seed(4)
+    x, b1, b2 = torch.randn(531, 64, generator=g), torch.randn(200, generator=g), torch.randn(37, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _mlp(x, k1, f1, b1, k2, f2, b2)
+        monkeypatch.setenv("SPARSE_PRUNE_CPU_SPLIT", split)
+        torch.set_num_threads(2)
+        two = _mlp(x, k1, f1, b1, k2, f2, b2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    if isa != "portable":
+        assert torch.equal(two, _two_ops(x, k1, f1, b1, k2, f2, b2))
+
+
 def test_fused_mlp_bad_arguments_raise():
     f1, f2 = _weight(40, 24, "csr", 1), _weight(12, 40, "csr", 2)
     x = torch.randn(3, 24)

@@ -73,19 +73,27 @@ constexpr int kBadMeta = 4;         // 2:4: a group's two column indices are not
 // most all its rows; floats) and the K-block boundaries (int64). Same for every ISA.
 int64_t scratch_floats(const Problem& p, int64_t rows);
 int64_t scratch_bounds(const Problem& p, int64_t rows);
+// Entries per unit in the K-block bounds that *_index writes (nkb + 1 for p.kblock).
+int64_t bounds_stride(const Problem& p);
 
 #define SPARSE_PRUNE_CPU_ISA_API(ns, T)                                                           \
   namespace ns {                                                                                  \
   /* Pack tiles [t0, t1) of x [M, K] into xp (ntiles x kp x tile). */                             \
   void pack_x(const Problem& p, const T* x, T* xp, int64_t t0, int64_t t1);                       \
-  /* Rows [r0, r1) of Y over every tile. Returns a status code. */                                \
+  /* The index pass of rows [r0, r1): checks their column indices and writes their K-block      \
+     bounds for p.kblock, row r0's first (bounds_stride(p) apart). Returns a status code. */      \
+  int csr_index(const Problem& p, const CsrWeight& w, int64_t r0, int64_t r1, int64_t* bounds);   \
+  /* Rows [r0, r1) of Y over every tile; indexed: csr_index already ran on them into bounds. */  \
   int csr_rows(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0, int64_t r1,         \
-               T* yt, int64_t* bounds);                                                           \
+               T* yt, int64_t* bounds, bool indexed);                                             \
   /* Block rows [b0, b1). */                                                                      \
+  int bsr_index(const Problem& p, const BsrWeight& w, int64_t b0, int64_t b1, int64_t* bounds);   \
   int bsr_rows(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0, int64_t b1,         \
-               T* yt, int64_t* bounds);                                                           \
+               T* yt, int64_t* bounds, bool indexed);                                             \
+  /* checked: semi24_check already passed rows [r0, r1). */                                      \
+  int semi24_check(const Problem& p, const Semi24Weight& w, int64_t r0, int64_t r1);              \
   int semi24_rows(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1,   \
-                  T* yt);                                                                         \
+                  T* yt, bool checked);                                                           \
   }
 
 // Entry points of an ISA unit built for another architecture: present, never called
@@ -93,9 +101,12 @@ int64_t scratch_bounds(const Problem& p, int64_t rows);
 #define SPARSE_PRUNE_ABSENT_ENTRY_POINTS                                                                   \
   bool compiled() { return false; }                                                                        \
   void pack_x(const Problem&, const float*, float*, int64_t, int64_t) {}                                   \
-  int csr_rows(const Problem&, const CsrWeight&, const float*, int64_t, int64_t, float*, int64_t*) { return kOk; } \
-  int bsr_rows(const Problem&, const BsrWeight&, const float*, int64_t, int64_t, float*, int64_t*) { return kOk; } \
-  int semi24_rows(const Problem&, const Semi24Weight&, const float*, int64_t, int64_t, float*) { return kOk; }
+  int csr_index(const Problem&, const CsrWeight&, int64_t, int64_t, int64_t*) { return kOk; }              \
+  int csr_rows(const Problem&, const CsrWeight&, const float*, int64_t, int64_t, float*, int64_t*, bool) { return kOk; } \
+  int bsr_index(const Problem&, const BsrWeight&, int64_t, int64_t, int64_t*) { return kOk; }              \
+  int bsr_rows(const Problem&, const BsrWeight&, const float*, int64_t, int64_t, float*, int64_t*, bool) { return kOk; } \
+  int semi24_check(const Problem&, const Semi24Weight&, int64_t, int64_t) { return kOk; }                  \
+  int semi24_rows(const Problem&, const Semi24Weight&, const float*, int64_t, int64_t, float*, bool) { return kOk; }
 
 namespace avx2_f32 { bool compiled(); }
 namespace avx512_f32 { bool compiled(); }

@@ -106,19 +106,34 @@ inline void find_bounds(const I* col, int64_t begin, int64_t end, int64_t span, 
   if (nkb > 0) b[nkb] = end;
 }
 
+// The index pass of rows [r0, r1): checks their column indices and finds their K-block bounds,
+// row r0 + r's at bounds + r·(nkb + 1). Returns a status code.
+template <typename I>
+int csr_index_impl(const Problem& p, const CsrWeight& w, int64_t r0, int64_t r1, int64_t* bounds) {
+  const I* col = static_cast<const I*>(w.col);
+  const int64_t nkb = (p.K + p.kblock - 1) / p.kblock;
+  const int64_t stride = nkb + 1;
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    const int64_t begin = w.crow[r0 + r], end = w.crow[r0 + r + 1];
+    const int status = check_sorted_range(col, begin, end, p.K);
+    if (status != kOk) return status;
+    find_bounds(col, begin, end, p.kblock, nkb, bounds + r * stride);
+  }
+  return kOk;
+}
+
+// indexed: csr_index_impl has already run on these rows with this p.kblock (into bounds).
 template <class Mi, typename T, typename I>
 int csr_rows_impl(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0, int64_t r1,
-                  T* yt, int64_t* bounds) {
+                  T* yt, int64_t* bounds, bool indexed) {
   const T* val = static_cast<const T*>(w.values);
   const I* col = static_cast<const I*>(w.col);
   const int64_t rows = r1 - r0;
   const int64_t nkb = (p.K + p.kblock - 1) / p.kblock;
   const int64_t stride = nkb + 1;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t begin = w.crow[r0 + r], end = w.crow[r0 + r + 1];
-    const int status = check_sorted_range(col, begin, end, p.K);
+  if (!indexed) {
+    const int status = csr_index_impl<I>(p, w, r0, r1, bounds);
     if (status != kOk) return status;
-    find_bounds(col, begin, end, p.kblock, nkb, bounds + r * stride);
   }
   const auto bytes = [&](int64_t u0, int64_t u1) {
     return (w.crow[r0 + u1] - w.crow[r0 + u0]) * static_cast<int64_t>(sizeof(T) + sizeof(I)) + (u1 - u0) * 64;
@@ -141,9 +156,9 @@ int csr_rows_impl(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0,
   return kOk;
 }
 
-template <class Mi, typename T, typename I>
-int bsr_rows_impl(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0, int64_t b1,
-                  T* yt, int64_t* bounds) {
+// The index pass of block rows [b0, b1) (csr_index_impl's contract), with the padding check.
+template <typename T, typename I>
+int bsr_index_impl(const Problem& p, const BsrWeight& w, int64_t b0, int64_t b1, int64_t* bounds) {
   const T* val = static_cast<const T*>(w.values);
   const I* col = static_cast<const I*>(w.col);
   const int64_t bm = w.bm, bk = w.bk;
@@ -165,6 +180,23 @@ int bsr_rows_impl(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0,
           if (blk[i * bk + j] != T(0)) return kPaddingNonZero;
     }
     find_bounds(col, begin, end, per_kb, nkb, bounds + br * stride);
+  }
+  return kOk;
+}
+
+template <class Mi, typename T, typename I>
+int bsr_rows_impl(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0, int64_t b1,
+                  T* yt, int64_t* bounds, bool indexed) {
+  const T* val = static_cast<const T*>(w.values);
+  const I* col = static_cast<const I*>(w.col);
+  const int64_t bm = w.bm, bk = w.bk;
+  const int64_t ncols = p.kp / bk;
+  const int64_t per_kb = p.kblock / bk > 0 ? p.kblock / bk : 1;
+  const int64_t nkb = (ncols + per_kb - 1) / per_kb;
+  const int64_t stride = nkb + 1;
+  if (!indexed) {
+    const int status = bsr_index_impl<T, I>(p, w, b0, b1, bounds);
+    if (status != kOk) return status;
   }
   const auto bytes = [&](int64_t u0, int64_t u1) {
     return (w.crow[b0 + u1] - w.crow[b0 + u0]) * static_cast<int64_t>(bm * bk * sizeof(T) + sizeof(I)) +
@@ -208,14 +240,9 @@ constexpr MetaByteTable make_meta_byte_table() {
 
 constexpr MetaByteTable kMetaByteOk = make_meta_byte_table();
 
-template <class Mi, typename T>
-int semi24_rows_impl(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1,
-                     T* yt) {
-  const T* val = static_cast<const T*>(w.values);
+// The metadata check of rows [r0, r1): every group's nibble must name two increasing columns.
+inline int semi24_check_impl(const Problem& p, const Semi24Weight& w, int64_t r0, int64_t r1) {
   const int64_t groups = p.K / 4;
-  const int64_t per_kb = p.kblock / 4;  // kblock is a multiple of 16: whole metadata words
-  const int64_t nkb = (groups + per_kb - 1) / per_kb;
-  const int64_t rows = r1 - r0;
   // Every group's nibble must name two increasing columns (docs/semi_structured_layout.md),
   // checked a byte (two groups) per table lookup on the worker's rows; the unused nibbles of a
   // last, partial word are ignored.
@@ -234,6 +261,22 @@ int semi24_rows_impl(const Problem& p, const Semi24Weight& w, const T* xp, int64
       ok &= kMetaByteOk.ok[word & 0xFFu] & kMetaByteOk.ok[word >> 8];
     }
     if (!ok) return kBadMeta;
+  }
+  return kOk;
+}
+
+// checked: semi24_check_impl has already passed these rows.
+template <class Mi, typename T>
+int semi24_rows_impl(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1,
+                     T* yt, bool checked) {
+  const T* val = static_cast<const T*>(w.values);
+  const int64_t groups = p.K / 4;
+  const int64_t per_kb = p.kblock / 4;  // kblock is a multiple of 16: whole metadata words
+  const int64_t nkb = (groups + per_kb - 1) / per_kb;
+  const int64_t rows = r1 - r0;
+  if (!checked) {
+    const int status = semi24_check_impl(p, w, r0, r1);
+    if (status != kOk) return status;
   }
   const int64_t row_bytes = (p.K / 2) * static_cast<int64_t>(sizeof(T)) + w.meta_cols * 2 + 64;
   const auto bytes = [&](int64_t u0, int64_t u1) { return (u1 - u0) * row_bytes; };
@@ -259,21 +302,38 @@ int semi24_rows_impl(const Problem& p, const Semi24Weight& w, const T* xp, int64
 
 template <class Mi, typename T>
 int csr_dispatch(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0, int64_t r1, T* yt,
-                 int64_t* bounds) {
+                 int64_t* bounds, bool indexed) {
   switch (w.index_bytes) {
-    case 2: return csr_rows_impl<Mi, T, int16_t>(p, w, xp, r0, r1, yt, bounds);
-    case 8: return csr_rows_impl<Mi, T, int64_t>(p, w, xp, r0, r1, yt, bounds);
-    default: return csr_rows_impl<Mi, T, int32_t>(p, w, xp, r0, r1, yt, bounds);
+    case 2: return csr_rows_impl<Mi, T, int16_t>(p, w, xp, r0, r1, yt, bounds, indexed);
+    case 8: return csr_rows_impl<Mi, T, int64_t>(p, w, xp, r0, r1, yt, bounds, indexed);
+    default: return csr_rows_impl<Mi, T, int32_t>(p, w, xp, r0, r1, yt, bounds, indexed);
+  }
+}
+
+inline int csr_index_dispatch(const Problem& p, const CsrWeight& w, int64_t r0, int64_t r1, int64_t* bounds) {
+  switch (w.index_bytes) {
+    case 2: return csr_index_impl<int16_t>(p, w, r0, r1, bounds);
+    case 8: return csr_index_impl<int64_t>(p, w, r0, r1, bounds);
+    default: return csr_index_impl<int32_t>(p, w, r0, r1, bounds);
   }
 }
 
 template <class Mi, typename T>
 int bsr_dispatch(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0, int64_t b1, T* yt,
-                 int64_t* bounds) {
+                 int64_t* bounds, bool indexed) {
   switch (w.index_bytes) {
-    case 2: return bsr_rows_impl<Mi, T, int16_t>(p, w, xp, b0, b1, yt, bounds);
-    case 8: return bsr_rows_impl<Mi, T, int64_t>(p, w, xp, b0, b1, yt, bounds);
-    default: return bsr_rows_impl<Mi, T, int32_t>(p, w, xp, b0, b1, yt, bounds);
+    case 2: return bsr_rows_impl<Mi, T, int16_t>(p, w, xp, b0, b1, yt, bounds, indexed);
+    case 8: return bsr_rows_impl<Mi, T, int64_t>(p, w, xp, b0, b1, yt, bounds, indexed);
+    default: return bsr_rows_impl<Mi, T, int32_t>(p, w, xp, b0, b1, yt, bounds, indexed);
+  }
+}
+
+template <typename T>
+int bsr_index_dispatch(const Problem& p, const BsrWeight& w, int64_t b0, int64_t b1, int64_t* bounds) {
+  switch (w.index_bytes) {
+    case 2: return bsr_index_impl<T, int16_t>(p, w, b0, b1, bounds);
+    case 8: return bsr_index_impl<T, int64_t>(p, w, b0, b1, bounds);
+    default: return bsr_index_impl<T, int32_t>(p, w, b0, b1, bounds);
   }
 }
 
@@ -291,14 +351,24 @@ inline void semi24_columns(const int16_t* meta, int64_t g, int64_t& c0, int64_t&
   void pack_x(const Problem& p, const T* x, T* xp, int64_t t0, int64_t t1) {                               \
     for (int64_t t = t0; t < t1; ++t) Mi::pack(p, x, xp, t);                                               \
   }                                                                                                        \
+  int csr_index(const Problem& p, const CsrWeight& w, int64_t r0, int64_t r1, int64_t* bounds) {           \
+    return csr_index_dispatch(p, w, r0, r1, bounds);                                                       \
+  }                                                                                                        \
   int csr_rows(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0, int64_t r1, T* yt,           \
-               int64_t* bounds) {                                                                          \
-    return csr_dispatch<Mi, T>(p, w, xp, r0, r1, yt, bounds);                                              \
+               int64_t* bounds, bool indexed) {                                                            \
+    return csr_dispatch<Mi, T>(p, w, xp, r0, r1, yt, bounds, indexed);                                     \
+  }                                                                                                        \
+  int bsr_index(const Problem& p, const BsrWeight& w, int64_t b0, int64_t b1, int64_t* bounds) {           \
+    return bsr_index_dispatch<T>(p, w, b0, b1, bounds);                                                    \
   }                                                                                                        \
   int bsr_rows(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0, int64_t b1, T* yt,           \
-               int64_t* bounds) {                                                                          \
-    return bsr_dispatch<Mi, T>(p, w, xp, b0, b1, yt, bounds);                                              \
+               int64_t* bounds, bool indexed) {                                                            \
+    return bsr_dispatch<Mi, T>(p, w, xp, b0, b1, yt, bounds, indexed);                                     \
   }                                                                                                        \
-  int semi24_rows(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1, T* yt) {   \
-    return semi24_rows_impl<Mi, T>(p, w, xp, r0, r1, yt);                                                  \
+  int semi24_check(const Problem& p, const Semi24Weight& w, int64_t r0, int64_t r1) {                      \
+    return semi24_check_impl(p, w, r0, r1);                                                                \
+  }                                                                                                        \
+  int semi24_rows(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1, T* yt,     \
+                  bool checked) {                                                                          \
+    return semi24_rows_impl<Mi, T>(p, w, xp, r0, r1, yt, checked);                                         \
   }

@@ -132,5 +132,7 @@ int64_t scratch_bounds(const Problem& p, int64_t rows) {
   return rows * (nkb + 2);
 }
 
+int64_t bounds_stride(const Problem& p) { return (p.kblock > 0 ? (p.kp + p.kblock - 1) / p.kblock : 0) + 1; }
+
 }  // namespace cpu
 }  // namespace sparse_prune
