@@ -10,8 +10,9 @@ reference path is never timed, dense cuBLAS is the baseline to beat. A layer whe
 candidate beats dense by :data:`SPARSE_MARGIN` — first in the rounds with every candidate, then
 again in fresh rounds of the winner against dense alone — stays a masked ``nn.Linear``, so
 noise on shared cores never buys a slower layer. Decisions are cached in an optional JSON
-file by (device name, torch/Triton/CUDA versions, dtype, rows, shape, density, fitting
-candidates), so a second conversion skips the timing — and another GPU or library re-measures.
+file by (device name, torch/Triton/CUDA versions, our version and the fingerprints of the
+kernel libraries loaded, dtype, rows, shape, density, fitting candidates), so a second
+conversion skips the timing — and another GPU, library or kernel build re-measures.
 A cache entry that is not one this run could have chosen (edited by hand, written by another
 version, a format or backend that no longer fits the mask) is measured again, never trusted;
 an unreadable cache file counts as empty. The cache is written crash-safely.
@@ -111,13 +112,15 @@ def _versions(device: torch.device) -> str:
     """Device name and the library versions a measurement depends on: part of the cache key."""
     import importlib.util
 
+    import sparse_prune
+
     triton = "none"
     if importlib.util.find_spec("triton") is not None:
         import triton as _triton
 
         triton = _triton.__version__
     return (f"{describe_device(device)}|torch {torch.__version__}|triton {triton}|cuda {torch.version.cuda}"
-            f"|cpu kernels {ops.cpu_isa()}")
+            f"|cpu kernels {ops.cpu_isa()}|sparse_prune {sparse_prune.__version__} {ops.kernel_builds()}")
 
 
 def _load_cache(path: str | os.PathLike | None) -> dict[str, Any]:

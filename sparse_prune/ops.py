@@ -161,6 +161,32 @@ def cpu_isa() -> str | None:
     return importlib.import_module("sparse_prune._C_cpu").isa()
 
 
+_BUILD_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
+def kernel_builds() -> str:
+    """Fingerprints of our compiled kernel libraries loaded now (``_C_cpu``, ``_C``,
+    ``_C_sm90``: the first 12 hex digits of each file's SHA-256), e.g. ``"_C_cpu:1f2e3d4c5b6a"``;
+    ``""`` when none is loaded. Part of ``format="auto"``'s cache key, so that timings measured
+    with another build of the kernels are measured again, never reused."""
+    import hashlib
+    import os
+    import sys
+
+    out = []
+    for name in ("_C_cpu", "_C", "_C_sm90"):
+        path = getattr(sys.modules.get(f"sparse_prune.{name}"), "__file__", None)
+        if not path or not os.path.isfile(path):
+            continue
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in _BUILD_FINGERPRINTS:
+            with open(path, "rb") as f:
+                _BUILD_FINGERPRINTS[key] = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+        out.append(f"{name}:{_BUILD_FINGERPRINTS[key]}")
+    return ",".join(out)
+
+
 def cpu_isas() -> list[str]:
     """Every ISA our CPU kernels can run float32 on here, widest first (``"avx512"``, ``"avx2"``,
     ``"portable"``); empty when the CPU kernels are not loaded."""

@@ -98,6 +98,18 @@ def test_auto_measures_for_real_and_caches(hf_vit, images, tmp_path, monkeypatch
     again = sp.convert(hf_vit, masks, format="auto", example_inputs=images, cache=str(cache))
     assert calls == []  # every decision came from the cache, the whole-model one too
     assert [r["format"] for r in sp.report(again)] == [r["format"] for r in sp.report(fast)]
+    # another build of our kernels: nothing measured with the old one is reused
+    monkeypatch.setattr(auto.ops, "kernel_builds", lambda: "_C_cpu:000000000000")
+    sp.convert(hf_vit, masks, format="auto", example_inputs=images, cache=str(cache))
+    assert calls and any(c[0].startswith("model:") for c in calls)
+
+
+def test_kernel_builds_fingerprint_the_loaded_libraries():
+    builds = auto.ops.kernel_builds()
+    if auto.ops.has_cpu_extension():
+        (cpu,) = [b for b in builds.split(",") if b.startswith("_C_cpu:")]
+        assert len(cpu) == len("_C_cpu:") + 12 and int(cpu.split(":")[1], 16) >= 0
+    assert builds in auto._versions(torch.device("cpu"))
 
 
 def test_auto_needs_example_inputs(hf_vit):
