@@ -175,15 +175,23 @@ def kernel_builds() -> str:
 
     out = []
     for name in ("_C_cpu", "_C", "_C_sm90"):
-        path = getattr(sys.modules.get(f"sparse_prune.{name}"), "__file__", None)
-        if not path or not os.path.isfile(path):
+        if name == "_C_cpu" and not has_cpu_extension():  # imported but refused (ABI): not serving
             continue
-        st = os.stat(path)
-        key = (path, st.st_size, st.st_mtime_ns)
-        if key not in _BUILD_FINGERPRINTS:
-            with open(path, "rb") as f:
-                _BUILD_FINGERPRINTS[key] = hashlib.file_digest(f, "sha256").hexdigest()[:12]
-        out.append(f"{name}:{_BUILD_FINGERPRINTS[key]}")
+        path = getattr(sys.modules.get(f"sparse_prune.{name}"), "__file__", None)
+        if not path:
+            continue
+        try:
+            st = os.stat(path)
+            key = (path, st.st_size, st.st_mtime_ns)
+            if key not in _BUILD_FINGERPRINTS:
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:  # in chunks: hashlib.file_digest is Python >= 3.11
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(chunk)
+                _BUILD_FINGERPRINTS[key] = digest.hexdigest()[:12]
+            out.append(f"{name}:{_BUILD_FINGERPRINTS[key]}")
+        except OSError:  # unreadable: a key no other build shares, so nothing cached is reused
+            out.append(f"{name}:unreadable")
     return ",".join(out)
 
 

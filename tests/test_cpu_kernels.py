@@ -176,7 +176,8 @@ def _threads(n, fn):
 def test_token_and_row_splits_bitwise_equal_to_one_thread(isa, no_reference, monkeypatch, split, kind, block, m):
     """Workers take whole token tiles (their own panels and rows of Y) or ranges of rows; either
     way every output is summed as on one thread."""
-    w, mask, x, b = _problem(m, 300, 100 if kind != "2:4" else 96, 0.3)
+    # K = 101: a bsr (3, 5) block overhangs K (padding); 2:4's K = 100 ends in a partial metadata word
+    w, mask, x, b = _problem(m, 300, 101 if kind != "2:4" else 100, 0.3)
     fmt = _kind_format(kind, w, mask, block)
     one = _threads(1, lambda: _run(fmt, x, b, True))
     monkeypatch.setenv("SPARSE_PRUNE_CPU_SPLIT", split)
@@ -184,13 +185,16 @@ def test_token_and_row_splits_bitwise_equal_to_one_thread(isa, no_reference, mon
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("kind", ["csr", "bsr", "2:4"])
+@pytest.mark.parametrize("kind", ["csr", "bsr", "bsr padding", "2:4"])
 def test_token_split_checks_every_row(isa, monkeypatch, kind):
-    """The index pass runs once, split by rows, before any product: a bad index in the last row
-    (the second worker's) still raises."""
+    """The index pass runs once, split by rows, before any product: a bad index (or nonzero bsr
+    padding) near the last row (the second worker's) still raises. M = 600 keeps every kind
+    above the one-worker threshold (1 MFLOP), so the token split is the path taken."""
     monkeypatch.setenv("SPARSE_PRUNE_CPU_SPLIT", "tokens")
-    w, mask, x, b = _problem(300, 64, 48, 0.5)
-    fmt = _kind_format(kind, w, mask, (4, 1))
+    w, mask, x, b = _problem(600, 64, 48, 0.5)
+    fmt = _kind_format(kind.split()[0], w, mask, (3, 5) if kind == "bsr padding" else (4, 1))
+    good = _threads(1, lambda: _run(fmt, x, b))
+    assert torch.equal(_threads(2, lambda: _run(fmt, x, b)), good)  # the same shape, unharmed
     if kind == "csr":
         col = fmt.col_indices.clone()
         col[-1] = 48
@@ -199,11 +203,16 @@ def test_token_split_checks_every_row(isa, monkeypatch, kind):
         col = fmt.col_indices.clone()
         col[-1] = 10**4
         call = lambda: torch.ops.sparse_prune.bsr_linear(x, fmt.values, fmt.crow_indices, col, 64, b)  # noqa: E731
+    elif kind == "bsr padding":
+        values = fmt.values.clone()
+        last = int((fmt.col_indices == 48 // 5).nonzero().max())  # a block of the last block column (48..49 pad)
+        values[last, :, -1] = 1.0
+        call = lambda: torch.ops.sparse_prune.bsr_linear(x, values, fmt.crow_indices, fmt.col_indices, 64, b)  # noqa: E731
     else:
         meta = fmt.meta.clone()
         meta[-1, -1] = 0
         call = lambda: torch.ops.sparse_prune.semi24_linear(x, fmt.values, meta, b)  # noqa: E731
-    with pytest.raises(ValueError, match="col_indices|meta"):
+    with pytest.raises(ValueError, match="col_indices|meta|padding"):
         _threads(2, call)
 
 

@@ -111,7 +111,7 @@ inline void find_bounds(const I* col, int64_t begin, int64_t end, int64_t span, 
 template <typename I>
 int csr_index_impl(const Problem& p, const CsrWeight& w, int64_t r0, int64_t r1, int64_t* bounds) {
   const I* col = static_cast<const I*>(w.col);
-  const int64_t nkb = (p.K + p.kblock - 1) / p.kblock;
+  const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;  // kp = K for csr (bounds_stride)
   const int64_t stride = nkb + 1;
   for (int64_t r = 0; r < r1 - r0; ++r) {
     const int64_t begin = w.crow[r0 + r], end = w.crow[r0 + r + 1];
@@ -129,7 +129,7 @@ int csr_rows_impl(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0,
   const T* val = static_cast<const T*>(w.values);
   const I* col = static_cast<const I*>(w.col);
   const int64_t rows = r1 - r0;
-  const int64_t nkb = (p.K + p.kblock - 1) / p.kblock;
+  const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;  // kp = K for csr (bounds_stride)
   const int64_t stride = nkb + 1;
   if (!indexed) {
     const int status = csr_index_impl<I>(p, w, r0, r1, bounds);
