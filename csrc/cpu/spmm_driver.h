@@ -106,12 +106,22 @@ inline void find_bounds(const I* col, int64_t begin, int64_t end, int64_t span, 
   if (nkb > 0) b[nkb] = end;
 }
 
+// K-blocks of a csr row on plan p (kp = K for csr): bounds_stride(p) - 1.
+inline int64_t csr_kblocks(const Problem& p) { return (p.kp + p.kblock - 1) / p.kblock; }
+
+// The K-block geometry of a bsr weight with blocks bk wide on plan p.
+struct BsrKBlocks {
+  int64_t ncols, per_kb, nkb;  // block columns, block columns per K-block, K-blocks
+  BsrKBlocks(const Problem& p, int64_t bk)
+      : ncols(p.kp / bk), per_kb(p.kblock / bk > 0 ? p.kblock / bk : 1), nkb((ncols + per_kb - 1) / per_kb) {}
+};
+
 // The index pass of rows [r0, r1): checks their column indices and finds their K-block bounds,
 // row r0 + r's at bounds + r·(nkb + 1). Returns a status code.
 template <typename I>
 int csr_index_impl(const Problem& p, const CsrWeight& w, int64_t r0, int64_t r1, int64_t* bounds) {
   const I* col = static_cast<const I*>(w.col);
-  const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;  // kp = K for csr (bounds_stride)
+  const int64_t nkb = csr_kblocks(p);
   const int64_t stride = nkb + 1;
   for (int64_t r = 0; r < r1 - r0; ++r) {
     const int64_t begin = w.crow[r0 + r], end = w.crow[r0 + r + 1];
@@ -129,7 +139,7 @@ int csr_rows_impl(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0,
   const T* val = static_cast<const T*>(w.values);
   const I* col = static_cast<const I*>(w.col);
   const int64_t rows = r1 - r0;
-  const int64_t nkb = (p.kp + p.kblock - 1) / p.kblock;  // kp = K for csr (bounds_stride)
+  const int64_t nkb = csr_kblocks(p);
   const int64_t stride = nkb + 1;
   if (!indexed) {
     const int status = csr_index_impl<I>(p, w, r0, r1, bounds);
@@ -162,10 +172,8 @@ int bsr_index_impl(const Problem& p, const BsrWeight& w, int64_t b0, int64_t b1,
   const T* val = static_cast<const T*>(w.values);
   const I* col = static_cast<const I*>(w.col);
   const int64_t bm = w.bm, bk = w.bk;
-  const int64_t ncols = p.kp / bk;                 // block columns
-  const int64_t per_kb = p.kblock / bk > 0 ? p.kblock / bk : 1;
-  const int64_t nkb = (ncols + per_kb - 1) / per_kb;
-  const int64_t stride = nkb + 1;
+  const BsrKBlocks kb(p, bk);
+  const int64_t ncols = kb.ncols, stride = kb.nkb + 1;
   const int64_t pad = p.kp - p.K;  // columns of the last block column past K
   for (int64_t br = 0; br < b1 - b0; ++br) {
     const int64_t begin = w.crow[b0 + br], end = w.crow[b0 + br + 1];
@@ -179,7 +187,7 @@ int bsr_index_impl(const Problem& p, const BsrWeight& w, int64_t b0, int64_t b1,
         for (int64_t j = bk - pad; j < bk; ++j)
           if (blk[i * bk + j] != T(0)) return kPaddingNonZero;
     }
-    find_bounds(col, begin, end, per_kb, nkb, bounds + br * stride);
+    find_bounds(col, begin, end, kb.per_kb, kb.nkb, bounds + br * stride);
   }
   return kOk;
 }
@@ -190,9 +198,7 @@ int bsr_rows_impl(const Problem& p, const BsrWeight& w, const T* xp, int64_t b0,
   const T* val = static_cast<const T*>(w.values);
   const I* col = static_cast<const I*>(w.col);
   const int64_t bm = w.bm, bk = w.bk;
-  const int64_t ncols = p.kp / bk;
-  const int64_t per_kb = p.kblock / bk > 0 ? p.kblock / bk : 1;
-  const int64_t nkb = (ncols + per_kb - 1) / per_kb;
+  const int64_t nkb = BsrKBlocks(p, bk).nkb;
   const int64_t stride = nkb + 1;
   if (!indexed) {
     const int status = bsr_index_impl<T, I>(p, w, b0, b1, bounds);

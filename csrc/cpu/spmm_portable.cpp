@@ -127,12 +127,9 @@ SPARSE_PRUNE_ENTRY_POINTS(Portable<double>, double)
 
 int64_t scratch_floats(const Problem& p, int64_t rows) { return rows * p.tile; }
 
-int64_t scratch_bounds(const Problem& p, int64_t rows) {
-  const int64_t nkb = p.kblock > 0 ? (p.kp + p.kblock - 1) / p.kblock : 0;
-  return rows * (nkb + 2);
-}
-
 int64_t bounds_stride(const Problem& p) { return (p.kblock > 0 ? (p.kp + p.kblock - 1) / p.kblock : 0) + 1; }
+
+int64_t scratch_bounds(const Problem& p, int64_t rows) { return rows * (bounds_stride(p) + 1); }
 
 }  // namespace cpu
 }  // namespace sparse_prune
