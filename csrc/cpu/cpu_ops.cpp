@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "segments.h"
 #include "spmm.h"
 
 namespace sparse_prune {
@@ -239,6 +240,7 @@ struct Isa {
   int (*csr_index)(const Problem&, const CsrWeight&, int64_t, int64_t, int64_t*);
   int (*bsr_index)(const Problem&, const BsrWeight&, int64_t, int64_t, int64_t*);
   int (*semi_check)(const Problem&, const Semi24Weight&, int64_t, int64_t);
+  void (*segs)(const Problem&, const CsrSegments&, const float*, int64_t, int64_t, float*);  // float32 only
 };
 
 template <typename T, int64_t Lanes, int64_t MaxTile, void (*P)(const Problem&, const T*, T*, int64_t, int64_t),
@@ -247,7 +249,8 @@ template <typename T, int64_t Lanes, int64_t MaxTile, void (*P)(const Problem&, 
           int (*S)(const Problem&, const Semi24Weight&, const T*, int64_t, int64_t, T*, bool),
           int (*CI)(const Problem&, const CsrWeight&, int64_t, int64_t, int64_t*),
           int (*BI)(const Problem&, const BsrWeight&, int64_t, int64_t, int64_t*),
-          int (*SC)(const Problem&, const Semi24Weight&, int64_t, int64_t)>
+          int (*SC)(const Problem&, const Semi24Weight&, int64_t, int64_t),
+          void (*SG)(const Problem&, const CsrSegments&, const float*, int64_t, int64_t, float*) = nullptr>
 Isa make_isa() {
   return Isa{
       Lanes, MaxTile,
@@ -258,7 +261,7 @@ Isa make_isa() {
         return B(p, w, static_cast<const T*>(xp), a, b, static_cast<T*>(yt), bd, ix); },
       [](const Problem& p, const Semi24Weight& w, const void* xp, int64_t a, int64_t b, void* yt, bool ix) {
         return S(p, w, static_cast<const T*>(xp), a, b, static_cast<T*>(yt), ix); },
-      CI, BI, SC,
+      CI, BI, SC, SG,
   };
 }
 
@@ -269,11 +272,14 @@ Isa isa_for(at::ScalarType compute) {
   const std::string isa = float_isa();
   if (isa == "avx512")
     return make_isa<float, 16, 128, avx512_f32::pack_x, avx512_f32::csr_rows, avx512_f32::bsr_rows,
-                    avx512_f32::semi24_rows, avx512_f32::csr_index, avx512_f32::bsr_index, avx512_f32::semi24_check>();
+                    avx512_f32::semi24_rows, avx512_f32::csr_index, avx512_f32::bsr_index, avx512_f32::semi24_check,
+                    avx512_f32::csr_segs>();
   if (isa == "avx2")
-    return make_isa<float, 8, 48, avx2_f32::pack_x, avx2_f32::csr_rows, avx2_f32::bsr_rows, avx2_f32::semi24_rows, avx2_f32::csr_index, avx2_f32::bsr_index, avx2_f32::semi24_check>();
+    return make_isa<float, 8, 48, avx2_f32::pack_x, avx2_f32::csr_rows, avx2_f32::bsr_rows, avx2_f32::semi24_rows, avx2_f32::csr_index, avx2_f32::bsr_index, avx2_f32::semi24_check,
+                    avx2_f32::csr_segs>();
   return make_isa<float, 8, 48, portable_f32::pack_x, portable_f32::csr_rows, portable_f32::bsr_rows,
-                  portable_f32::semi24_rows, portable_f32::csr_index, portable_f32::bsr_index, portable_f32::semi24_check>();
+                  portable_f32::semi24_rows, portable_f32::csr_index, portable_f32::bsr_index, portable_f32::semi24_check,
+                  portable_f32::csr_segs>();
 }
 
 // float16/bfloat16 are computed in float32 (no half FMA on these CPUs) and rounded once.
@@ -348,6 +354,7 @@ struct Layer {
   int64_t alpha_per_kblock = 0;   // per-unit fixed cost of each K-block segment, in weights
   double segment = 96;            // stored weights a row's K-block segment aims at (plan()); 0: L1 only
   at::Tensor vc, crow64, cc, mc, bc;  // kept alive for the kernels
+  std::shared_ptr<const SegmentLayout> seg;  // csr on float32: the segment layout (csr_segs), or null
   CsrWeight csr;
   BsrWeight bsr;
   Semi24Weight semi;
@@ -383,6 +390,13 @@ Layer csr_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType c
   // binary-searched, which made a segment cheaper.)
   l.segment = 48;
   l.csr = CsrWeight{l.vc.data_ptr(), c, l.cc.data_ptr(), ib};
+  const Isa isa = isa_for(ct);
+  if (isa.segs && l.N > 0) {
+    int status = kOk;
+    const double density = l.K > 0 ? l.stored_per_row / static_cast<double>(l.K) : 1.0;
+    l.seg = csr_segments(values, crow, col, l.vc, c, l.N, l.K, segment_span(density, isa.max_tile), &status);
+    check_status(op, {status}, "column");
+  }
   return l;
 }
 
@@ -469,7 +483,15 @@ void run_layer(const char* op, const Isa& isa, const Problem& p, const Layer& l,
   at::Tensor yt = scratch(1, scratch_floats(p, l.N), options);  // bsr workers write rows < N only
   char* ytd = static_cast<char*>(yt.data_ptr());
   const int64_t es = yt.element_size();
-  if (l.kind == Layer::kCsr) {
+  if (l.seg) {
+    const CsrSegments& sv = l.seg->view;
+    const std::vector<int64_t> blocks = split(l.seg->cum.data(), sv.nrb, 0, workers);
+    run_workers(op, blocks, "column", [&](int64_t rb0, int64_t rb1) {
+      isa.segs(p, sv, static_cast<const float*>(xp), rb0, rb1,
+               reinterpret_cast<float*>(ytd) + scratch_floats(p, rb0 * sv.rows_per_block));
+      return kOk;
+    });
+  } else if (l.kind == Layer::kCsr) {
     at::Tensor bounds = scratch(2, scratch_bounds(p, l.units), l.crow64.options());
     run_workers(op, cut, "column", [&](int64_t r0, int64_t r1) {
       return isa.csr(p, l.csr, xp, r0, r1, ytd + scratch_floats(p, r0) * es,
@@ -493,6 +515,10 @@ void run_layer(const char* op, const Isa& isa, const Problem& p, const Layer& l,
 // the index pass (index_units) already done into bounds for p.kblock.
 int all_units(const Isa& isa, const Problem& p, const Layer& l, const void* xp, void* yt, const int64_t* bounds) {
   int64_t* b = const_cast<int64_t*>(bounds);  // read only when indexed
+  if (l.seg) {
+    isa.segs(p, l.seg->view, static_cast<const float*>(xp), 0, l.seg->view.nrb, static_cast<float*>(yt));
+    return kOk;
+  }
   if (l.kind == Layer::kCsr) return isa.csr(p, l.csr, xp, 0, l.units, yt, b, true);
   if (l.kind == Layer::kBsr) return isa.bsr(p, l.bsr, xp, 0, l.units, yt, b, true);
   return isa.semi(p, l.semi, xp, 0, l.units, yt, true);
@@ -501,7 +527,7 @@ int all_units(const Isa& isa, const Problem& p, const Layer& l, const void* xp, 
 // The index pass of units [u0, u1) of layer l for p.kblock: row u's bounds at
 // bounds + u·bounds_stride(p).
 int index_units(const Isa& isa, const Problem& p, const Layer& l, int64_t u0, int64_t u1, int64_t* bounds) {
-  if (u1 <= u0) return kOk;
+  if (u1 <= u0 || l.seg) return kOk;  // a segment layout was checked when it was built
   if (l.kind == Layer::kCsr) return isa.csr_index(p, l.csr, u0, u1, bounds + u0 * bounds_stride(p));
   if (l.kind == Layer::kBsr) return isa.bsr_index(p, l.bsr, u0, u1, bounds + u0 * bounds_stride(p));
   return isa.semi_check(p, l.semi, u0, u1);
@@ -805,6 +831,10 @@ PyObject* register_kernels(PyObject*, PyObject*) {
 
 PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(SPARSE_PRUNE_CPU_ABI); }
 
+PyObject* segment_cache_size(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(sparse_prune::cpu::segment_cache_size());
+}
+
 PyObject* isa(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(sparse_prune::cpu::float_isa().c_str());
@@ -830,6 +860,7 @@ PyObject* isas(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"register_kernels", register_kernels, METH_NOARGS, "Register the CPU kernels of sparse_prune's ops (idempotent)."},
     {"abi_version", abi_version, METH_NOARGS, "The op-schema version these kernels were built for."},
+    {"segment_cache_size", segment_cache_size, METH_NOARGS, "Csr weights whose segment layout is cached now."},
     {"isa", isa, METH_NOARGS, "What float32 runs on now: 'avx512', 'avx2' or 'portable' (SPARSE_PRUNE_CPU_ISA)."},
     {"isas", isas, METH_NOARGS, "The ISAs this CPU and build can run, widest first."},
     {nullptr, nullptr, 0, nullptr}};

@@ -62,6 +62,23 @@ struct Semi24Weight {
   int64_t meta_cols = 0;
 };
 
+// A csr weight laid out once for the segment kernel (csr_segs), float32 only. Rows are cut into
+// blocks of `rows_per_block` and columns into sub-blocks of `span`; the stored weights of each
+// (row block, sub-block) are contiguous, row by row, with the rows sorted by how many they hold
+// there. Sub-block 0 lists every row of the block (some with 0 weights: they start their Yᵀ
+// row); later ones only the rows with weights there. Built and checked by cpu_ops.cpp
+// (segment_layout) from a checked csr weight.
+struct CsrSegments {
+  int64_t rows_per_block = 0, span = 0;  // R rows, `span` columns (a multiple of 16)
+  int64_t nrb = 0, nsb = 0;              // row blocks, sub-blocks
+  const int64_t* block_seg = nullptr;    // [nrb * nsb + 1]: first segment of (row block, sub-block)
+  const int64_t* block_val = nullptr;    // [nrb * nsb + 1]: first stored weight of each
+  const int32_t* seg_row = nullptr;      // [segments]: the row of each segment
+  const int32_t* seg_len = nullptr;      // [segments]: its stored weights
+  const float* values = nullptr;         // [nnz] in segment order
+  const int32_t* col = nullptr;          // [nnz] columns (of the whole weight) in segment order
+};
+
 // Kernel status codes (0 = ok); the caller turns them into errors naming the argument.
 constexpr int kOk = 0;
 constexpr int kColOutOfRange = 1;
@@ -106,7 +123,19 @@ int64_t bounds_stride(const Problem& p);
   int bsr_index(const Problem&, const BsrWeight&, int64_t, int64_t, int64_t*) { return kOk; }              \
   int bsr_rows(const Problem&, const BsrWeight&, const float*, int64_t, int64_t, float*, int64_t*, bool) { return kOk; } \
   int semi24_check(const Problem&, const Semi24Weight&, int64_t, int64_t) { return kOk; }                  \
-  int semi24_rows(const Problem&, const Semi24Weight&, const float*, int64_t, int64_t, float*, bool) { return kOk; }
+  int semi24_rows(const Problem&, const Semi24Weight&, const float*, int64_t, int64_t, float*, bool) { return kOk; } \
+  void csr_segs(const Problem&, const CsrSegments&, const float*, int64_t, int64_t, float*) {}
+
+// Row blocks [rb0, rb1) of a segment-laid-out csr weight over every tile, into Y (or the next
+// layer's panels); yt holds rows_per_block Yᵀ rows of the widest tile. Float32 units only.
+#define SPARSE_PRUNE_CPU_SEGS_API(ns) \
+  namespace ns {                      \
+  void csr_segs(const Problem& p, const CsrSegments& w, const float* xp, int64_t rb0, int64_t rb1, float* yt); \
+  }
+SPARSE_PRUNE_CPU_SEGS_API(avx2_f32)
+SPARSE_PRUNE_CPU_SEGS_API(avx512_f32)
+SPARSE_PRUNE_CPU_SEGS_API(portable_f32)
+#undef SPARSE_PRUNE_CPU_SEGS_API
 
 namespace avx2_f32 { bool compiled(); }
 namespace avx512_f32 { bool compiled(); }

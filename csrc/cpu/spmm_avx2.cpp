@@ -35,6 +35,7 @@ using Avx2 = SimdMicro<Ymm, 6, 2>;
 }  // namespace
 
 SPARSE_PRUNE_ENTRY_POINTS(Avx2, float)
+SPARSE_PRUNE_SEGS_ENTRY_POINT(Avx2)
 
 #else  // not x86-64: the entry points exist but are never called (compiled() is false)
 

@@ -200,6 +200,7 @@ struct Avx512 : SimdMicro<Zmm, 8, 4> {
 }  // namespace
 
 SPARSE_PRUNE_ENTRY_POINTS(Avx512, float)
+SPARSE_PRUNE_SEGS_ENTRY_POINT(Avx512)
 
 #else  // not x86-64: the entry points exist but are never called (compiled() is false)
 

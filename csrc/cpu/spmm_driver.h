@@ -166,6 +166,58 @@ int csr_rows_impl(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0,
   return kOk;
 }
 
+// The segment kernel (CsrSegments, float32): row blocks [rb0, rb1) over every tile. Per tile
+// group, row block and tile, the block's Yᵀ rows (rows_per_block x width, in L1) take each
+// sub-block's segments in their stored order: a panel sub-block of `span` columns stays in L1
+// while the block's weights stream contiguously, and the segments, sorted by length, end where
+// the branch predictor expects them. Two rows with as many weights run together (Mi::csr_pair:
+// two independent chains, one loop exit). Measured in a standalone loop (one core, AVX-512,
+// 112-token tiles, fc1 3072x768): 3.0 against 2.3 zmm FMAs/ns at 90% sparse and 3.6 against 1.9
+// at 50% for the row-by-row CSR loop with its K-blocks; unsorted, the segments ran at 2.2.
+// Each row's sum runs in a fixed order (sub-blocks in turn; a pair's rows, or a lone row's two
+// accumulator sets, as the layout has them), so the result does not depend on the tiles or the
+// split.
+template <class Mi>
+void csr_segs_impl(const Problem& p, const CsrSegments& w, const float* xp, int64_t rb0, int64_t rb1, float* yt) {
+  const int64_t R = w.rows_per_block;
+  const int64_t panel_bytes = p.kp * p.tile * static_cast<int64_t>(sizeof(float));
+  const int64_t group = panel_bytes > 0 && p.panel_budget / panel_bytes > 0 ? p.panel_budget / panel_bytes : 1;
+  for (int64_t g0 = 0; g0 < p.ntiles; g0 += group) {
+    const int64_t g1 = g0 + group < p.ntiles ? g0 + group : p.ntiles;
+    for (int64_t rb = rb0; rb < rb1; ++rb) {
+      const int64_t row0 = rb * R, row1 = row0 + R < p.N ? row0 + R : p.N;
+      for (int64_t t = g0; t < g1; ++t) {
+        const float* panel = xp + t * p.kp * p.tile;
+        const int64_t width = tile_width(p, t);
+        if (w.nsb == 0) Mi::zero(yt, (row1 - row0) * p.tile);
+        with_vectors<Mi::kMaxV>(width / Mi::kLanes, [&](auto v) {
+          constexpr int V = decltype(v)::value;
+          for (int64_t s = 0; s < w.nsb; ++s) {
+            const int64_t b = rb * w.nsb + s;
+            int64_t q = w.block_val[b];
+            const int64_t e = w.block_seg[b + 1];
+            for (int64_t i = w.block_seg[b]; i < e;) {
+              const int64_t len = w.seg_len[i];
+              float* y0 = yt + (w.seg_row[i] - row0) * p.tile;  // Yᵀ rows are p.tile apart (emit)
+              if (V >= 2 && i + 1 < e && w.seg_len[i + 1] == len) {
+                Mi::template csr_pair<V>(panel, width, w.values + q, w.col + q, w.values + q + len, w.col + q + len, len,
+                                         y0, yt + (w.seg_row[i + 1] - row0) * p.tile, s == 0);
+                q += 2 * len;
+                i += 2;
+              } else {
+                Mi::template csr_seg<V, int32_t>(panel, width, w.values, w.col, q, q + len, y0, s == 0);
+                q += len;
+                i += 1;
+              }
+            }
+          }
+        });
+        emit<Mi>(p, yt, t, row0, row1);
+      }
+    }
+  }
+}
+
 // The index pass of block rows [b0, b1) (csr_index_impl's contract), with the padding check.
 template <typename T, typename I>
 int bsr_index_impl(const Problem& p, const BsrWeight& w, int64_t b0, int64_t b1, int64_t* bounds) {
@@ -377,4 +429,11 @@ inline void semi24_columns(const int16_t* meta, int64_t g, int64_t& c0, int64_t&
   int semi24_rows(const Problem& p, const Semi24Weight& w, const T* xp, int64_t r0, int64_t r1, T* yt,     \
                   bool checked) {                                                                          \
     return semi24_rows_impl<Mi, T>(p, w, xp, r0, r1, yt, checked);                                         \
+  }
+
+// csr_segs of a float32 unit (spmm.h).
+#define SPARSE_PRUNE_SEGS_ENTRY_POINT(Mi)                                                                   \
+  void csr_segs(const Problem& p, const CsrSegments& w, const float* xp, int64_t rb0, int64_t rb1,        \
+                float* yt) {                                                                               \
+    csr_segs_impl<Mi>(p, w, xp, rb0, rb1, yt);                                                             \
   }

@@ -42,6 +42,14 @@ struct Portable {
     for (int j = 0; j < W; ++j) yt[j] = a[j];
   }
 
+  // csr_segs' two rows of `len` weights: each as csr_seg.
+  template <int V>
+  static void csr_pair(const T* panel, int64_t width, const T* v0, const int32_t* c0, const T* v1, const int32_t* c1,
+                       int64_t len, T* y0, T* y1, bool first) {
+    csr_seg<V, int32_t>(panel, width, v0, c0, 0, len, y0, first);
+    csr_seg<V, int32_t>(panel, width, v1, c1, 0, len, y1, first);
+  }
+
   template <int V, typename I>
   static void bsr_seg(const T* panel, int64_t tile, int64_t ys, const T* val, int64_t bm, int64_t bk,
                       int64_t nrows, const I* col, int64_t p0, int64_t p1, T* yt, bool first) {
@@ -119,6 +127,7 @@ struct Portable {
 
 namespace portable_f32 {
 SPARSE_PRUNE_ENTRY_POINTS(Portable<float>, float)
+SPARSE_PRUNE_SEGS_ENTRY_POINT(Portable<float>)
 }
 namespace portable_f64 {
 SPARSE_PRUNE_ENTRY_POINTS(Portable<double>, double)

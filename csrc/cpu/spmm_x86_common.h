@@ -230,6 +230,29 @@ struct SimdMicro : X86Common {
     }
   }
 
+  // Two rows of `len` stored weights each (csr_segs): one accumulator set per row, so the two
+  // rows are the two independent chains, with one loop exit between them.
+  template <int V>
+  static void csr_pair(const float* panel, int64_t /*width*/, const float* v0, const int32_t* c0, const float* v1,
+                       const int32_t* c1, int64_t len, float* y0, float* y1, bool first) {
+    constexpr int64_t ps = V * kLanes;
+    R a[V], b[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      a[v] = first ? Vt::zero() : Vt::load(y0 + kLanes * v);
+      b[v] = first ? Vt::zero() : Vt::load(y1 + kLanes * v);
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      fma_row<V>(a, Vt::bcast(v0 + i), panel + static_cast<int64_t>(c0[i]) * ps);
+      fma_row<V>(b, Vt::bcast(v1 + i), panel + static_cast<int64_t>(c1[i]) * ps);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      Vt::store(y0 + kLanes * v, a[v]);
+      Vt::store(y1 + kLanes * v, b[v]);
+    }
+  }
+
   // Four rows of a block row at once, over C vectors of the tile starting at vector v0: every
   // loaded Xᵀ vector feeds four FMAs (one per row), so blocks with bm >= 4 (4x1, 8x1, 16x1,
   // 4x4, ...) are FMA-bound rather than load-bound like one row at a time.

@@ -1,0 +1,49 @@
+// The segment layout of a csr weight (spmm.h's CsrSegments): built once per weight from its
+// checked csr arrays and cached while those tensors live unchanged, so the csr ops of
+// cpu_ops.cpp run the segment kernel (csr_segs) without a per-call index pass.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "spmm.h"
+
+namespace sparse_prune {
+namespace cpu {
+
+struct SegmentLayout {
+  at::Tensor block_seg, block_val, seg_row, seg_len, values, col;  // the arrays `view` points into
+  std::vector<int64_t> cum;  // [nrb + 1]: stored weights before each row block (the row split's cost)
+  CsrSegments view;
+};
+
+// The sub-block width for a weight with `density` stored weights per column on an ISA whose
+// widest token tile is `max_tile` floats: columns of the tile's panel that stay in L1 while a
+// row's segment in them holds ~10 (90% sparse) to ~30 (50%) weights. Measured in a standalone
+// loop (AVX-512, 112- and 128-token tiles, fc1/fc2 shapes, row blocks of 64-256): best spans were
+// 128 at 5% density, 96 at 10% and 48-64 from 20% to 50%.
+int64_t segment_span(double density, int64_t max_tile);
+
+// Rows per row block: 256 was best or within 3% of it in the same measurements.
+constexpr int64_t kSegmentRows = 256;
+
+// The layout of the csr weight (values_src, crow_src, col_src as passed to the op; `values`
+// float32 [nnz] and `crow` int64 [N + 1] are their checked compute copies), or null when it is
+// not used: SPARSE_PRUNE_CPU_SEGMENTS=0, an inference tensor among them (its in-place changes
+// are not versioned, so a cached copy could go stale), or N, K or nnz beyond int32. On a bad
+// column index sets *status (kColOutOfRange / kColUnsorted) and returns null. The cache keys
+// on the three tensors' identities, data pointers and version counters: an in-place change or
+// a new tensor builds a new layout; entries of freed tensors are dropped.
+std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, const at::Tensor& crow_src,
+                                                  const at::Tensor& col_src, const at::Tensor& values,
+                                                  const int64_t* crow, int64_t N, int64_t K, int64_t span,
+                                                  int* status);
+
+// Layouts now cached (tests).
+int64_t segment_cache_size();
+
+}  // namespace cpu
+}  // namespace sparse_prune
