@@ -66,7 +66,8 @@ int build(const I* col, const int64_t* crow, const float* vals, int64_t N, int64
   const int64_t nrb = (N + R - 1) / R, nsb = K > 0 ? (K + span - 1) / span : 0;
   const int64_t nnz = crow[N];
   std::vector<int64_t> block_seg, block_val;
-  std::vector<int32_t> seg_row, seg_len, cols;
+  std::vector<int32_t> seg_row, seg_len;
+  std::vector<uint8_t> cols;  // within the sub-block: span <= 256
   std::vector<float> values;
   block_seg.reserve(nrb * nsb + 1);
   block_val.reserve(nrb * nsb + 1);
@@ -104,7 +105,7 @@ int build(const I* col, const int64_t* crow, const float* vals, int64_t N, int64
         seg_len.push_back(static_cast<int32_t>(b[s + 1] - b[s]));
         for (int64_t q = b[s]; q < b[s + 1]; ++q) {
           values.push_back(vals[q]);
-          cols.push_back(static_cast<int32_t>(col[q]));
+          cols.push_back(static_cast<uint8_t>(static_cast<int64_t>(col[q]) - s * span));
         }
       }
     }
@@ -116,7 +117,7 @@ int build(const I* col, const int64_t* crow, const float* vals, int64_t N, int64
   L.seg_row = to_tensor(seg_row, at::kInt);
   L.seg_len = to_tensor(seg_len, at::kInt);
   L.values = to_tensor(values, at::kFloat);
-  L.col = to_tensor(cols, at::kInt);
+  L.col = to_tensor(cols, at::kByte);
   CsrSegments& v = L.view;
   v.rows_per_block = R;
   v.span = span;
@@ -127,7 +128,7 @@ int build(const I* col, const int64_t* crow, const float* vals, int64_t N, int64
   v.seg_row = L.seg_row.data_ptr<int32_t>();
   v.seg_len = L.seg_len.data_ptr<int32_t>();
   v.values = L.values.data_ptr<float>();
-  v.col = L.col.data_ptr<int32_t>();
+  v.col = L.col.data_ptr<uint8_t>();
   return kOk;
 }
 
@@ -148,7 +149,7 @@ std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, 
   if (!segments_enabled()) return nullptr;
   if (values_src.is_inference() || crow_src.is_inference() || col_src.is_inference()) return nullptr;
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  if (N >= kMax || K >= kMax || values.numel() >= kMax || span <= 0) return nullptr;
+  if (N >= kMax || K >= kMax || values.numel() >= kMax || span <= 0 || span > 256) return nullptr;
   std::lock_guard<std::mutex> lock(cache_mutex);
   for (const Entry& e : cache) {
     if (e.N == N && e.K == K && e.span == span && e.values.unchanged(values_src) && e.crow.unchanged(crow_src) &&

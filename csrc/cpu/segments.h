@@ -24,7 +24,8 @@ struct SegmentLayout {
 // widest token tile is `max_tile` floats: columns of the tile's panel that stay in L1 while a
 // row's segment in them holds ~10 (90% sparse) to ~30 (50%) weights. Measured in a standalone
 // loop (AVX-512, 112- and 128-token tiles, fc1/fc2 shapes, row blocks of 64-256): best spans were
-// 128 at 5% density, 96 at 10% and 48-64 from 20% to 50%.
+// 128 at 5% density, 96 at 10% and 48-64 from 20% to 50%. At most 256 (columns are stored as
+// uint8 offsets within their sub-block).
 int64_t segment_span(double density, int64_t max_tile);
 
 // Rows per row block: 256 was best or within 3% of it in the same measurements.

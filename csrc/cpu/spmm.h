@@ -69,14 +69,14 @@ struct Semi24Weight {
 // row); later ones only the rows with weights there. Built and checked by cpu_ops.cpp
 // (segment_layout) from a checked csr weight.
 struct CsrSegments {
-  int64_t rows_per_block = 0, span = 0;  // R rows, `span` columns (a multiple of 16)
+  int64_t rows_per_block = 0, span = 0;  // R rows, `span` columns (a multiple of 16, at most 256)
   int64_t nrb = 0, nsb = 0;              // row blocks, sub-blocks
   const int64_t* block_seg = nullptr;    // [nrb * nsb + 1]: first segment of (row block, sub-block)
   const int64_t* block_val = nullptr;    // [nrb * nsb + 1]: first stored weight of each
   const int32_t* seg_row = nullptr;      // [segments]: the row of each segment
   const int32_t* seg_len = nullptr;      // [segments]: its stored weights
   const float* values = nullptr;         // [nnz] in segment order
-  const int32_t* col = nullptr;          // [nnz] columns (of the whole weight) in segment order
+  const uint8_t* col = nullptr;          // [nnz] columns within their sub-block, in segment order
 };
 
 // Kernel status codes (0 = ok); the caller turns them into errors naming the argument.

@@ -187,13 +187,13 @@ void csr_segs_impl(const Problem& p, const CsrSegments& w, const float* xp, int6
     for (int64_t rb = rb0; rb < rb1; ++rb) {
       const int64_t row0 = rb * R, row1 = row0 + R < p.N ? row0 + R : p.N;
       for (int64_t t = g0; t < g1; ++t) {
-        const float* panel = xp + t * p.kp * p.tile;
         const int64_t width = tile_width(p, t);
         if (w.nsb == 0) Mi::zero(yt, (row1 - row0) * p.tile);
         with_vectors<Mi::kMaxV>(width / Mi::kLanes, [&](auto v) {
           constexpr int V = decltype(v)::value;
           for (int64_t s = 0; s < w.nsb; ++s) {
             const int64_t b = rb * w.nsb + s;
+            const float* panel = xp + t * p.kp * p.tile + s * w.span * width;  // the sub-block's columns
             int64_t q = w.block_val[b];
             const int64_t e = w.block_seg[b + 1];
             for (int64_t i = w.block_seg[b]; i < e;) {
@@ -205,7 +205,7 @@ void csr_segs_impl(const Problem& p, const CsrSegments& w, const float* xp, int6
                 q += 2 * len;
                 i += 2;
               } else {
-                Mi::template csr_seg<V, int32_t>(panel, width, w.values, w.col, q, q + len, y0, s == 0);
+                Mi::template csr_seg<V, uint8_t>(panel, width, w.values, w.col, q, q + len, y0, s == 0);
                 q += len;
                 i += 1;
               }

@@ -233,8 +233,8 @@ struct SimdMicro : X86Common {
   // Two rows of `len` stored weights each (csr_segs): one accumulator set per row, so the two
   // rows are the two independent chains, with one loop exit between them.
   template <int V>
-  static void csr_pair(const float* panel, int64_t /*width*/, const float* v0, const int32_t* c0, const float* v1,
-                       const int32_t* c1, int64_t len, float* y0, float* y1, bool first) {
+  static void csr_pair(const float* panel, int64_t /*width*/, const float* v0, const uint8_t* c0, const float* v1,
+                       const uint8_t* c1, int64_t len, float* y0, float* y1, bool first) {
     constexpr int64_t ps = V * kLanes;
     R a[V], b[V];
 #pragma GCC unroll 8
