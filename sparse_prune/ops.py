@@ -195,6 +195,15 @@ def kernel_builds() -> str:
     return ",".join(out)
 
 
+def clear_cpu_cache() -> None:
+    """Drop the CPU kernels' cached csr segment layouts (built once per float32 csr weight and
+    reused while its tensors are unchanged, judged by their version counters). Call it after
+    changing a weight in a way the version counter does not see: through ``.data``, a NumPy
+    view or a raw pointer. A no-op when the CPU kernels are not loaded."""
+    if has_cpu_extension():
+        importlib.import_module("sparse_prune._C_cpu").clear_segment_cache()
+
+
 def cpu_isas() -> list[str]:
     """Every ISA our CPU kernels can run float32 on here, widest first (``"avx512"``, ``"avx2"``,
     ``"portable"``); empty when the CPU kernels are not loaded."""

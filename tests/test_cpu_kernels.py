@@ -236,6 +236,18 @@ def test_segment_layout_follows_in_place_changes(no_reference, monkeypatch):
     assert _segment_cache_size() <= size + 1
 
 
+def test_clear_cpu_cache_sees_changes_behind_the_version_counter(no_reference, monkeypatch):
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SEGMENTS", "1")
+    w, mask, x, b = _problem(37, 300, 200, 0.2)
+    fmt = F.CSR.from_dense(w, mask)
+    first = _check(fmt, x, b)
+    fmt.values.data.mul_(-2.0)  # .data: the version counter does not move
+    assert torch.equal(_run(fmt, x, b), first)  # the stale layout, as documented
+    ops.clear_cpu_cache()
+    assert _segment_cache_size() == 0
+    assert not torch.equal(_check(fmt, x, b), first)
+
+
 def test_inference_tensors_take_the_row_loop(no_reference, monkeypatch):
     """Weights made under inference_mode have no version counter: never cached, still right."""
     monkeypatch.setenv("SPARSE_PRUNE_CPU_SEGMENTS", "1")

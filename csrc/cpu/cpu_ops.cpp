@@ -835,6 +835,11 @@ PyObject* segment_cache_size(PyObject*, PyObject*) {
   return PyLong_FromLongLong(sparse_prune::cpu::segment_cache_size());
 }
 
+PyObject* clear_segment_cache(PyObject*, PyObject*) {
+  sparse_prune::cpu::clear_segment_cache();
+  Py_RETURN_NONE;
+}
+
 PyObject* isa(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(sparse_prune::cpu::float_isa().c_str());
@@ -861,6 +866,8 @@ PyMethodDef methods[] = {
     {"register_kernels", register_kernels, METH_NOARGS, "Register the CPU kernels of sparse_prune's ops (idempotent)."},
     {"abi_version", abi_version, METH_NOARGS, "The op-schema version these kernels were built for."},
     {"segment_cache_size", segment_cache_size, METH_NOARGS, "Csr weights whose segment layout is cached now."},
+    {"clear_segment_cache", clear_segment_cache, METH_NOARGS,
+     "Drop the cached csr segment layouts (after a change that bypassed the tensors' version counters)."},
     {"isa", isa, METH_NOARGS, "What float32 runs on now: 'avx512', 'avx2' or 'portable' (SPARSE_PRUNE_CPU_ISA)."},
     {"isas", isas, METH_NOARGS, "The ISAs this CPU and build can run, widest first."},
     {nullptr, nullptr, 0, nullptr}};

@@ -180,6 +180,11 @@ std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, 
   return layout;
 }
 
+void clear_segment_cache() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  cache.clear();
+}
+
 int64_t segment_cache_size() {
   std::lock_guard<std::mutex> lock(cache_mutex);
   return static_cast<int64_t>(cache.size());

@@ -46,5 +46,9 @@ std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, 
 // Layouts now cached (tests).
 int64_t segment_cache_size();
 
+// Drops every cached layout (after a weight was changed behind its version counter: through
+// `.data`, a NumPy view or a raw pointer).
+void clear_segment_cache();
+
 }  // namespace cpu
 }  // namespace sparse_prune

@@ -174,9 +174,9 @@ int csr_rows_impl(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0,
 // two independent chains, one loop exit). Measured in a standalone loop (one core, AVX-512,
 // 112-token tiles, fc1 3072x768): 3.0 against 2.3 zmm FMAs/ns at 90% sparse and 3.6 against 1.9
 // at 50% for the row-by-row CSR loop with its K-blocks; unsorted, the segments ran at 2.2.
-// Each row's sum runs in a fixed order (sub-blocks in turn; a pair's rows, or a lone row's two
-// accumulator sets, as the layout has them), so the result does not depend on the tiles or the
-// split.
+// Each row's sum runs in a fixed order (a sum per sub-block, in turn, added to the row's; a
+// pair's rows one accumulator set each, a lone row two, as the layout has them), so the result
+// does not depend on the tiles or the split.
 template <class Mi>
 void csr_segs_impl(const Problem& p, const CsrSegments& w, const float* xp, int64_t rb0, int64_t rb1, float* yt) {
   const int64_t R = w.rows_per_block;
@@ -205,7 +205,7 @@ void csr_segs_impl(const Problem& p, const CsrSegments& w, const float* xp, int6
                 q += 2 * len;
                 i += 2;
               } else {
-                Mi::template csr_seg<V, uint8_t>(panel, width, w.values, w.col, q, q + len, y0, s == 0);
+                Mi::template csr_lone<V>(panel, width, w.values + q, w.col + q, len, y0, s == 0);
                 q += len;
                 i += 1;
               }

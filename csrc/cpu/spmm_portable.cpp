@@ -57,12 +57,21 @@ struct Portable {
     for (int j = 0; j < W; ++j) yt[j] = a[j] + c[j];
   }
 
-  // csr_segs' two rows of `len` weights: each as csr_seg.
+  // csr_segs' segments (the x86 units' contract): each summed from zero, then added to its row.
+  template <int V>
+  static void csr_lone(const T* panel, int64_t width, const T* val, const uint8_t* col, int64_t len, T* y,
+                       bool first) {
+    constexpr int W = V * kLanes;
+    T sum[W];
+    csr_seg<V, uint8_t>(panel, width, val, col, 0, len, sum, true);
+    for (int j = 0; j < W; ++j) y[j] = first ? sum[j] : y[j] + sum[j];
+  }
+
   template <int V>
   static void csr_pair(const T* panel, int64_t width, const T* v0, const uint8_t* c0, const T* v1, const uint8_t* c1,
                        int64_t len, T* y0, T* y1, bool first) {
-    csr_seg<V, uint8_t>(panel, width, v0, c0, 0, len, y0, first);
-    csr_seg<V, uint8_t>(panel, width, v1, c1, 0, len, y1, first);
+    csr_lone<V>(panel, width, v0, c0, len, y0, first);
+    csr_lone<V>(panel, width, v1, c1, len, y1, first);
   }
 
   template <int V, typename I>
