@@ -394,7 +394,8 @@ Layer csr_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType c
   if (isa.segs && l.N > 0) {
     int status = kOk;
     const double density = l.K > 0 ? l.stored_per_row / static_cast<double>(l.K) : 1.0;
-    l.seg = csr_segments(values, crow, col, l.vc, c, l.N, l.K, segment_span(density, isa.max_tile), &status);
+    l.seg = csr_segments(values, crow, col, l.csr, l.N, l.K, segment_span(density, isa.max_tile), isa.csr_index,
+                         &status);
     check_status(op, {status}, "column");
   }
   return l;
@@ -591,6 +592,8 @@ Problem tiles_of(const Problem& p, int64_t t0, int64_t t1) {
 // index before any product runs.
 void index_layers(const char* op, const Isa& isa, const std::vector<const Layer*>& ls,
                   const std::vector<const Problem*>& ps, const std::vector<int64_t*>& bounds, int64_t workers) {
+  if (std::all_of(ls.begin(), ls.end(), [](const Layer* l) { return l->seg != nullptr; }))
+    return;  // segment layouts were checked when they were built: no threads to start
   std::vector<std::vector<int64_t>> cuts;
   for (const Layer* l : ls) {
     const int64_t* cum = l->kind == Layer::kCsr ? l->crow64.data_ptr<int64_t>() : l->cum.data();

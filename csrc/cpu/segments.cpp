@@ -51,17 +51,11 @@ at::Tensor to_tensor(const std::vector<T>& v, at::ScalarType dtype) {
   return t;
 }
 
-// Checks every row (columns strictly increasing within [0, K)) and lays the weight out.
+// Lays the weight out from its checked rows: bounds[r * (nsb + 1) + s] is row r's first stored
+// weight in sub-block s (the index pass's K-block bounds, span-wide blocks).
 template <typename I>
-int build(const I* col, const int64_t* crow, const float* vals, int64_t N, int64_t K, int64_t span,
-          SegmentLayout& L) {
-  for (int64_t r = 0; r < N; ++r) {
-    for (int64_t q = crow[r]; q < crow[r + 1]; ++q) {
-      const int64_t c = static_cast<int64_t>(col[q]);
-      if (c < 0 || c >= K) return kColOutOfRange;
-      if (q > crow[r] && c <= static_cast<int64_t>(col[q - 1])) return kColUnsorted;
-    }
-  }
+void build(const I* col, const int64_t* crow, const float* vals, const int64_t* bounds, int64_t N, int64_t K,
+           int64_t span, SegmentLayout& L) {
   const int64_t R = kSegmentRows;
   const int64_t nrb = (N + R - 1) / R, nsb = K > 0 ? (K + span - 1) / span : 0;
   const int64_t nnz = crow[N];
@@ -74,33 +68,22 @@ int build(const I* col, const int64_t* crow, const float* vals, int64_t N, int64
   values.reserve(nnz);
   cols.reserve(nnz);
   L.cum.assign(nrb + 1, nnz);
-  std::vector<int64_t> bounds;  // row r0 + i's first weight in sub-block s at bounds[i * (nsb + 1) + s]
   std::vector<int64_t> order;
   for (int64_t rb = 0; rb < nrb; ++rb) {
     const int64_t r0 = rb * R, r1 = std::min(N, r0 + R);
     L.cum[rb] = crow[r0];
-    bounds.assign((r1 - r0) * (nsb + 1), 0);
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t* b = bounds.data() + (r - r0) * (nsb + 1);
-      int64_t q = crow[r];
-      for (int64_t s = 0; s < nsb; ++s) {
-        b[s] = q;
-        while (q < crow[r + 1] && static_cast<int64_t>(col[q]) < (s + 1) * span) ++q;
-      }
-      b[nsb] = crow[r + 1];
-    }
     for (int64_t s = 0; s < nsb; ++s) {
       block_seg.push_back(static_cast<int64_t>(seg_row.size()));
       block_val.push_back(static_cast<int64_t>(values.size()));
       order.clear();
       for (int64_t i = 0; i < r1 - r0; ++i) {
-        const int64_t* b = bounds.data() + i * (nsb + 1);
+        const int64_t* b = bounds + (r0 + i) * (nsb + 1);
         if (s == 0 || b[s + 1] > b[s]) order.push_back(i);
       }
-      const auto len = [&](int64_t i) { return bounds[i * (nsb + 1) + s + 1] - bounds[i * (nsb + 1) + s]; };
+      const auto len = [&](int64_t i) { return bounds[(r0 + i) * (nsb + 1) + s + 1] - bounds[(r0 + i) * (nsb + 1) + s]; };
       std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return len(a) < len(b); });
       for (int64_t i : order) {
-        const int64_t* b = bounds.data() + i * (nsb + 1);
+        const int64_t* b = bounds + (r0 + i) * (nsb + 1);
         seg_row.push_back(static_cast<int32_t>(r0 + i));
         seg_len.push_back(static_cast<int32_t>(b[s + 1] - b[s]));
         for (int64_t q = b[s]; q < b[s + 1]; ++q) {
@@ -129,7 +112,6 @@ int build(const I* col, const int64_t* crow, const float* vals, int64_t N, int64
   v.seg_len = L.seg_len.data_ptr<int32_t>();
   v.values = L.values.data_ptr<float>();
   v.col = L.col.data_ptr<uint8_t>();
-  return kOk;
 }
 
 }  // namespace
@@ -142,31 +124,35 @@ int64_t segment_span(double density, int64_t max_tile) {
 }
 
 std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, const at::Tensor& crow_src,
-                                                  const at::Tensor& col_src, const at::Tensor& values,
-                                                  const int64_t* crow, int64_t N, int64_t K, int64_t span,
-                                                  int* status) {
+                                                  const at::Tensor& col_src, const CsrWeight& w, int64_t N,
+                                                  int64_t K, int64_t span, CsrIndexFn index, int* status) {
   *status = kOk;
   if (!segments_enabled()) return nullptr;
   if (values_src.is_inference() || crow_src.is_inference() || col_src.is_inference()) return nullptr;
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  if (N >= kMax || K >= kMax || values.numel() >= kMax || span <= 0 || span > 256) return nullptr;
+  if (N >= kMax || K >= kMax || w.crow[N] >= kMax || span <= 0 || span > 256) return nullptr;
   std::lock_guard<std::mutex> lock(cache_mutex);
   for (const Entry& e : cache) {
     if (e.N == N && e.K == K && e.span == span && e.values.unchanged(values_src) && e.crow.unchanged(crow_src) &&
         e.col.unchanged(col_src))
       return e.layout;
   }
-  auto layout = std::make_shared<SegmentLayout>();
-  const float* vals = values.data_ptr<float>();
-  int st = kOk;
-  switch (col_src.scalar_type()) {
-    case at::kShort: st = build(col_src.contiguous().data_ptr<int16_t>(), crow, vals, N, K, span, *layout); break;
-    case at::kLong: st = build(col_src.contiguous().data_ptr<int64_t>(), crow, vals, N, K, span, *layout); break;
-    default: st = build(col_src.contiguous().data_ptr<int32_t>(), crow, vals, N, K, span, *layout); break;
-  }
+  Problem p;  // the index pass with span-wide K-blocks: the sub-blocks' bounds
+  p.N = N;
+  p.K = p.kp = K;
+  p.kblock = span;
+  std::vector<int64_t> bounds(std::max<int64_t>(1, N * bounds_stride(p)));
+  const int st = index(p, w, 0, N, bounds.data());
   if (st != kOk) {
     *status = st;
     return nullptr;
+  }
+  auto layout = std::make_shared<SegmentLayout>();
+  const float* vals = static_cast<const float*>(w.values);
+  switch (w.index_bytes) {
+    case 2: build(static_cast<const int16_t*>(w.col), w.crow, vals, bounds.data(), N, K, span, *layout); break;
+    case 8: build(static_cast<const int64_t*>(w.col), w.crow, vals, bounds.data(), N, K, span, *layout); break;
+    default: build(static_cast<const int32_t*>(w.col), w.crow, vals, bounds.data(), N, K, span, *layout); break;
   }
   // drop the entries of freed tensors, and the stale ones of these (changed in place, or moved)
   cache.erase(std::remove_if(cache.begin(), cache.end(),

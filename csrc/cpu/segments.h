@@ -31,17 +31,21 @@ int64_t segment_span(double density, int64_t max_tile);
 // Rows per row block: 256 was best or within 3% of it in the same measurements.
 constexpr int64_t kSegmentRows = 256;
 
-// The layout of the csr weight (values_src, crow_src, col_src as passed to the op; `values`
-// float32 [nnz] and `crow` int64 [N + 1] are their checked compute copies), or null when it is
-// not used: SPARSE_PRUNE_CPU_SEGMENTS=0, an inference tensor among them (its in-place changes
-// are not versioned, so a cached copy could go stale), or N, K or nnz beyond int32. On a bad
-// column index sets *status (kColOutOfRange / kColUnsorted) and returns null. The cache keys
-// on the three tensors' identities, data pointers and version counters: an in-place change or
-// a new tensor builds a new layout; entries of freed tensors are dropped.
+// The csr index pass of an ISA unit (spmm.h's csr_index): checks rows [r0, r1) and writes their
+// K-block bounds for p.kblock.
+using CsrIndexFn = int (*)(const Problem&, const CsrWeight&, int64_t, int64_t, int64_t*);
+
+// The layout of the csr weight `w` [N, K] (float32 values, int64 crow, checked by the caller;
+// values_src, crow_src, col_src: the tensors passed to the op), or null when it is not used:
+// SPARSE_PRUNE_CPU_SEGMENTS=0, an inference tensor among them (its in-place changes are not
+// versioned, so a cached copy could go stale), or N, K or nnz beyond int32. Built on a cache miss
+// after `index` checked every row (sub-blocks as K-blocks); on a bad column index sets *status
+// (kColOutOfRange / kColUnsorted) and returns null. The cache keys on the three tensors'
+// identities, data pointers and version counters: an in-place change or a new tensor builds a new
+// layout; entries of freed tensors are dropped.
 std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, const at::Tensor& crow_src,
-                                                  const at::Tensor& col_src, const at::Tensor& values,
-                                                  const int64_t* crow, int64_t N, int64_t K, int64_t span,
-                                                  int* status);
+                                                  const at::Tensor& col_src, const CsrWeight& w, int64_t N,
+                                                  int64_t K, int64_t span, CsrIndexFn index, int* status);
 
 // Layouts now cached (tests).
 int64_t segment_cache_size();

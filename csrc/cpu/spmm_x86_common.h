@@ -235,25 +235,25 @@ struct SimdMicro : X86Common {
   // chain through the whole row, which at 50% of K = 3072 (1,536 terms) exceeded the agreement
   // rule (6.9e-7 against 6.2e-7). csr_pair: two rows of `len` weights, one accumulator set each
   // (the two rows are the two independent chains, with one loop exit between them).
+  // y = sum (first sub-block) or y + sum.
+  template <int V>
+  static inline void add_segment(float* y, const R (&sum)[V], bool first) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) Vt::store(y + kLanes * v, first ? sum[v] : Vt::add(Vt::load(y + kLanes * v), sum[v]));
+  }
+
   template <int V>
   static void csr_pair(const float* panel, int64_t /*width*/, const float* v0, const uint8_t* c0, const float* v1,
                        const uint8_t* c1, int64_t len, float* y0, float* y1, bool first) {
     constexpr int64_t ps = V * kLanes;
     R a[V], b[V];
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) {
-      a[v] = Vt::zero();
-      b[v] = Vt::zero();
-    }
+    start<V>(a, b, nullptr, true);
     for (int64_t i = 0; i < len; ++i) {
       fma_row<V>(a, Vt::bcast(v0 + i), panel + static_cast<int64_t>(c0[i]) * ps);
       fma_row<V>(b, Vt::bcast(v1 + i), panel + static_cast<int64_t>(c1[i]) * ps);
     }
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) {
-      Vt::store(y0 + kLanes * v, first ? a[v] : Vt::add(Vt::load(y0 + kLanes * v), a[v]));
-      Vt::store(y1 + kLanes * v, first ? b[v] : Vt::add(Vt::load(y1 + kLanes * v), b[v]));
-    }
+    add_segment<V>(y0, a, first);
+    add_segment<V>(y1, b, first);
   }
 
   // A lone row's segment: two accumulator sets (alternate weights), then added as csr_pair's.
@@ -262,11 +262,7 @@ struct SimdMicro : X86Common {
                        float* y, bool first) {
     constexpr int64_t ps = V * kLanes;
     R a[V], b[V];
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) {
-      a[v] = Vt::zero();
-      b[v] = Vt::zero();
-    }
+    start<V>(a, b, nullptr, true);
     int64_t i = 0;
     for (; i + 2 <= len; i += 2) {
       fma_row<V>(a, Vt::bcast(val + i), panel + static_cast<int64_t>(col[i]) * ps);
@@ -274,10 +270,8 @@ struct SimdMicro : X86Common {
     }
     if (i < len) fma_row<V>(a, Vt::bcast(val + i), panel + static_cast<int64_t>(col[i]) * ps);
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) {
-      const R sum = Vt::add(a[v], b[v]);
-      Vt::store(y + kLanes * v, first ? sum : Vt::add(Vt::load(y + kLanes * v), sum));
-    }
+    for (int v = 0; v < V; ++v) a[v] = Vt::add(a[v], b[v]);
+    add_segment<V>(y, a, first);
   }
 
   // Four rows of a block row at once, over C vectors of the tile starting at vector v0: every
