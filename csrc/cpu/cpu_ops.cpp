@@ -354,7 +354,7 @@ struct Layer {
   int64_t alpha_per_kblock = 0;   // per-unit fixed cost of each K-block segment, in weights
   double segment = 96;            // stored weights a row's K-block segment aims at (plan()); 0: L1 only
   at::Tensor vc, crow64, cc, mc, bc;  // kept alive for the kernels
-  std::shared_ptr<const SegmentLayout> seg;  // csr on float32: the segment layout (csr_segs), or null
+  std::shared_ptr<const SegmentLayout> seg;  // csr and 2:4 on float32: the segment layout (csr_segs), or null
   CsrWeight csr;
   BsrWeight bsr;
   Semi24Weight semi;
@@ -467,6 +467,13 @@ Layer semi_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType 
   // (fc2) on a quiet machine, L1-only blocks 1.28x and 1.04x.
   l.segment = 48;
   l.semi = Semi24Weight{l.vc.data_ptr(), l.mc.data_ptr<int16_t>(), l.mc.size(1)};
+  const Isa isa = isa_for(ct);
+  if (isa.segs && l.N > 0 && l.K > 0) {
+    int status = kOk;
+    l.seg = semi24_segments(values, meta, l.semi, l.N, l.K, segment_span(0.5, isa.max_tile), isa.semi_check,
+                            isa.csr_index, &status);
+    check_status(op, {status}, "column");
+  }
   return l;
 }
 

@@ -34,10 +34,22 @@ struct Seen {
   bool unchanged(const at::Tensor& t) const { return is(t) && data == t.data_ptr() && version == t._version(); }
 };
 
+// A cached layout: the format it was built from (kCsrKey: values, crow, col; kSemiKey: values,
+// meta), those tensors as seen then, the shape and the sub-block width.
+enum Source { kCsrKey, kSemiKey };
 struct Entry {
-  Seen values, crow, col;
+  Source source;
+  std::vector<Seen> seen;
   int64_t N, K, span;
   std::shared_ptr<const SegmentLayout> layout;
+  bool alive() const {
+    return std::all_of(seen.begin(), seen.end(), [](const Seen& s) { return s.alive(); });
+  }
+  bool unchanged(const std::vector<const at::Tensor*>& ts) const {
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (!seen[i].unchanged(*ts[i])) return false;
+    return true;
+  }
 };
 
 std::mutex cache_mutex;
@@ -114,6 +126,63 @@ void build(const I* col, const int64_t* crow, const float* vals, const int64_t* 
   v.col = L.col.data_ptr<uint8_t>();
 }
 
+bool any_inference(const std::vector<const at::Tensor*>& ts) {
+  return std::any_of(ts.begin(), ts.end(), [](const at::Tensor* t) { return t->is_inference(); });
+}
+
+// The cached layout of these tensors, or null (cache_mutex held).
+std::shared_ptr<const SegmentLayout> lookup(Source source, const std::vector<const at::Tensor*>& ts, int64_t N,
+                                            int64_t K, int64_t span) {
+  for (const Entry& e : cache)
+    if (e.source == source && e.N == N && e.K == K && e.span == span && e.unchanged(ts)) return e.layout;
+  return nullptr;
+}
+
+// Caches a new layout (cache_mutex held), first dropping the entries of freed tensors and the
+// stale ones of these (changed in place, or moved).
+void remember(Source source, const std::vector<const at::Tensor*>& ts, int64_t N, int64_t K, int64_t span,
+              std::shared_ptr<const SegmentLayout> layout) {
+  cache.erase(std::remove_if(cache.begin(), cache.end(),
+                             [&](const Entry& e) {
+                               return !e.alive() || (e.source == source && e.seen[0].is(*ts[0]) && e.N == N &&
+                                                     e.K == K && e.span == span);
+                             }),
+              cache.end());
+  if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
+  std::vector<Seen> seen;
+  for (const at::Tensor* t : ts) seen.emplace_back(*t);
+  cache.push_back(Entry{source, std::move(seen), N, K, span, std::move(layout)});
+}
+
+// The sub-block bounds of a csr weight from the ISA's index pass (span-wide
+// K-blocks), into bounds; returns its status.
+int sub_block_bounds(const CsrWeight& w, int64_t N, int64_t K, int64_t span, CsrIndexFn index,
+                     std::vector<int64_t>& bounds) {
+  Problem p;
+  p.N = N;
+  p.K = p.kp = K;
+  p.kblock = span;
+  bounds.assign(std::max<int64_t>(1, N * bounds_stride(p)), 0);
+  return index(p, w, 0, N, bounds.data());
+}
+
+std::shared_ptr<SegmentLayout> build_layout(const CsrWeight& w, const int64_t* bounds, int64_t N, int64_t K,
+                                            int64_t span) {
+  auto layout = std::make_shared<SegmentLayout>();
+  const float* vals = static_cast<const float*>(w.values);
+  switch (w.index_bytes) {
+    case 2: build(static_cast<const int16_t*>(w.col), w.crow, vals, bounds, N, K, span, *layout); break;
+    case 8: build(static_cast<const int64_t*>(w.col), w.crow, vals, bounds, N, K, span, *layout); break;
+    default: build(static_cast<const int32_t*>(w.col), w.crow, vals, bounds, N, K, span, *layout); break;
+  }
+  return layout;
+}
+
+bool fits(int64_t N, int64_t K, int64_t nnz, int64_t span) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  return N < kMax && K < kMax && nnz < kMax && span > 0 && span <= 256;
+}
+
 }  // namespace
 
 int64_t segment_span(double density, int64_t max_tile) {
@@ -128,41 +197,53 @@ std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, 
                                                   int64_t K, int64_t span, CsrIndexFn index, int* status) {
   *status = kOk;
   if (!segments_enabled()) return nullptr;
-  if (values_src.is_inference() || crow_src.is_inference() || col_src.is_inference()) return nullptr;
-  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  if (N >= kMax || K >= kMax || w.crow[N] >= kMax || span <= 0 || span > 256) return nullptr;
+  const std::vector<const at::Tensor*> ts{&values_src, &crow_src, &col_src};
+  if (any_inference(ts) || !fits(N, K, w.crow[N], span)) return nullptr;
   std::lock_guard<std::mutex> lock(cache_mutex);
-  for (const Entry& e : cache) {
-    if (e.N == N && e.K == K && e.span == span && e.values.unchanged(values_src) && e.crow.unchanged(crow_src) &&
-        e.col.unchanged(col_src))
-      return e.layout;
-  }
-  Problem p;  // the index pass with span-wide K-blocks: the sub-blocks' bounds
+  if (auto hit = lookup(kCsrKey, ts, N, K, span)) return hit;
+  std::vector<int64_t> bounds;
+  *status = sub_block_bounds(w, N, K, span, index, bounds);
+  if (*status != kOk) return nullptr;
+  auto layout = build_layout(w, bounds.data(), N, K, span);
+  remember(kCsrKey, ts, N, K, span, layout);
+  return layout;
+}
+
+std::shared_ptr<const SegmentLayout> semi24_segments(const at::Tensor& values_src, const at::Tensor& meta_src,
+                                                     const Semi24Weight& w, int64_t N, int64_t K, int64_t span,
+                                                     Semi24CheckFn check, CsrIndexFn index, int* status) {
+  *status = kOk;
+  if (!segments_enabled()) return nullptr;
+  const std::vector<const at::Tensor*> ts{&values_src, &meta_src};
+  if (any_inference(ts) || !fits(N, K, N * (K / 2), span) || K % 4 != 0) return nullptr;
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  if (auto hit = lookup(kSemiKey, ts, N, K, span)) return hit;
+  Problem p;
   p.N = N;
   p.K = p.kp = K;
-  p.kblock = span;
-  std::vector<int64_t> bounds(std::max<int64_t>(1, N * bounds_stride(p)));
-  const int st = index(p, w, 0, N, bounds.data());
-  if (st != kOk) {
-    *status = st;
-    return nullptr;
+  *status = check(p, w, 0, N);
+  if (*status != kOk) return nullptr;
+  // the csr arrays of the pattern: group g of a row keeps columns 4g + (nibble & 3) and
+  // 4g + (nibble >> 2), its two stored values in that order (docs/semi_structured_layout.md)
+  const int64_t half = K / 2, groups = K / 4;
+  std::vector<int64_t> crow(N + 1);
+  std::vector<int32_t> col(std::max<int64_t>(1, N * half));
+  for (int64_t r = 0; r <= N; ++r) crow[r] = r * half;
+  for (int64_t r = 0; r < N; ++r) {
+    const int16_t* m = w.meta + r * w.meta_cols;
+    int32_t* c = col.data() + r * half;
+    for (int64_t g = 0; g < groups; ++g) {
+      const unsigned nib = (static_cast<uint16_t>(m[g >> 2]) >> ((g & 3) * 4)) & 0xFu;
+      c[2 * g] = static_cast<int32_t>(4 * g + (nib & 3u));
+      c[2 * g + 1] = static_cast<int32_t>(4 * g + (nib >> 2));
+    }
   }
-  auto layout = std::make_shared<SegmentLayout>();
-  const float* vals = static_cast<const float*>(w.values);
-  switch (w.index_bytes) {
-    case 2: build(static_cast<const int16_t*>(w.col), w.crow, vals, bounds.data(), N, K, span, *layout); break;
-    case 8: build(static_cast<const int64_t*>(w.col), w.crow, vals, bounds.data(), N, K, span, *layout); break;
-    default: build(static_cast<const int32_t*>(w.col), w.crow, vals, bounds.data(), N, K, span, *layout); break;
-  }
-  // drop the entries of freed tensors, and the stale ones of these (changed in place, or moved)
-  cache.erase(std::remove_if(cache.begin(), cache.end(),
-                             [&](const Entry& e) {
-                               return !e.values.alive() || !e.crow.alive() || !e.col.alive() ||
-                                      (e.values.is(values_src) && e.N == N && e.K == K && e.span == span);
-                             }),
-              cache.end());
-  if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
-  cache.push_back(Entry{Seen(values_src), Seen(crow_src), Seen(col_src), N, K, span, layout});
+  const CsrWeight cw{w.values, crow.data(), col.data(), 4};
+  std::vector<int64_t> bounds;
+  *status = sub_block_bounds(cw, N, K, span, index, bounds);
+  if (*status != kOk) return nullptr;  // cannot happen after check: kept as a guard
+  auto layout = build_layout(cw, bounds.data(), N, K, span);
+  remember(kSemiKey, ts, N, K, span, layout);
   return layout;
 }
 

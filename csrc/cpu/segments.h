@@ -47,6 +47,18 @@ std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, 
                                                   const at::Tensor& col_src, const CsrWeight& w, int64_t N,
                                                   int64_t K, int64_t span, CsrIndexFn index, int* status);
 
+// The 2:4 check of an ISA unit (spmm.h's semi24_check) over rows [r0, r1).
+using Semi24CheckFn = int (*)(const Problem&, const Semi24Weight&, int64_t, int64_t);
+
+// The same layout for a 2:4 weight `w` [N, K] (float32 values [N, K/2], int16 meta; values_src,
+// meta_src: the tensors passed to the op): its pattern read as csr (two stored weights per group
+// of four columns), so every row holds span/2 weights in each full sub-block and every segment
+// runs in pairs. Null in the same cases as csr_segments; on a cache miss `check` first passes
+// every row of meta, else *status = kBadMeta and null. Cached on values and meta as above.
+std::shared_ptr<const SegmentLayout> semi24_segments(const at::Tensor& values_src, const at::Tensor& meta_src,
+                                                     const Semi24Weight& w, int64_t N, int64_t K, int64_t span,
+                                                     Semi24CheckFn check, CsrIndexFn index, int* status);
+
 // Layouts now cached (tests).
 int64_t segment_cache_size();
 

@@ -96,8 +96,10 @@ struct Portable {
   static void semi_seg(const T* panel, int64_t tile, const T* val, const int16_t* meta, int64_t g0,
                        int64_t g1, T* yt, bool first) {
     constexpr int W = V * kLanes;
+    // the K-block's segment summed from zero, then added to its row (as the csr segments): one
+    // chain through a whole row of fc2 (1,536 terms) broke the agreement rule
     T a[W];
-    for (int j = 0; j < W; ++j) a[j] = first ? T(0) : yt[j];
+    for (int j = 0; j < W; ++j) a[j] = T(0);
     for (int64_t g = g0; g < g1; ++g) {
       int64_t c0, c1;
       semi24_columns(meta, g, c0, c1);
@@ -106,7 +108,7 @@ struct Portable {
       const T* x1 = panel + c1 * tile;
       for (int j = 0; j < W; ++j) a[j] += w0 * x0[j] + w1 * x1[j];
     }
-    for (int j = 0; j < W; ++j) yt[j] = a[j];
+    for (int j = 0; j < W; ++j) yt[j] = first ? a[j] : yt[j] + a[j];
   }
 
   static void epilogue(const Problem& p, const T* yt, int64_t t, int64_t r0, int64_t r1) {

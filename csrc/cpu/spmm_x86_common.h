@@ -356,14 +356,18 @@ struct SimdMicro : X86Common {
                        int64_t g0, int64_t g1, float* yt, bool first) {
     constexpr int64_t ps = V * kLanes;
     R a[V], b[V];
-    start<V>(a, b, yt, first);
+    // summed from zero, then added to the row: one chain through a whole row of fc2 (AVX2: 1,536
+    // terms over two sets) came out at 5.04e-7 against the agreement rule's 5.01e-7
+    start<V>(a, b, nullptr, true);
     for (int64_t g = g0; g < g1; ++g) {
       int64_t c0, c1;
       semi24_columns(meta, g, c0, c1);
       fma_row<V>(a, Vt::bcast(val + 2 * g), panel + c0 * ps);
       fma_row<V>(b, Vt::bcast(val + 2 * g + 1), panel + c1 * ps);
     }
-    finish<V>(a, b, yt);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) a[v] = Vt::add(a[v], b[v]);
+    add_segment<V>(yt, a, first);
   }
 };
 
