@@ -308,6 +308,19 @@ def test_segments_switch_refuses_unknown(monkeypatch):
         _run(F.CSR.from_dense(w, mask), x, b)
 
 
+def test_layout_knobs_build_their_own_layouts_and_refuse_bad_values(no_reference, monkeypatch):
+    """SPARSE_PRUNE_CPU_SPAN / _SEGMENT_ROWS (tuning knobs) give the same products; bad values raise."""
+    w, mask, x, b = _problem(37, 300, 200, 0.2)
+    fmt = F.CSR.from_dense(w, mask)
+    first = _check(fmt, x, b)
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SPAN", "16")
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SEGMENT_ROWS", "7")
+    torch.testing.assert_close(_check(fmt, x, b), first, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SEGMENT_ROWS", "0")
+    with pytest.raises(ValueError, match="SPARSE_PRUNE_CPU_SEGMENT_ROWS"):
+        _run(fmt, x, b)
+
+
 @pytest.mark.parametrize("kind", ["csr", "bsr", "bsr padding", "2:4"])
 def test_token_split_checks_every_row(isa, monkeypatch, kind):
     """The index pass runs once, split by rows, before any product: a bad index (or nonzero bsr

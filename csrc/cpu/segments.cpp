@@ -22,6 +22,18 @@ bool segments_enabled() {
   return v == "1";
 }
 
+// Rows per row block: kSegmentRows, or SPARSE_PRUNE_CPU_SEGMENT_ROWS (a tuning knob; any
+// positive integer, at most 2^20).
+int64_t segment_rows() {
+  const char* env = std::getenv("SPARSE_PRUNE_CPU_SEGMENT_ROWS");
+  if (!env || !*env) return kSegmentRows;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end && *end == '\0' && v > 0 && v <= (1 << 20),
+                    "SPARSE_PRUNE_CPU_SEGMENT_ROWS must be an integer in [1, 2^20], got '", env, "'");
+  return v;
+}
+
 // One of the op's input tensors as the cache saw it: the tensor itself (weakly: the cache never
 // keeps a weight alive), where its data was and its version counter then.
 struct Seen {
@@ -40,7 +52,7 @@ enum Source { kCsrKey, kSemiKey };
 struct Entry {
   Source source;
   std::vector<Seen> seen;
-  int64_t N, K, span;
+  int64_t N, K, span, rows;
   std::shared_ptr<const SegmentLayout> layout;
   bool alive() const {
     return std::all_of(seen.begin(), seen.end(), [](const Seen& s) { return s.alive(); });
@@ -67,8 +79,7 @@ at::Tensor to_tensor(const std::vector<T>& v, at::ScalarType dtype) {
 // weight in sub-block s (the index pass's K-block bounds, span-wide blocks).
 template <typename I>
 void build(const I* col, const int64_t* crow, const float* vals, const int64_t* bounds, int64_t N, int64_t K,
-           int64_t span, SegmentLayout& L) {
-  const int64_t R = kSegmentRows;
+           int64_t span, int64_t R, SegmentLayout& L) {
   const int64_t nrb = (N + R - 1) / R, nsb = K > 0 ? (K + span - 1) / span : 0;
   const int64_t nnz = crow[N];
   std::vector<int64_t> block_seg, block_val;
@@ -132,26 +143,27 @@ bool any_inference(const std::vector<const at::Tensor*>& ts) {
 
 // The cached layout of these tensors, or null (cache_mutex held).
 std::shared_ptr<const SegmentLayout> lookup(Source source, const std::vector<const at::Tensor*>& ts, int64_t N,
-                                            int64_t K, int64_t span) {
+                                            int64_t K, int64_t span, int64_t rows) {
   for (const Entry& e : cache)
-    if (e.source == source && e.N == N && e.K == K && e.span == span && e.unchanged(ts)) return e.layout;
+    if (e.source == source && e.N == N && e.K == K && e.span == span && e.rows == rows && e.unchanged(ts))
+      return e.layout;
   return nullptr;
 }
 
 // Caches a new layout (cache_mutex held), first dropping the entries of freed tensors and the
 // stale ones of these (changed in place, or moved).
 void remember(Source source, const std::vector<const at::Tensor*>& ts, int64_t N, int64_t K, int64_t span,
-              std::shared_ptr<const SegmentLayout> layout) {
+              int64_t rows, std::shared_ptr<const SegmentLayout> layout) {
   cache.erase(std::remove_if(cache.begin(), cache.end(),
                              [&](const Entry& e) {
                                return !e.alive() || (e.source == source && e.seen[0].is(*ts[0]) && e.N == N &&
-                                                     e.K == K && e.span == span);
+                                                     e.K == K && e.span == span && e.rows == rows);
                              }),
               cache.end());
   if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
   std::vector<Seen> seen;
   for (const at::Tensor* t : ts) seen.emplace_back(*t);
-  cache.push_back(Entry{source, std::move(seen), N, K, span, std::move(layout)});
+  cache.push_back(Entry{source, std::move(seen), N, K, span, rows, std::move(layout)});
 }
 
 // The sub-block bounds of a csr weight from the ISA's index pass (span-wide
@@ -167,13 +179,13 @@ int sub_block_bounds(const CsrWeight& w, int64_t N, int64_t K, int64_t span, Csr
 }
 
 std::shared_ptr<SegmentLayout> build_layout(const CsrWeight& w, const int64_t* bounds, int64_t N, int64_t K,
-                                            int64_t span) {
+                                            int64_t span, int64_t rows) {
   auto layout = std::make_shared<SegmentLayout>();
   const float* vals = static_cast<const float*>(w.values);
   switch (w.index_bytes) {
-    case 2: build(static_cast<const int16_t*>(w.col), w.crow, vals, bounds, N, K, span, *layout); break;
-    case 8: build(static_cast<const int64_t*>(w.col), w.crow, vals, bounds, N, K, span, *layout); break;
-    default: build(static_cast<const int32_t*>(w.col), w.crow, vals, bounds, N, K, span, *layout); break;
+    case 2: build(static_cast<const int16_t*>(w.col), w.crow, vals, bounds, N, K, span, rows, *layout); break;
+    case 8: build(static_cast<const int64_t*>(w.col), w.crow, vals, bounds, N, K, span, rows, *layout); break;
+    default: build(static_cast<const int32_t*>(w.col), w.crow, vals, bounds, N, K, span, rows, *layout); break;
   }
   return layout;
 }
@@ -200,12 +212,13 @@ std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, 
   const std::vector<const at::Tensor*> ts{&values_src, &crow_src, &col_src};
   if (any_inference(ts) || !fits(N, K, w.crow[N], span)) return nullptr;
   std::lock_guard<std::mutex> lock(cache_mutex);
-  if (auto hit = lookup(kCsrKey, ts, N, K, span)) return hit;
+  const int64_t rows = segment_rows();
+  if (auto hit = lookup(kCsrKey, ts, N, K, span, rows)) return hit;
   std::vector<int64_t> bounds;
   *status = sub_block_bounds(w, N, K, span, index, bounds);
   if (*status != kOk) return nullptr;
-  auto layout = build_layout(w, bounds.data(), N, K, span);
-  remember(kCsrKey, ts, N, K, span, layout);
+  auto layout = build_layout(w, bounds.data(), N, K, span, rows);
+  remember(kCsrKey, ts, N, K, span, rows, layout);
   return layout;
 }
 
@@ -217,7 +230,8 @@ std::shared_ptr<const SegmentLayout> semi24_segments(const at::Tensor& values_sr
   const std::vector<const at::Tensor*> ts{&values_src, &meta_src};
   if (any_inference(ts) || !fits(N, K, N * (K / 2), span) || K % 4 != 0) return nullptr;
   std::lock_guard<std::mutex> lock(cache_mutex);
-  if (auto hit = lookup(kSemiKey, ts, N, K, span)) return hit;
+  const int64_t rows = segment_rows();
+  if (auto hit = lookup(kSemiKey, ts, N, K, span, rows)) return hit;
   Problem p;
   p.N = N;
   p.K = p.kp = K;
@@ -242,8 +256,8 @@ std::shared_ptr<const SegmentLayout> semi24_segments(const at::Tensor& values_sr
   std::vector<int64_t> bounds;
   *status = sub_block_bounds(cw, N, K, span, index, bounds);
   if (*status != kOk) return nullptr;  // cannot happen after check: kept as a guard
-  auto layout = build_layout(cw, bounds.data(), N, K, span);
-  remember(kSemiKey, ts, N, K, span, layout);
+  auto layout = build_layout(cw, bounds.data(), N, K, span, rows);
+  remember(kSemiKey, ts, N, K, span, rows, layout);
   return layout;
 }
 
