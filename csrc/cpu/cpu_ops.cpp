@@ -367,6 +367,9 @@ int64_t layout_span(double density, int64_t max_tile) {
   return std::max<int64_t>(16, std::min<int64_t>(256, span) / 16 * 16);
 }
 
+// Its rows per row block: kSegmentRows, or SPARSE_PRUNE_CPU_SEGMENT_ROWS (a tuning knob: at most 2^20).
+int64_t layout_rows() { return std::min<int64_t>(1 << 20, env_int("SPARSE_PRUNE_CPU_SEGMENT_ROWS", kSegmentRows)); }
+
 Layer csr_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType ct, const at::Tensor& values,
                 const at::Tensor& crow, const at::Tensor& col, int64_t out_features,
                 const std::optional<at::Tensor>& bias) {
@@ -401,7 +404,8 @@ Layer csr_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType c
   if (isa.segs && l.N > 0) {
     int status = kOk;
     const double density = l.K > 0 ? l.stored_per_row / static_cast<double>(l.K) : 1.0;
-    l.seg = csr_segments(values, crow, col, l.csr, l.N, l.K, layout_span(density, isa.max_tile), isa.csr_index,
+    l.seg = csr_segments(values, crow, col, l.csr, l.N, l.K, layout_span(density, isa.max_tile), layout_rows(),
+                         isa.csr_index,
                          &status);
     check_status(op, {status}, "column");
   }
@@ -477,7 +481,8 @@ Layer semi_layer(const char* op, const at::Tensor& x, int64_t K, at::ScalarType 
   const Isa isa = isa_for(ct);
   if (isa.segs && l.N > 0 && l.K > 0) {
     int status = kOk;
-    l.seg = semi24_segments(values, meta, l.semi, l.N, l.K, layout_span(0.5, isa.max_tile), isa.semi_check,
+    l.seg = semi24_segments(values, meta, l.semi, l.N, l.K, layout_span(0.5, isa.max_tile), layout_rows(),
+                            isa.semi_check,
                             isa.csr_index, &status);
     check_status(op, {status}, "column");
   }

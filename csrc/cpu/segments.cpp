@@ -22,18 +22,6 @@ bool segments_enabled() {
   return v == "1";
 }
 
-// Rows per row block: kSegmentRows, or SPARSE_PRUNE_CPU_SEGMENT_ROWS (a tuning knob; any
-// positive integer, at most 2^20).
-int64_t segment_rows() {
-  const char* env = std::getenv("SPARSE_PRUNE_CPU_SEGMENT_ROWS");
-  if (!env || !*env) return kSegmentRows;
-  char* end = nullptr;
-  const long long v = std::strtoll(env, &end, 10);
-  TORCH_CHECK_VALUE(end && *end == '\0' && v > 0 && v <= (1 << 20),
-                    "SPARSE_PRUNE_CPU_SEGMENT_ROWS must be an integer in [1, 2^20], got '", env, "'");
-  return v;
-}
-
 // One of the op's input tensors as the cache saw it: the tensor itself (weakly: the cache never
 // keeps a weight alive), where its data was and its version counter then.
 struct Seen {
@@ -190,9 +178,9 @@ std::shared_ptr<SegmentLayout> build_layout(const CsrWeight& w, const int64_t* b
   return layout;
 }
 
-bool fits(int64_t N, int64_t K, int64_t nnz, int64_t span) {
+bool fits(int64_t N, int64_t K, int64_t nnz, int64_t span, int64_t rows) {
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  return N < kMax && K < kMax && nnz < kMax && span > 0 && span <= 256;
+  return N < kMax && K < kMax && nnz < kMax && span > 0 && span <= 256 && rows > 0;
 }
 
 }  // namespace
@@ -206,13 +194,13 @@ int64_t segment_span(double density, int64_t max_tile) {
 
 std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, const at::Tensor& crow_src,
                                                   const at::Tensor& col_src, const CsrWeight& w, int64_t N,
-                                                  int64_t K, int64_t span, CsrIndexFn index, int* status) {
+                                                  int64_t K, int64_t span, int64_t rows, CsrIndexFn index,
+                                                  int* status) {
   *status = kOk;
   if (!segments_enabled()) return nullptr;
   const std::vector<const at::Tensor*> ts{&values_src, &crow_src, &col_src};
-  if (any_inference(ts) || !fits(N, K, w.crow[N], span)) return nullptr;
+  if (any_inference(ts) || !fits(N, K, w.crow[N], span, rows)) return nullptr;
   std::lock_guard<std::mutex> lock(cache_mutex);
-  const int64_t rows = segment_rows();
   if (auto hit = lookup(kCsrKey, ts, N, K, span, rows)) return hit;
   std::vector<int64_t> bounds;
   *status = sub_block_bounds(w, N, K, span, index, bounds);
@@ -224,13 +212,13 @@ std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, 
 
 std::shared_ptr<const SegmentLayout> semi24_segments(const at::Tensor& values_src, const at::Tensor& meta_src,
                                                      const Semi24Weight& w, int64_t N, int64_t K, int64_t span,
-                                                     Semi24CheckFn check, CsrIndexFn index, int* status) {
+                                                     int64_t rows, Semi24CheckFn check, CsrIndexFn index,
+                                                     int* status) {
   *status = kOk;
   if (!segments_enabled()) return nullptr;
   const std::vector<const at::Tensor*> ts{&values_src, &meta_src};
-  if (any_inference(ts) || !fits(N, K, N * (K / 2), span) || K % 4 != 0) return nullptr;
+  if (any_inference(ts) || !fits(N, K, N * (K / 2), span, rows) || K % 4 != 0) return nullptr;
   std::lock_guard<std::mutex> lock(cache_mutex);
-  const int64_t rows = segment_rows();
   if (auto hit = lookup(kSemiKey, ts, N, K, span, rows)) return hit;
   Problem p;
   p.N = N;
@@ -238,7 +226,8 @@ std::shared_ptr<const SegmentLayout> semi24_segments(const at::Tensor& values_sr
   *status = check(p, w, 0, N);
   if (*status != kOk) return nullptr;
   // the csr arrays of the pattern: group g of a row keeps columns 4g + (nibble & 3) and
-  // 4g + (nibble >> 2), its two stored values in that order (docs/semi_structured_layout.md)
+  // 4g + (nibble >> 2), its two stored values in that order (docs/semi_structured_layout.md; the
+  // ISA units' semi24_columns, which lives in their own header: spmm.h says why)
   const int64_t half = K / 2, groups = K / 4;
   std::vector<int64_t> crow(N + 1);
   std::vector<int32_t> col(std::max<int64_t>(1, N * half));

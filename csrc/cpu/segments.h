@@ -28,7 +28,8 @@ struct SegmentLayout {
 // uint8 offsets within their sub-block).
 int64_t segment_span(double density, int64_t max_tile);
 
-// Rows per row block: 256 was best or within 3% of it in the same measurements.
+// Rows per row block (`rows` below; cpu_ops.cpp's SPARSE_PRUNE_CPU_SEGMENT_ROWS overrides it): 256
+// was best or within 3% of it in the same measurements.
 constexpr int64_t kSegmentRows = 256;
 
 // The csr index pass of an ISA unit (spmm.h's csr_index): checks rows [r0, r1) and writes their
@@ -45,7 +46,8 @@ using CsrIndexFn = int (*)(const Problem&, const CsrWeight&, int64_t, int64_t, i
 // layout; entries of freed tensors are dropped.
 std::shared_ptr<const SegmentLayout> csr_segments(const at::Tensor& values_src, const at::Tensor& crow_src,
                                                   const at::Tensor& col_src, const CsrWeight& w, int64_t N,
-                                                  int64_t K, int64_t span, CsrIndexFn index, int* status);
+                                                  int64_t K, int64_t span, int64_t rows, CsrIndexFn index,
+                                                  int* status);
 
 // The 2:4 check of an ISA unit (spmm.h's semi24_check) over rows [r0, r1).
 using Semi24CheckFn = int (*)(const Problem&, const Semi24Weight&, int64_t, int64_t);
@@ -57,7 +59,8 @@ using Semi24CheckFn = int (*)(const Problem&, const Semi24Weight&, int64_t, int6
 // every row of meta, else *status = kBadMeta and null. Cached on values and meta as above.
 std::shared_ptr<const SegmentLayout> semi24_segments(const at::Tensor& values_src, const at::Tensor& meta_src,
                                                      const Semi24Weight& w, int64_t N, int64_t K, int64_t span,
-                                                     Semi24CheckFn check, CsrIndexFn index, int* status);
+                                                     int64_t rows, Semi24CheckFn check, CsrIndexFn index,
+                                                     int* status);
 
 // Layouts now cached (tests).
 int64_t segment_cache_size();
