@@ -234,6 +234,33 @@ def test_semi24_paths_match_reference_and_one_thread(isa, no_reference, csr_path
     assert torch.equal(one, two)
 
 
+# Rows built to reach every branch of the segment kernel (segments.cpp pairs them): identical
+# rows (every column shared), complementary rows (none shared), a full row (a long tail against
+# any partner), an odd row count (a lone row), dense sub-blocks (paired by shared columns) and
+# sparse ones (paired by length) in one weight, and tiles of 1, 2, 3 and 5 vectors (AVX2).
+@pytest.mark.parametrize("m", [1, 9, 16, 24, 40, 197])
+def test_segment_pairs_reach_every_branch(isa, no_reference, monkeypatch, m):
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SEGMENTS", "1")
+    n, k = 37, 400
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(n, k, generator=g) * k ** -0.5
+    mask = torch.rand(n, k, generator=g) < 0.5
+    mask[:, 200:] = torch.rand(n, 200, generator=g) < 0.05
+    mask[3] = mask[2]
+    mask[4] = torch.arange(k) % 2 == 0
+    mask[5] = ~mask[4]
+    mask[6] = True
+    mask[7, 100:] = False
+    x = torch.randn(m, k, generator=g)
+    b = torch.randn(n, generator=g) * 0.1
+    fmt = F.CSR.from_dense(w, mask)
+    ops.clear_cpu_cache()
+    one = _threads(1, lambda: _check(fmt, x, b, True))
+    assert _segment_cache_size() == 1
+    two = _threads(2, lambda: _check(fmt, x, b, True))
+    assert torch.equal(one, two)
+
+
 def test_semi24_layout_follows_in_place_changes_and_checks_meta(no_reference, monkeypatch):
     """The 2:4 layout is cached on values and meta: an in-place change to either builds it again,
     and meta is checked on every build (a bad word written in place is refused)."""

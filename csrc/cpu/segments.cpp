@@ -4,6 +4,10 @@
 #include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
+#include <tuple>
+#include <utility>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -63,53 +67,192 @@ at::Tensor to_tensor(const std::vector<T>& v, at::ScalarType dtype) {
   return t;
 }
 
+// Blocks at least this dense pair rows by the columns they share (pair_by_shared); sparser ones
+// by length (pair_by_length). Measured in a standalone loop (Zen 3, 40-token tiles, 256-row
+// blocks, random masks, ymm FMAs/ns against the length pairing): 4.06 against 3.17 at 2:4, 3.68
+// against 3.12 at 50%, 3.15 against 2.96 at 30%, but 2.49 against 2.62 at 10% (a quarter of the
+// weights shared, three loops per pair).
+constexpr double kShareDensity = 0.2;
+
+// One row's stored weights in a sub-block: columns (within it) and values.
+struct RowPart {
+  int32_t row;
+  std::vector<uint8_t> col;
+  std::vector<float> val;
+};
+
+// Appends the segment of rows a (row0) and b (row1, the one with fewer weights of its own) to L's
+// arrays: the columns both keep, then side by side as many of each one's others as b has, then
+// the rest of a's.
+void emit_pair(const RowPart& a, const RowPart& b, std::vector<SegmentHead>& segs, std::vector<float>& values,
+               std::vector<uint8_t>& cols) {
+  std::vector<size_t> only_a, only_b;
+  const size_t first_val = values.size(), first_col = cols.size();
+  size_t x = 0, y = 0;
+  int32_t shared = 0;
+  while (x < a.col.size() || y < b.col.size()) {
+    if (y == b.col.size() || (x < a.col.size() && a.col[x] < b.col[y])) {
+      only_a.push_back(x++);
+    } else if (x == a.col.size() || b.col[y] < a.col[x]) {
+      only_b.push_back(y++);
+    } else {
+      values.push_back(a.val[x]);
+      values.push_back(b.val[y]);
+      cols.push_back(a.col[x]);
+      ++shared, ++x, ++y;
+    }
+  }
+  if (only_b.size() > only_a.size()) {  // cannot happen when b holds fewer weights: kept as a guard
+    values.resize(first_val);
+    cols.resize(first_col);
+    emit_pair(b, a, segs, values, cols);
+    return;
+  }
+  const size_t e = only_b.size();
+  for (size_t k = 0; k < e; ++k) values.push_back(a.val[only_a[k]]), cols.push_back(a.col[only_a[k]]);
+  for (size_t k = 0; k < e; ++k) values.push_back(b.val[only_b[k]]), cols.push_back(b.col[only_b[k]]);
+  for (size_t k = e; k < only_a.size(); ++k) values.push_back(a.val[only_a[k]]), cols.push_back(a.col[only_a[k]]);
+  segs.push_back(SegmentHead{a.row, b.row, shared, static_cast<int32_t>(e),
+                             static_cast<int32_t>(only_a.size() - e)});
+}
+
+void emit_lone(const RowPart& a, std::vector<SegmentHead>& segs, std::vector<float>& values,
+               std::vector<uint8_t>& cols) {
+  values.insert(values.end(), a.val.begin(), a.val.end());
+  cols.insert(cols.end(), a.col.begin(), a.col.end());
+  segs.push_back(SegmentHead{a.row, -1, 0, 0, static_cast<int32_t>(a.col.size())});
+}
+
+// Pairs rows greedily: each row in turn with the unpaired one that maximizes 4 * (columns both
+// keep) - |difference in weights| (the unpaired weights run alone, on one chain).
+std::vector<std::pair<int64_t, int64_t>> pair_by_shared(const std::vector<RowPart>& rows) {
+  const size_t n = rows.size();
+  std::vector<std::array<uint64_t, 4>> bits(n);
+  for (size_t i = 0; i < n; ++i) {
+    bits[i] = {0, 0, 0, 0};
+    for (uint8_t c : rows[i].col) bits[i][c >> 6] |= uint64_t{1} << (c & 63);
+  }
+  std::vector<char> used(n, 0);
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (size_t i = 0; i < n; ++i) {
+    if (used[i]) continue;
+    used[i] = 1;
+    int64_t best = -1, best_score = std::numeric_limits<int64_t>::min();
+    const int64_t li = static_cast<int64_t>(rows[i].col.size());
+    for (size_t j = i + 1; j < n; ++j) {
+      if (used[j]) continue;
+      int64_t common = 0;
+      for (int w = 0; w < 4; ++w) common += __builtin_popcountll(bits[i][w] & bits[j][w]);
+      const int64_t score = 4 * common - std::abs(li - static_cast<int64_t>(rows[j].col.size()));
+      if (score > best_score) best_score = score, best = static_cast<int64_t>(j);
+    }
+    if (best >= 0) used[best] = 1;
+    pairs.emplace_back(static_cast<int64_t>(i), best);
+  }
+  return pairs;
+}
+
+// Pairs rows in order of their weights (the shortest alone when their count is odd).
+std::vector<std::pair<int64_t, int64_t>> pair_by_length(const std::vector<RowPart>& rows) {
+  std::vector<int64_t> order(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return rows[a].col.size() < rows[b].col.size(); });
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  size_t k = 0;
+  if (order.size() % 2) pairs.emplace_back(order[k++], -1);
+  for (; k + 1 < order.size(); k += 2) pairs.emplace_back(order[k], order[k + 1]);
+  return pairs;
+}
+
 // Lays the weight out from its checked rows: bounds[r * (nsb + 1) + s] is row r's first stored
-// weight in sub-block s (the index pass's K-block bounds, span-wide blocks).
+// weight in sub-block s (the index pass's K-block bounds, span-wide blocks). Each (row block,
+// sub-block) pairs its rows (pair_by_shared or pair_by_length, by its density) and stores its
+// segments sorted by (shared, paired, tail), lone rows last, so that the kernel's loops end
+// where the branch predictor expects them (unsorted, a standalone loop ran at 2.2 against 3.0
+// FMAs/ns).
 template <typename I>
 void build(const I* col, const int64_t* crow, const float* vals, const int64_t* bounds, int64_t N, int64_t K,
            int64_t span, int64_t R, SegmentLayout& L) {
   const int64_t nrb = (N + R - 1) / R, nsb = K > 0 ? (K + span - 1) / span : 0;
   const int64_t nnz = crow[N];
-  std::vector<int64_t> block_seg, block_val;
-  std::vector<int32_t> seg_row, seg_len;
+  std::vector<int64_t> block_seg, block_val, block_col;
+  std::vector<SegmentHead> segs;
   std::vector<uint8_t> cols;  // within the sub-block: span <= 256
   std::vector<float> values;
   block_seg.reserve(nrb * nsb + 1);
   block_val.reserve(nrb * nsb + 1);
+  block_col.reserve(nrb * nsb + 1);
   values.reserve(nnz);
   cols.reserve(nnz);
   L.cum.assign(nrb + 1, nnz);
-  std::vector<int64_t> order;
+  std::vector<RowPart> rows;
+  std::vector<SegmentHead> block;
   for (int64_t rb = 0; rb < nrb; ++rb) {
     const int64_t r0 = rb * R, r1 = std::min(N, r0 + R);
     L.cum[rb] = crow[r0];
     for (int64_t s = 0; s < nsb; ++s) {
-      block_seg.push_back(static_cast<int64_t>(seg_row.size()));
+      block_seg.push_back(static_cast<int64_t>(segs.size()));
       block_val.push_back(static_cast<int64_t>(values.size()));
-      order.clear();
+      block_col.push_back(static_cast<int64_t>(cols.size()));
+      rows.clear();
+      int64_t stored = 0;
       for (int64_t i = 0; i < r1 - r0; ++i) {
         const int64_t* b = bounds + (r0 + i) * (nsb + 1);
-        if (s == 0 || b[s + 1] > b[s]) order.push_back(i);
-      }
-      const auto len = [&](int64_t i) { return bounds[(r0 + i) * (nsb + 1) + s + 1] - bounds[(r0 + i) * (nsb + 1) + s]; };
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return len(a) < len(b); });
-      for (int64_t i : order) {
-        const int64_t* b = bounds + (r0 + i) * (nsb + 1);
-        seg_row.push_back(static_cast<int32_t>(r0 + i));
-        seg_len.push_back(static_cast<int32_t>(b[s + 1] - b[s]));
+        if (s != 0 && b[s + 1] == b[s]) continue;
+        RowPart part{static_cast<int32_t>(r0 + i), {}, {}};
         for (int64_t q = b[s]; q < b[s + 1]; ++q) {
-          values.push_back(vals[q]);
-          cols.push_back(static_cast<uint8_t>(static_cast<int64_t>(col[q]) - s * span));
+          part.col.push_back(static_cast<uint8_t>(static_cast<int64_t>(col[q]) - s * span));
+          part.val.push_back(vals[q]);
         }
+        stored += b[s + 1] - b[s];
+        rows.push_back(std::move(part));
+      }
+      const int64_t width = std::min(span, K - s * span);
+      const bool by_shared = static_cast<double>(stored) >= kShareDensity * static_cast<double>((r1 - r0) * width);
+      const auto pairs = by_shared ? pair_by_shared(rows) : pair_by_length(rows);
+      // each segment's arrays built apart, then appended in sorted order
+      std::vector<SegmentHead> heads;
+      std::vector<std::vector<float>> seg_vals;
+      std::vector<std::vector<uint8_t>> seg_cols;
+      for (const auto& [i, j] : pairs) {
+        std::vector<SegmentHead> h;
+        std::vector<float> v;
+        std::vector<uint8_t> c;
+        if (j < 0)
+          emit_lone(rows[i], h, v, c);
+        else if (rows[j].col.size() > rows[i].col.size())
+          emit_pair(rows[j], rows[i], h, v, c);
+        else
+          emit_pair(rows[i], rows[j], h, v, c);
+        heads.push_back(h[0]);
+        seg_vals.push_back(std::move(v));
+        seg_cols.push_back(std::move(c));
+      }
+      std::vector<int64_t> order(heads.size());
+      for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<int64_t>(k);
+      const auto key = [&](int64_t k) {
+        const SegmentHead& h = heads[k];
+        return std::make_tuple(h.row1 < 0, h.shared, h.paired, h.tail);
+      };
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key(a) < key(b); });
+      for (int64_t k : order) {
+        segs.push_back(heads[k]);
+        values.insert(values.end(), seg_vals[k].begin(), seg_vals[k].end());
+        cols.insert(cols.end(), seg_cols[k].begin(), seg_cols[k].end());
       }
     }
   }
-  block_seg.push_back(static_cast<int64_t>(seg_row.size()));
+  block_seg.push_back(static_cast<int64_t>(segs.size()));
   block_val.push_back(static_cast<int64_t>(values.size()));
+  block_col.push_back(static_cast<int64_t>(cols.size()));
   L.block_seg = to_tensor(block_seg, at::kLong);
   L.block_val = to_tensor(block_val, at::kLong);
-  L.seg_row = to_tensor(seg_row, at::kInt);
-  L.seg_len = to_tensor(seg_len, at::kInt);
+  L.block_col = to_tensor(block_col, at::kLong);
+  static_assert(sizeof(SegmentHead) == 5 * sizeof(int32_t), "SegmentHead is five int32");
+  std::vector<int32_t> heads(segs.size() * 5);
+  if (!segs.empty()) std::memcpy(heads.data(), segs.data(), heads.size() * sizeof(int32_t));
+  L.seg = to_tensor(heads, at::kInt);
   L.values = to_tensor(values, at::kFloat);
   L.col = to_tensor(cols, at::kByte);
   CsrSegments& v = L.view;
@@ -119,8 +262,8 @@ void build(const I* col, const int64_t* crow, const float* vals, const int64_t* 
   v.nsb = nsb;
   v.block_seg = L.block_seg.data_ptr<int64_t>();
   v.block_val = L.block_val.data_ptr<int64_t>();
-  v.seg_row = L.seg_row.data_ptr<int32_t>();
-  v.seg_len = L.seg_len.data_ptr<int32_t>();
+  v.block_col = L.block_col.data_ptr<int64_t>();
+  v.seg = reinterpret_cast<const SegmentHead*>(L.seg.data_ptr<int32_t>());
   v.values = L.values.data_ptr<float>();
   v.col = L.col.data_ptr<uint8_t>();
 }

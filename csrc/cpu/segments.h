@@ -15,7 +15,7 @@ namespace sparse_prune {
 namespace cpu {
 
 struct SegmentLayout {
-  at::Tensor block_seg, block_val, seg_row, seg_len, values, col;  // the arrays `view` points into
+  at::Tensor block_seg, block_val, block_col, seg, values, col;  // the arrays `view` points into
   std::vector<int64_t> cum;  // [nrb + 1]: stored weights before each row block (the row split's cost)
   CsrSegments view;
 };

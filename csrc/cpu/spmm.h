@@ -64,19 +64,29 @@ struct Semi24Weight {
 
 // A csr weight laid out once for the segment kernel (csr_segs), float32 only. Rows are cut into
 // blocks of `rows_per_block` and columns into sub-blocks of `span`; the stored weights of each
-// (row block, sub-block) are contiguous, row by row, with the rows sorted by how many they hold
-// there. Sub-block 0 lists every row of the block (some with 0 weights: they start their Yᵀ
-// row); later ones only the rows with weights there. Built and checked by cpu_ops.cpp
-// (segment_layout) from a checked csr weight.
+// (row block, sub-block) are contiguous, segment by segment. A segment is one row, or two rows
+// run together (two independent accumulator chains): the columns both rows keep (`shared`: one
+// loaded Xᵀ vector feeds an FMA of each row), then `paired` weights of each row alone, side by
+// side, then `tail` more of the first row. Sub-block 0 lists every row of the block (some with 0
+// weights: they start their Yᵀ row); later ones only the rows with weights there. Built and
+// checked by segments.cpp from a checked csr weight.
+//
+// A segment's stored weights, in order: `shared` pairs (row0's, row1's), `paired` of row0,
+// `paired` of row1, `tail` of row0: 2 * shared + 2 * paired + tail values and
+// shared + 2 * paired + tail columns. A lone row has row1 = -1, shared = paired = 0.
+struct SegmentHead {
+  int32_t row0, row1, shared, paired, tail;
+};
+
 struct CsrSegments {
   int64_t rows_per_block = 0, span = 0;  // R rows, `span` columns (a multiple of 16, at most 256)
   int64_t nrb = 0, nsb = 0;              // row blocks, sub-blocks
   const int64_t* block_seg = nullptr;    // [nrb * nsb + 1]: first segment of (row block, sub-block)
-  const int64_t* block_val = nullptr;    // [nrb * nsb + 1]: first stored weight of each
-  const int32_t* seg_row = nullptr;      // [segments]: the row of each segment
-  const int32_t* seg_len = nullptr;      // [segments]: its stored weights
-  const float* values = nullptr;         // [nnz] in segment order
-  const uint8_t* col = nullptr;          // [nnz] columns within their sub-block, in segment order
+  const int64_t* block_val = nullptr;    // [nrb * nsb + 1]: first stored value of each
+  const int64_t* block_col = nullptr;    // [nrb * nsb + 1]: first stored column of each
+  const SegmentHead* seg = nullptr;      // [segments]
+  const float* values = nullptr;         // in segment order
+  const uint8_t* col = nullptr;          // columns within their sub-block, in segment order
 };
 
 // Kernel status codes (0 = ok); the caller turns them into errors naming the argument.

@@ -169,14 +169,15 @@ int csr_rows_impl(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0,
 // The segment kernel (CsrSegments, float32): row blocks [rb0, rb1) over every tile. Per tile
 // group, row block and tile, the block's Yᵀ rows (rows_per_block x width, in L1) take each
 // sub-block's segments in their stored order: a panel sub-block of `span` columns stays in L1
-// while the block's weights stream contiguously, and the segments, sorted by length, end where
-// the branch predictor expects them. Two rows with as many weights run together (Mi::csr_pair:
-// two independent chains, one loop exit). Measured in a standalone loop (one core, AVX-512,
-// 112-token tiles, fc1 3072x768): 3.0 against 2.3 zmm FMAs/ns at 90% sparse and 3.6 against 1.9
-// at 50% for the row-by-row CSR loop with its K-blocks; unsorted, the segments ran at 2.2.
+// while the block's weights stream contiguously, and the segments, sorted (segments.cpp), end
+// where the branch predictor expects them. Two rows run together (Mi::csr_shared: two independent
+// chains; the columns both keep load each Xᵀ vector once for both). The row-by-row CSR loop
+// with its K-blocks, measured in a standalone loop (one core, AVX-512, 112-token tiles, fc1
+// 3072x768): 3.0 against 2.3 zmm FMAs/ns at 90% sparse and 3.6 against 1.9 at 50% for the
+// segments (then paired by length only); unsorted, the segments ran at 2.2.
 // Each row's sum runs in a fixed order (a sum per sub-block, in turn, added to the row's; a
-// pair's rows one accumulator set each, a lone row two, as the layout has them), so the result
-// does not depend on the tiles or the split.
+// segment's accumulator sets as the layout and Mi have them), so the result does not depend on
+// the tiles or the split.
 template <class Mi>
 void csr_segs_impl(const Problem& p, const CsrSegments& w, const float* xp, int64_t rb0, int64_t rb1, float* yt) {
   const int64_t R = w.rows_per_block;
@@ -194,21 +195,18 @@ void csr_segs_impl(const Problem& p, const CsrSegments& w, const float* xp, int6
           for (int64_t s = 0; s < w.nsb; ++s) {
             const int64_t b = rb * w.nsb + s;
             const float* panel = xp + t * p.kp * p.tile + s * w.span * width;  // the sub-block's columns
-            int64_t q = w.block_val[b];
-            const int64_t e = w.block_seg[b + 1];
-            for (int64_t i = w.block_seg[b]; i < e;) {
-              const int64_t len = w.seg_len[i];
-              float* y0 = yt + (w.seg_row[i] - row0) * p.tile;  // Yᵀ rows are p.tile apart (emit)
-              if (V >= 2 && i + 1 < e && w.seg_len[i + 1] == len) {
-                Mi::template csr_pair<V>(panel, width, w.values + q, w.col + q, w.values + q + len, w.col + q + len, len,
-                                         y0, yt + (w.seg_row[i + 1] - row0) * p.tile, s == 0);
-                q += 2 * len;
-                i += 2;
+            int64_t q = w.block_val[b], c = w.block_col[b];
+            for (int64_t i = w.block_seg[b]; i < w.block_seg[b + 1]; ++i) {
+              const SegmentHead h = w.seg[i];
+              float* y0 = yt + (h.row0 - row0) * p.tile;  // Yᵀ rows are p.tile apart (emit)
+              if (h.row1 < 0) {
+                Mi::template csr_lone<V>(panel, width, w.values + q, w.col + c, h.tail, y0, s == 0);
               } else {
-                Mi::template csr_lone<V>(panel, width, w.values + q, w.col + q, len, y0, s == 0);
-                q += len;
-                i += 1;
+                Mi::template csr_shared<V>(panel, width, w.values + q, w.col + c, h.shared, h.paired, h.tail, y0,
+                                           yt + (h.row1 - row0) * p.tile, s == 0);
               }
+              q += 2 * static_cast<int64_t>(h.shared) + 2 * static_cast<int64_t>(h.paired) + h.tail;
+              c += static_cast<int64_t>(h.shared) + 2 * static_cast<int64_t>(h.paired) + h.tail;
             }
           }
         });

@@ -67,11 +67,44 @@ struct Portable {
     for (int j = 0; j < W; ++j) y[j] = first ? sum[j] : y[j] + sum[j];
   }
 
+  // Two rows' segment (spmm.h's SegmentHead): shared columns, paired weights, row 0's tail; each
+  // row summed from zero on one accumulator set (at most `span` <= 256 terms), then added.
   template <int V>
-  static void csr_pair(const T* panel, int64_t width, const T* v0, const uint8_t* c0, const T* v1, const uint8_t* c1,
-                       int64_t len, T* y0, T* y1, bool first) {
-    csr_lone<V>(panel, width, v0, c0, len, y0, first);
-    csr_lone<V>(panel, width, v1, c1, len, y1, first);
+  static void csr_shared(const T* panel, int64_t width, const T* val, const uint8_t* col, int64_t shared,
+                         int64_t paired, int64_t tail, T* y0, T* y1, bool first) {
+    constexpr int W = V * kLanes;
+    T a[W], b[W];
+    for (int j = 0; j < W; ++j) a[j] = b[j] = T(0);
+    const auto x = [&](int64_t i) { return panel + static_cast<int64_t>(col[i]) * width; };
+    for (int64_t i = 0; i < shared; ++i) {
+      const T w0 = val[2 * i], w1 = val[2 * i + 1];
+      const T* xi = x(i);
+      for (int j = 0; j < W; ++j) {
+        a[j] += w0 * xi[j];
+        b[j] += w1 * xi[j];
+      }
+    }
+    val += 2 * shared;
+    col += shared;
+    for (int64_t i = 0; i < paired; ++i) {
+      const T w0 = val[i], w1 = val[paired + i];
+      const T *x0 = x(i), *x1 = x(paired + i);
+      for (int j = 0; j < W; ++j) {
+        a[j] += w0 * x0[j];
+        b[j] += w1 * x1[j];
+      }
+    }
+    val += 2 * paired;
+    col += 2 * paired;
+    for (int64_t i = 0; i < tail; ++i) {
+      const T w = val[i];
+      const T* xi = x(i);
+      for (int j = 0; j < W; ++j) a[j] += w * xi[j];
+    }
+    for (int j = 0; j < W; ++j) {
+      y0[j] = first ? a[j] : y0[j] + a[j];
+      y1[j] = first ? b[j] : y1[j] + b[j];
+    }
   }
 
   template <int V, typename I>
