@@ -570,11 +570,16 @@ const char* index_what(const Layer& l) { return l.kind == Layer::kBsr ? "block c
 // 2.08-2.10x dense, csr 90% equal; this Xeon's AVX2 path). SPARSE_PRUNE_CPU_SPLIT = rows or
 // tokens forces one (tokens: whenever there are enough tiles). Returns the tile cuts (workers +
 // 1 entries), or an empty vector for the row split.
-std::vector<int64_t> token_cuts(const Problem& p, int64_t workers, int64_t lanes) {
+std::string split_mode() {
   const char* env = std::getenv("SPARSE_PRUNE_CPU_SPLIT");
   const std::string mode = env && *env ? env : "auto";
   TORCH_CHECK_VALUE(mode == "auto" || mode == "rows" || mode == "tokens",
                     "SPARSE_PRUNE_CPU_SPLIT must be one of auto, rows, tokens; got '", mode, "'");
+  return mode;
+}
+
+std::vector<int64_t> token_cuts(const Problem& p, int64_t workers, int64_t lanes) {
+  const std::string mode = split_mode();
   if (workers <= 1 || p.ntiles < workers || mode == "rows") return {};
   const auto vectors = [&](int64_t t) { return (t + 1 == p.ntiles ? p.last_tile : p.tile) / lanes; };
   std::vector<int64_t> cum(p.ntiles + 1, 0);
@@ -632,13 +637,83 @@ void index_layers(const char* op, const Isa& isa, const std::vector<const Layer*
   }
 }
 
-// linear_layer's token split: one index pass split by rows, then worker i packs and multiplies
-// tiles [cut[i], cut[i+1]) alone.
+// A worker's share of the token split: units [u0, u1) of tile t (a whole tile: 0, units).
+struct Piece {
+  int64_t t, u0, u1;
+};
+
+// The units a layer's workers split (segment layouts: row blocks) and their cost prefix.
+int64_t split_units(const Layer& l) { return l.seg ? l.seg->view.nrb : l.units; }
+const int64_t* unit_cost(const Layer& l) {
+  if (l.seg) return l.seg->cum.data();
+  return l.kind == Layer::kCsr ? l.crow64.data_ptr<int64_t>() : l.cum.data();
+}
+
+// linear_layer's token split at unit granularity: the tiles' work (vectors x stored weights)
+// cut into `workers` even shares, a tile on a cut split between the two workers by units
+// (rows, row blocks) at the cut's fraction of its stored weights. Whole tiles alone split 3:2
+// on AVX2's 5 tiles at M = 197: measured on fc1 csr 50% and 90% (Zen 3, 2 threads), a token
+// cost 20% more at M = 197 than at M = 160 (4 tiles, 2:2). Returns each worker's pieces, in
+// tile order.
+std::vector<std::vector<Piece>> token_pieces(const Problem& p, const Layer& l, int64_t workers, int64_t lanes) {
+  const int64_t units = split_units(l);
+  const int64_t* cost = unit_cost(l);
+  std::vector<int64_t> cum(p.ntiles + 1, 0);
+  for (int64_t t = 0; t < p.ntiles; ++t) cum[t + 1] = cum[t] + (t + 1 == p.ntiles ? p.last_tile : p.tile) / lanes;
+  // cut i as (tile, first unit of the next worker in it); (ntiles, 0) at the end
+  std::vector<std::pair<int64_t, int64_t>> cut(workers + 1, {p.ntiles, 0});
+  cut[0] = {0, 0};
+  for (int64_t i = 1; i < workers; ++i) {
+    const double target = static_cast<double>(cum[p.ntiles]) * i / workers;
+    int64_t t = 0;
+    while (t + 1 < p.ntiles && cum[t + 1] <= target) ++t;
+    const double frac = (target - cum[t]) / static_cast<double>(cum[t + 1] - cum[t]);
+    const double want = frac * static_cast<double>(cost[units] - cost[0]) + static_cast<double>(cost[0]);
+    int64_t u = 0;
+    while (u < units && static_cast<double>(cost[u]) < want) ++u;
+    cut[i] = u >= units ? std::make_pair(t + 1, int64_t{0}) : std::make_pair(t, u);
+    if (cut[i] < cut[i - 1]) cut[i] = cut[i - 1];
+  }
+  std::vector<std::vector<Piece>> pieces(workers);
+  for (int64_t i = 0; i < workers; ++i) {
+    auto [ta, ua] = cut[i];
+    const auto [tb, ub] = cut[i + 1];
+    for (; ta < tb || (ta == tb && ua < ub); ++ta, ua = 0) {
+      const int64_t u1 = ta == tb ? ub : units;
+      if (u1 > ua) pieces[i].push_back(Piece{ta, ua, u1});
+      if (ta == tb) break;
+    }
+  }
+  return pieces;
+}
+
+// Units [u0, u1) of layer l over every tile of p on this thread (yt: its own Yᵀ scratch), the
+// index pass done into bounds (index_units): cannot fail.
+void unit_range(const Isa& isa, const Problem& p, const Layer& l, const void* xp, void* yt, const int64_t* bounds,
+                int64_t u0, int64_t u1) {
+  int64_t* b = const_cast<int64_t*>(bounds) + u0 * bounds_stride(p);  // read only: indexed
+  if (l.seg) {
+    isa.segs(p, l.seg->view, static_cast<const float*>(xp), u0, u1, static_cast<float*>(yt));
+  } else if (l.kind == Layer::kCsr) {
+    isa.csr(p, l.csr, xp, u0, u1, yt, b, true);
+  } else if (l.kind == Layer::kBsr) {
+    isa.bsr(p, l.bsr, xp, u0, u1, yt, b, true);
+  } else {
+    isa.semi(p, l.semi, xp, u0, u1, yt, true);
+  }
+}
+
+// linear_layer's token split: one index pass split by rows, then worker i packs the tiles of
+// its pieces into panels of its own (a tile on a cut is packed by both workers) and multiplies
+// their units. Every token is computed in the same tile with the same K-blocks as on one
+// thread: the result is bitwise independent of the split.
 at::Tensor linear_tokens(const char* op, const at::Tensor& xc, const Isa& isa, const Problem& p, const Layer& l,
-                         const std::vector<int64_t>& cut) {
-  const int64_t workers = static_cast<int64_t>(cut.size()) - 1;
+                         const std::vector<std::vector<Piece>>& pieces) {
+  const int64_t workers = static_cast<int64_t>(pieces.size());
   const int64_t es = xc.element_size();
-  at::Tensor xp = scratch(0, checked_product(op, "the packed input", p.ntiles, p.kp, p.tile), xc.options());
+  const int64_t tile_elems = checked_product(op, "the packed input", 1, p.kp, p.tile);
+  at::Tensor xp = scratch(0, checked_product(op, "the packed input", p.ntiles + workers - 1, p.kp, p.tile),
+                          xc.options());
   const int64_t yt_each = (scratch_floats(p, l.N) + 15) / 16 * 16;  // 64-byte aligned slices
   at::Tensor yt = scratch(1, checked_product(op, "the output tiles", workers, yt_each), xc.options());
   at::Tensor bounds = scratch(2, std::max<int64_t>(1, l.units * bounds_stride(p)), xc.options().dtype(at::kLong));
@@ -651,12 +726,17 @@ at::Tensor linear_tokens(const char* op, const at::Tensor& xc, const Isa& isa, c
   char* yd = static_cast<char*>(y.data_ptr());
   at::parallel_for(0, workers, 1, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
-      const int64_t t0 = cut[i], tok0 = t0 * p.tile;
-      Problem q = tiles_of(p, t0, cut[i + 1]);
-      q.y = yd + tok0 * l.N * es;
-      void* panels = xpd + t0 * p.kp * p.tile * es;
-      isa.pack(q, xd + tok0 * l.K * es, panels, 0, q.ntiles);
-      all_units(isa, q, l, panels, ytd + i * yt_each * es, bd);  // indexed: cannot fail
+      if (pieces[i].empty()) continue;
+      const int64_t first = pieces[i].front().t, last = pieces[i].back().t + 1;
+      char* panels = xpd + (first + i) * tile_elems * es;  // worker i's own: tiles [first, last)
+      Problem all = tiles_of(p, first, last);
+      isa.pack(all, xd + first * p.tile * l.K * es, panels, 0, all.ntiles);
+      for (const Piece& piece : pieces[i]) {
+        Problem q = tiles_of(p, piece.t, piece.t + 1);
+        q.y = yd + piece.t * p.tile * l.N * es;
+        unit_range(isa, q, l, panels + (piece.t - first) * tile_elems * es, ytd + i * yt_each * es, bd, piece.u0,
+                   piece.u1);
+      }
     }
   });
   return y;
@@ -670,8 +750,8 @@ at::Tensor linear_layer(const char* op, const at::Tensor& x, at::ScalarType ct, 
   const Isa isa = isa_for(ct);
   Problem p = plan_layer(l, M, isa, gelu);
   const int64_t workers = worker_count(l.flops_per_token * M);
-  const std::vector<int64_t> cut = token_cuts(p, workers, isa.lanes);
-  if (!cut.empty()) return finish(linear_tokens(op, xc, isa, p, l, cut), x);
+  if (split_mode() != "rows" && workers > 1 && p.ntiles >= workers)
+    return finish(linear_tokens(op, xc, isa, p, l, token_pieces(p, l, workers, isa.lanes)), x);
   auto [xp, y] = prepare(isa, p, xc, workers);
   run_layer(op, isa, p, l, xp.data_ptr(), workers, xc.options());
   return finish(y, x);
