@@ -115,8 +115,9 @@ def test_fused_mlp_without_gelu_no_tokens_and_threads(isa):
 @pytest.mark.parametrize("split", ["rows", "tokens"])
 @pytest.mark.parametrize("k1, k2", [("csr", "bsr"), ("bsr", "2:4"), ("2:4", "csr")])
 def test_fused_mlp_token_split_bitwise_equal_to_one_thread(isa, no_reference, monkeypatch, split, k1, k2):
-    """With the token split each worker runs both layers on its own tiles (its own hidden
-    panels): the result is still the one-thread one, bit for bit."""
+    """With the token split each worker runs its pieces of both layers (a tile on a cut shared by
+    units, its hidden panel written by both): the result is still the one-thread one, bit for
+    bit."""
     f1, f2 = _weight(200, 64, k1, 1), _weight(37, 200, k2, 2)  # fc2 bsr (4x3 blocks) overhangs 200
     g = torch.Generator().manual_seed(4)
     x, b1, b2 = torch.randn(531, 64, generator=g), torch.randn(200, generator=g), torch.randn(37, generator=g)

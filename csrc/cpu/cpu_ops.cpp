@@ -531,19 +531,6 @@ void run_layer(const char* op, const Isa& isa, const Problem& p, const Layer& l,
   }
 }
 
-// Every unit (row, or bsr block row) of layer l over all tiles of p, on this thread alone, with
-// the index pass (index_units) already done into bounds for p.kblock.
-int all_units(const Isa& isa, const Problem& p, const Layer& l, const void* xp, void* yt, const int64_t* bounds) {
-  int64_t* b = const_cast<int64_t*>(bounds);  // read only when indexed
-  if (l.seg) {
-    isa.segs(p, l.seg->view, static_cast<const float*>(xp), 0, l.seg->view.nrb, static_cast<float*>(yt));
-    return kOk;
-  }
-  if (l.kind == Layer::kCsr) return isa.csr(p, l.csr, xp, 0, l.units, yt, b, true);
-  if (l.kind == Layer::kBsr) return isa.bsr(p, l.bsr, xp, 0, l.units, yt, b, true);
-  return isa.semi(p, l.semi, xp, 0, l.units, yt, true);
-}
-
 // The index pass of units [u0, u1) of layer l for p.kblock: row u's bounds at
 // bounds + u·bounds_stride(p).
 int index_units(const Isa& isa, const Problem& p, const Layer& l, int64_t u0, int64_t u1, int64_t* bounds) {
@@ -555,50 +542,23 @@ int index_units(const Isa& isa, const Problem& p, const Layer& l, int64_t u0, in
 
 const char* index_what(const Layer& l) { return l.kind == Layer::kBsr ? "block column" : "column"; }
 
-// The token split. Each worker takes a contiguous range of whole token tiles of the plan and
-// runs the op on them alone: it packs its own panels, multiplies every row of W and writes its
-// own rows of Y (in sparse_mlp, its own hidden panels too). Splitting rows instead made every
-// worker read every panel and write a column slice of every row of Y: on each call the panels
-// one core had written were pulled into the other's cache, and the next pack had to take the
-// lines back. Measured on ViT-B/16 shapes (AVX-512, 2 threads, M = 197, bsr 4x1 90%, 768x768):
-// packing one tile took 25-35 us against 7 us alone, and the layer ran only 1.28x faster on 2
-// threads than on 1. W is only read, and each core keeps its own copy. Every token is computed
-// in the same tile, with the same K-blocks, as on one thread, so the result stays bitwise
-// independent of the thread count. Used when every worker gets a tile and the largest share is
-// at most 1/4 above an even one (in vectors), else rows are split: AVX2's 5 tiles at M = 197
-// split 3:2 and still ran ViT-B/16 faster than the row split (bsr 4x1 90% 2.30-2.35x against
-// 2.08-2.10x dense, csr 90% equal; this Xeon's AVX2 path). SPARSE_PRUNE_CPU_SPLIT = rows or
-// tokens forces one (tokens: whenever there are enough tiles). Returns the tile cuts (workers +
-// 1 entries), or an empty vector for the row split.
+// The token split. Each worker takes a contiguous range of token tiles of the plan (token_pieces:
+// the tiles on a cut shared by units) and runs the op on them alone: it packs its own panels,
+// multiplies the rows of W of its pieces and writes its own rows of Y. Splitting rows instead
+// made every worker read every panel and write a column slice of every row of Y: on each call
+// the panels one core had written were pulled into the other's cache, and the next pack had to
+// take the lines back. Measured on ViT-B/16 shapes (AVX-512, 2 threads, M = 197, bsr 4x1 90%,
+// 768x768): packing one tile took 25-35 us against 7 us alone, and the layer ran only 1.28x
+// faster on 2 threads than on 1. W is only read, and each core keeps its own copy. Every token
+// is computed in the same tile, with the same K-blocks, as on one thread, so the result stays
+// bitwise independent of the thread count. Used whenever every worker gets a tile;
+// SPARSE_PRUNE_CPU_SPLIT = rows forces the row split (tokens or auto: the token split).
 std::string split_mode() {
   const char* env = std::getenv("SPARSE_PRUNE_CPU_SPLIT");
   const std::string mode = env && *env ? env : "auto";
   TORCH_CHECK_VALUE(mode == "auto" || mode == "rows" || mode == "tokens",
                     "SPARSE_PRUNE_CPU_SPLIT must be one of auto, rows, tokens; got '", mode, "'");
   return mode;
-}
-
-std::vector<int64_t> token_cuts(const Problem& p, int64_t workers, int64_t lanes) {
-  const std::string mode = split_mode();
-  if (workers <= 1 || p.ntiles < workers || mode == "rows") return {};
-  const auto vectors = [&](int64_t t) { return (t + 1 == p.ntiles ? p.last_tile : p.tile) / lanes; };
-  std::vector<int64_t> cum(p.ntiles + 1, 0);
-  for (int64_t t = 0; t < p.ntiles; ++t) cum[t + 1] = cum[t] + vectors(t);
-  std::vector<int64_t> cut(workers + 1, p.ntiles);
-  cut[0] = 0;
-  int64_t largest = 0;
-  for (int64_t i = 1; i <= workers; ++i) {
-    if (i < workers) {
-      // the tile boundary nearest to an even share, leaving a tile for each later worker
-      const double target = static_cast<double>(cum[p.ntiles]) * i / workers;
-      int64_t t = cut[i - 1] + 1;
-      while (t + 1 <= p.ntiles - (workers - i) && std::abs(cum[t + 1] - target) < std::abs(cum[t] - target)) ++t;
-      cut[i] = t;
-    }
-    largest = std::max(largest, cum[cut[i]] - cum[cut[i - 1]]);
-  }
-  if (mode == "tokens") return cut;
-  return 4 * largest * workers <= 5 * cum[p.ntiles] ? cut : std::vector<int64_t>{};
 }
 
 // Tiles [t0, t1) of p as a problem of its own: same tiles and K-blocks, tokens counted from
@@ -810,15 +770,19 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
 // [M, hidden] matrix is never transposed out and packed back in.
 namespace {
 
-// sparse_mlp's token split (see token_cuts): one index pass of both layers split by rows, then
-// worker i runs fc1 and fc2 on tiles [cut[i], cut[i+1]) alone, fc1 writing its own hidden
-// panels, which no other core reads.
+// sparse_mlp's token split (see token_pieces): one index pass of both layers split by rows,
+// then two passes. In the first, worker i packs the tiles of its fc1 pieces into panels of its
+// own and runs them, fc1 writing the hidden panels of its units; in the second it runs its fc2
+// pieces (cut by fc2's stored weights) on those panels. A tile on a cut has its hidden panel
+// written by both workers: the only panel a core reads that the other wrote.
 at::Tensor mlp_tokens(const char* op, const at::Tensor& xc, const Isa& isa, const Problem& p1, const Layer& l1,
-                      const Problem& p2, const Layer& l2, const std::vector<int64_t>& cut) {
-  const int64_t workers = static_cast<int64_t>(cut.size()) - 1;
+                      const Problem& p2, const Layer& l2, int64_t workers) {
+  const auto pieces1 = token_pieces(p1, l1, workers, isa.lanes), pieces2 = token_pieces(p2, l2, workers, isa.lanes);
   const int64_t hidden = l1.N;
   const int64_t es = xc.element_size();
-  at::Tensor xp1 = scratch(0, checked_product(op, "the packed input", p1.ntiles, p1.kp, p1.tile), xc.options());
+  const int64_t tile1 = checked_product(op, "the packed input", 1, p1.kp, p1.tile);
+  at::Tensor xp1 = scratch(0, checked_product(op, "the packed input", p1.ntiles + workers - 1, p1.kp, p1.tile),
+                           xc.options());
   at::Tensor xp2 = scratch(3, checked_product(op, "the hidden panels", p2.ntiles, p2.kp, p2.tile), xc.options());
   const int64_t yt_each = (std::max(scratch_floats(p1, l1.N), scratch_floats(p2, l2.N)) + 15) / 16 * 16;
   at::Tensor yt = scratch(1, checked_product(op, "the output tiles", workers, yt_each), xc.options());
@@ -833,23 +797,37 @@ at::Tensor mlp_tokens(const char* op, const at::Tensor& xc, const Isa& isa, cons
   char* p2d = static_cast<char*>(xp2.data_ptr());
   char* ytd = static_cast<char*>(yt.data_ptr());
   char* yd = static_cast<char*>(y.data_ptr());
+  // rows [hidden, kp2): the padding of a bsr block of fc2 that overhangs the hidden width
+  for (int64_t t = 0; t < p2.ntiles && p2.kp > hidden; ++t) {
+    const int64_t width = t + 1 == p2.ntiles ? p2.last_tile : p2.tile;
+    std::memset(p2d + (t * p2.kp * p2.tile + hidden * width) * es, 0, (p2.kp - hidden) * width * es);
+  }
+  if (hidden > 0) {
+    at::parallel_for(0, workers, 1, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        if (pieces1[i].empty()) continue;
+        const int64_t first = pieces1[i].front().t, last = pieces1[i].back().t + 1;
+        char* panels = p1d + (first + i) * tile1 * es;
+        const Problem all = tiles_of(p1, first, last);
+        isa.pack(all, xd + first * p1.tile * l1.K * es, panels, 0, all.ntiles);
+        for (const Piece& piece : pieces1[i]) {
+          Problem q = tiles_of(p1, piece.t, piece.t + 1);
+          q.y_panels = p2d + piece.t * p2.kp * p2.tile * es;
+          q.y_kp = p2.kp;
+          unit_range(isa, q, l1, panels + (piece.t - first) * tile1 * es, ytd + i * yt_each * es, bd1, piece.u0,
+                     piece.u1);
+        }
+      }
+    });
+  }
   at::parallel_for(0, workers, 1, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
-      const int64_t t0 = cut[i], t1 = cut[i + 1], tok0 = t0 * p1.tile;
-      Problem q1 = tiles_of(p1, t0, t1), q2 = tiles_of(p2, t0, t1);
-      char* panels2 = p2d + t0 * p2.kp * p2.tile * es;
-      // rows [hidden, kp2): the padding of a bsr block of fc2 that overhangs the hidden width
-      for (int64_t t = 0; t < q2.ntiles && q2.kp > hidden; ++t) {
-        const int64_t width = t + 1 == q2.ntiles ? q2.last_tile : q2.tile;
-        std::memset(panels2 + (t * q2.kp * q2.tile + hidden * width) * es, 0, (q2.kp - hidden) * width * es);
+      for (const Piece& piece : pieces2[i]) {
+        Problem q = tiles_of(p2, piece.t, piece.t + 1);
+        q.y = yd + piece.t * p2.tile * l2.N * es;
+        unit_range(isa, q, l2, p2d + piece.t * p2.kp * p2.tile * es, ytd + i * yt_each * es, bd2, piece.u0,
+                   piece.u1);
       }
-      void* panels1 = p1d + t0 * p1.kp * p1.tile * es;
-      isa.pack(q1, xd + tok0 * l1.K * es, panels1, 0, q1.ntiles);
-      q1.y_panels = panels2;
-      q1.y_kp = q2.kp;
-      if (hidden > 0) all_units(isa, q1, l1, panels1, ytd + i * yt_each * es, bd1);  // indexed: cannot fail
-      q2.y = yd + tok0 * l2.N * es;
-      all_units(isa, q2, l2, panels2, ytd + i * yt_each * es, bd2);
     }
   });
   return y;
@@ -876,8 +854,9 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x, c10::string_view format1, const s
   Problem p2 = plan_layer(l2, M, isa, false);
   TORCH_INTERNAL_ASSERT(p1.tile == p2.tile && p1.ntiles == p2.ntiles && p1.last_tile == p2.last_tile);
   const int64_t workers1 = worker_count(l1.flops_per_token * M), workers2 = worker_count(l2.flops_per_token * M);
-  const std::vector<int64_t> cut = token_cuts(p1, std::min(workers1, workers2), isa.lanes);
-  if (!cut.empty()) return finish(mlp_tokens(op, xc, isa, p1, l1, p2, l2, cut), x);
+  const int64_t workers = std::min(workers1, workers2);
+  if (split_mode() != "rows" && workers > 1 && p1.ntiles >= workers)
+    return finish(mlp_tokens(op, xc, isa, p1, l1, p2, l2, workers), x);
   const at::Tensor xp1 = prepare(isa, p1, xc, workers1, /*alloc_y=*/false).first;
   // fc2's panels: rows [hidden, kp2) are the padding of a bsr block that overhangs the hidden
   // width; fc1 writes rows < hidden, so those (and the tokens past M, which fc1 zeroes) are 0.
