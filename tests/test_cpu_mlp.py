@@ -125,6 +125,7 @@ def test_fused_mlp_token_split_bitwise_equal_to_one_thread(isa, no_reference, mo
     try:
         torch.set_num_threads(1)
         one = _mlp(x, k1, f1, b1, k2, f2, b2)
+        _mlp(1 - x, k1, f1, b1, k2, f2, b2)  # other values in the reused hidden scratch
         monkeypatch.setenv("SPARSE_PRUNE_CPU_SPLIT", split)
         torch.set_num_threads(2)
         two = _mlp(x, k1, f1, b1, k2, f2, b2)
@@ -133,6 +134,28 @@ def test_fused_mlp_token_split_bitwise_equal_to_one_thread(isa, no_reference, mo
     assert torch.equal(one, two)
     if isa != "portable":
         assert torch.equal(two, _two_ops(x, k1, f1, b1, k2, f2, b2))
+
+
+def test_fused_mlp_tile_shared_by_row_blocks_bitwise_equal_to_one_thread(isa, no_reference, monkeypatch):
+    """Hidden 600 (three 256-row blocks of fc1's segment layout) and M = 197: the token split's
+    cut falls inside a tile, whose hidden panel fc1's two workers then write in parts."""
+    f1, f2 = _weight(600, 64, "csr", 1), _weight(37, 600, "2:4", 2)
+    g = torch.Generator().manual_seed(5)
+    x, b1, b2 = torch.randn(197, 64, generator=g), torch.randn(600, generator=g), torch.randn(37, generator=g)
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SPLIT", "tokens")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _mlp(x, "csr", f1, b1, "2:4", f2, b2)
+        _mlp(1 - x, "csr", f1, b1, "2:4", f2, b2)  # other values in the reused hidden scratch
+        torch.set_num_threads(2)
+        two = _mlp(x, "csr", f1, b1, "2:4", f2, b2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    ref = Fn.linear(Fn.gelu(Fn.linear(x.double(), f1.to_dense().double(), b1.double())), f2.to_dense().double(),
+                    b2.double())
+    agreement.check_matches(two, ref, Fn.linear(Fn.gelu(Fn.linear(x, f1.to_dense(), b1)), f2.to_dense(), b2))
 
 
 def test_fused_mlp_bad_arguments_raise():

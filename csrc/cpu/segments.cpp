@@ -123,8 +123,11 @@ void emit_lone(const RowPart& a, std::vector<SegmentHead>& segs, std::vector<flo
   segs.push_back(SegmentHead{a.row, -1, 0, 0, static_cast<int32_t>(a.col.size())});
 }
 
-// Pairs rows greedily: each row in turn with the unpaired one that maximizes 4 * (columns both
-// keep) - |difference in weights| (the unpaired weights run alone, on one chain).
+// Pairs rows greedily: each row in turn with the unpaired one, among the next kPairWindow, that
+// maximizes 4 * (columns both keep) - |difference in weights| (the unpaired weights run alone,
+// on one chain). The window keeps the build linear in the rows per block (a 256-row block, the
+// default, sees every candidate).
+constexpr int64_t kPairWindow = 255;
 std::vector<std::pair<int64_t, int64_t>> pair_by_shared(const std::vector<RowPart>& rows) {
   const size_t n = rows.size();
   std::vector<std::array<uint64_t, 4>> bits(n);
@@ -139,8 +142,10 @@ std::vector<std::pair<int64_t, int64_t>> pair_by_shared(const std::vector<RowPar
     used[i] = 1;
     int64_t best = -1, best_score = std::numeric_limits<int64_t>::min();
     const int64_t li = static_cast<int64_t>(rows[i].col.size());
-    for (size_t j = i + 1; j < n; ++j) {
+    int64_t seen = 0;
+    for (size_t j = i + 1; j < n && seen < kPairWindow; ++j) {
       if (used[j]) continue;
+      ++seen;
       int64_t common = 0;
       for (int w = 0; w < 4; ++w) common += __builtin_popcountll(bits[i][w] & bits[j][w]);
       const int64_t score = 4 * common - std::abs(li - static_cast<int64_t>(rows[j].col.size()));
