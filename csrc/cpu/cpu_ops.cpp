@@ -663,6 +663,26 @@ void unit_range(const Isa& isa, const Problem& p, const Layer& l, const void* xp
   }
 }
 
+// Worker i's share of a token split of layer l (planned as p): packs the tiles of its pieces
+// from x (rows of l.K elements at xd) into panels of its own, at tile (first + i) of xpd (a tile
+// on a cut is packed by both workers), then runs each piece on them, its one-tile problem's
+// output set by set_output(q, tile). yt: the worker's Yᵀ scratch; bounds: the index pass's.
+template <typename SetOutput>
+void run_packed_pieces(const Isa& isa, const Problem& p, const Layer& l, const std::vector<Piece>& pieces,
+                       int64_t i, const char* xd, char* xpd, int64_t tile_elems, int64_t es, void* yt,
+                       const int64_t* bounds, const SetOutput& set_output) {
+  if (pieces.empty()) return;
+  const int64_t first = pieces.front().t, last = pieces.back().t + 1;
+  char* panels = xpd + (first + i) * tile_elems * es;
+  const Problem all = tiles_of(p, first, last);
+  isa.pack(all, xd + first * p.tile * l.K * es, panels, 0, all.ntiles);
+  for (const Piece& piece : pieces) {
+    Problem q = tiles_of(p, piece.t, piece.t + 1);
+    set_output(q, piece.t);
+    unit_range(isa, q, l, panels + (piece.t - first) * tile_elems * es, yt, bounds, piece.u0, piece.u1);
+  }
+}
+
 // linear_layer's token split: one index pass split by rows, then worker i packs the tiles of
 // its pieces into panels of its own (a tile on a cut is packed by both workers) and multiplies
 // their units. Every token is computed in the same tile with the same K-blocks as on one
@@ -685,19 +705,9 @@ at::Tensor linear_tokens(const char* op, const at::Tensor& xc, const Isa& isa, c
   char* ytd = static_cast<char*>(yt.data_ptr());
   char* yd = static_cast<char*>(y.data_ptr());
   at::parallel_for(0, workers, 1, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      if (pieces[i].empty()) continue;
-      const int64_t first = pieces[i].front().t, last = pieces[i].back().t + 1;
-      char* panels = xpd + (first + i) * tile_elems * es;  // worker i's own: tiles [first, last)
-      Problem all = tiles_of(p, first, last);
-      isa.pack(all, xd + first * p.tile * l.K * es, panels, 0, all.ntiles);
-      for (const Piece& piece : pieces[i]) {
-        Problem q = tiles_of(p, piece.t, piece.t + 1);
-        q.y = yd + piece.t * p.tile * l.N * es;
-        unit_range(isa, q, l, panels + (piece.t - first) * tile_elems * es, ytd + i * yt_each * es, bd, piece.u0,
-                   piece.u1);
-      }
-    }
+    for (int64_t i = a; i < b; ++i)
+      run_packed_pieces(isa, p, l, pieces[i], i, xd, xpd, tile_elems, es, ytd + i * yt_each * es, bd,
+                        [&](Problem& q, int64_t t) { q.y = yd + t * p.tile * l.N * es; });
   });
   return y;
 }
@@ -804,20 +814,12 @@ at::Tensor mlp_tokens(const char* op, const at::Tensor& xc, const Isa& isa, cons
   }
   if (hidden > 0) {
     at::parallel_for(0, workers, 1, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i) {
-        if (pieces1[i].empty()) continue;
-        const int64_t first = pieces1[i].front().t, last = pieces1[i].back().t + 1;
-        char* panels = p1d + (first + i) * tile1 * es;
-        const Problem all = tiles_of(p1, first, last);
-        isa.pack(all, xd + first * p1.tile * l1.K * es, panels, 0, all.ntiles);
-        for (const Piece& piece : pieces1[i]) {
-          Problem q = tiles_of(p1, piece.t, piece.t + 1);
-          q.y_panels = p2d + piece.t * p2.kp * p2.tile * es;
-          q.y_kp = p2.kp;
-          unit_range(isa, q, l1, panels + (piece.t - first) * tile1 * es, ytd + i * yt_each * es, bd1, piece.u0,
-                     piece.u1);
-        }
-      }
+      for (int64_t i = a; i < b; ++i)
+        run_packed_pieces(isa, p1, l1, pieces1[i], i, xd, p1d, tile1, es, ytd + i * yt_each * es, bd1,
+                          [&](Problem& q, int64_t t) {
+                            q.y_panels = p2d + t * p2.kp * p2.tile * es;
+                            q.y_kp = p2.kp;
+                          });
     });
   }
   at::parallel_for(0, workers, 1, [&](int64_t a, int64_t b) {

@@ -81,13 +81,12 @@ struct RowPart {
   std::vector<float> val;
 };
 
-// Appends the segment of rows a (row0) and b (row1, the one with fewer weights of its own) to L's
-// arrays: the columns both keep, then side by side as many of each one's others as b has, then
-// the rest of a's.
-void emit_pair(const RowPart& a, const RowPart& b, std::vector<SegmentHead>& segs, std::vector<float>& values,
-               std::vector<uint8_t>& cols) {
+// Appends the segment of rows a (row0) and b (row1, no more weights than a) to values and cols:
+// the columns both keep, then side by side as many of each one's others as b has, then the rest
+// of a's. Returns its head.
+SegmentHead emit_pair(const RowPart& a, const RowPart& b, std::vector<float>& values, std::vector<uint8_t>& cols) {
+  TORCH_INTERNAL_ASSERT(b.col.size() <= a.col.size(), "emit_pair: row1 holds more weights than row0");
   std::vector<size_t> only_a, only_b;
-  const size_t first_val = values.size(), first_col = cols.size();
   size_t x = 0, y = 0;
   int32_t shared = 0;
   while (x < a.col.size() || y < b.col.size()) {
@@ -102,25 +101,18 @@ void emit_pair(const RowPart& a, const RowPart& b, std::vector<SegmentHead>& seg
       ++shared, ++x, ++y;
     }
   }
-  if (only_b.size() > only_a.size()) {  // cannot happen when b holds fewer weights: kept as a guard
-    values.resize(first_val);
-    cols.resize(first_col);
-    emit_pair(b, a, segs, values, cols);
-    return;
-  }
   const size_t e = only_b.size();
   for (size_t k = 0; k < e; ++k) values.push_back(a.val[only_a[k]]), cols.push_back(a.col[only_a[k]]);
   for (size_t k = 0; k < e; ++k) values.push_back(b.val[only_b[k]]), cols.push_back(b.col[only_b[k]]);
   for (size_t k = e; k < only_a.size(); ++k) values.push_back(a.val[only_a[k]]), cols.push_back(a.col[only_a[k]]);
-  segs.push_back(SegmentHead{a.row, b.row, shared, static_cast<int32_t>(e),
-                             static_cast<int32_t>(only_a.size() - e)});
+  return SegmentHead{a.row, b.row, shared, static_cast<int32_t>(e), static_cast<int32_t>(only_a.size() - e)};
 }
 
-void emit_lone(const RowPart& a, std::vector<SegmentHead>& segs, std::vector<float>& values,
-               std::vector<uint8_t>& cols) {
+// Appends row a's weights alone (row1 = -1) to values and cols; returns its head.
+SegmentHead emit_lone(const RowPart& a, std::vector<float>& values, std::vector<uint8_t>& cols) {
   values.insert(values.end(), a.val.begin(), a.val.end());
   cols.insert(cols.end(), a.col.begin(), a.col.end());
-  segs.push_back(SegmentHead{a.row, -1, 0, 0, static_cast<int32_t>(a.col.size())});
+  return SegmentHead{a.row, -1, 0, 0, static_cast<int32_t>(a.col.size())};
 }
 
 // Pairs rows greedily: each row in turn with the unpaired one, among the next kPairWindow, that
@@ -192,7 +184,6 @@ void build(const I* col, const int64_t* crow, const float* vals, const int64_t* 
   cols.reserve(nnz);
   L.cum.assign(nrb + 1, nnz);
   std::vector<RowPart> rows;
-  std::vector<SegmentHead> block;
   for (int64_t rb = 0; rb < nrb; ++rb) {
     const int64_t r0 = rb * R, r1 = std::min(N, r0 + R);
     L.cum[rb] = crow[r0];
@@ -221,16 +212,14 @@ void build(const I* col, const int64_t* crow, const float* vals, const int64_t* 
       std::vector<std::vector<float>> seg_vals;
       std::vector<std::vector<uint8_t>> seg_cols;
       for (const auto& [i, j] : pairs) {
-        std::vector<SegmentHead> h;
         std::vector<float> v;
         std::vector<uint8_t> c;
         if (j < 0)
-          emit_lone(rows[i], h, v, c);
+          heads.push_back(emit_lone(rows[i], v, c));
         else if (rows[j].col.size() > rows[i].col.size())
-          emit_pair(rows[j], rows[i], h, v, c);
+          heads.push_back(emit_pair(rows[j], rows[i], v, c));
         else
-          emit_pair(rows[i], rows[j], h, v, c);
-        heads.push_back(h[0]);
+          heads.push_back(emit_pair(rows[i], rows[j], v, c));
         seg_vals.push_back(std::move(v));
         seg_cols.push_back(std::move(c));
       }
