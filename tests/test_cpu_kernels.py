@@ -198,7 +198,8 @@ def _segment_cache_size():
 
 
 # several 256-row blocks (a partial last one), several column sub-blocks (96 or 64 wide here, a
-# partial last one), very sparse rows (sub-blocks with no segment but the first), 1576 tokens.
+# partial last one), very sparse rows (sub-blocks with no segment but the first), 1576 tokens;
+# K above the rows (sub-blocks outer in the segment kernel) and below them (row blocks outer).
 # (5, 513, 600, 0.5): with K = 1000 the portable path's one-accumulator sums of ~500 terms (both
 # loops) came out at 4.0e-7 against the rule's 3.6e-7.
 @pytest.mark.parametrize("m, n, k, density", [(197, 300, 700, 0.1), (5, 513, 600, 0.5), (1576, 257, 300, 0.3),
