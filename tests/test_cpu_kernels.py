@@ -199,11 +199,12 @@ def _segment_cache_size():
 
 # several 256-row blocks (a partial last one), several column sub-blocks (96 or 64 wide here, a
 # partial last one), very sparse rows (sub-blocks with no segment but the first), 1576 tokens;
-# K above the rows (sub-blocks outer in the segment kernel) and below them (row blocks outer).
+# K above the rows (sub-blocks outer in the segment kernel) and below them (row blocks outer);
+# N = 768 (4 row blocks of 192: a tile cut between the two workers at half of them).
 # (5, 513, 600, 0.5): with K = 1000 the portable path's one-accumulator sums of ~500 terms (both
 # loops) came out at 4.0e-7 against the rule's 3.6e-7.
 @pytest.mark.parametrize("m, n, k, density", [(197, 300, 700, 0.1), (5, 513, 600, 0.5), (1576, 257, 300, 0.3),
-                                              (33, 600, 260, 0.02), (1, 1, 1, 1.0)])
+                                              (33, 600, 260, 0.02), (1, 1, 1, 1.0), (197, 768, 200, 0.3)])
 @pytest.mark.parametrize("split", ["rows", "tokens"])
 def test_csr_paths_match_reference_and_one_thread(isa, no_reference, csr_path, monkeypatch, m, n, k, density, split):
     w, mask, x, b = _problem(m, n, k, density)

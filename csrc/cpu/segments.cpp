@@ -322,6 +322,12 @@ bool fits(int64_t N, int64_t K, int64_t nnz, int64_t span, int64_t rows) {
 
 }  // namespace
 
+int64_t segment_rows(int64_t N) {
+  const int64_t blocks = (N + kSegmentRows - 1) / kSegmentRows;
+  if (blocks <= 1 || blocks % 2 == 0) return kSegmentRows;
+  return (N + blocks) / (blocks + 1);  // ceil(N / (blocks + 1))
+}
+
 int64_t segment_span(double density, int64_t max_tile) {
   const int64_t span = density < 0.075 ? 128 : density < 0.15 ? 96 : 64;
   // narrower tiles (AVX2, portable: 48 floats) leave room in L1 for proportionally more columns
