@@ -112,7 +112,8 @@ def test_bsr_matches_reference(isa, no_reference, block, m, n, k):
 # fc2's K with the benchmark's scales (W / sqrt(K), bias / 10), dense blocks at 70% sparsity:
 # each row's K-blocks are summed apart and then added (one chain through the ~920 terms of a
 # row came out at 1.23e-6 against the rule's 1.21e-6 end to end, ViT-B/16 batch 8, AVX-512).
-@pytest.mark.parametrize("block", [(16, 1), (4, 4), (1, 4), (3, 1)])
+# (6, 1): four rows at once and two alone in each block row.
+@pytest.mark.parametrize("block", [(16, 1), (4, 4), (1, 4), (3, 1), (6, 1)])
 def test_bsr_long_rows_match_reference(isa, no_reference, block):
     g = torch.Generator().manual_seed(5)
     n, k = 48, 3072
@@ -121,7 +122,9 @@ def test_bsr_long_rows_match_reference(isa, no_reference, block):
     mask = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     x = torch.randn(197, k, generator=g)
     b = torch.randn(n, generator=g) * 0.1
-    _check(F.BSR.from_dense(w, mask, block=block), x, b)
+    fmt = F.BSR.from_dense(w, mask, block=block)
+    one = _threads(1, lambda: _check(fmt, x, b))
+    assert torch.equal(one, _threads(2, lambda: _run(fmt, x, b, False)))
 
 
 @pytest.mark.parametrize("m, n, k", [(0, 8, 16), (1, 1, 4), (5, 123, 20), (197, 64, 48), (37, 9, 132)])

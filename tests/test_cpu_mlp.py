@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not ops.has_cpu_extension(),
 
 FORMATS = ["csr", "bsr", "2:4"]
 # (tokens, in, hidden, out): one token; a last tile of 5; 197 (two AVX-512 tiles); hidden 200
-# with a (4, 3) bsr block (67 block columns: one padding row) and out 1
-SHAPES = [(1, 16, 32, 8), (21, 24, 40, 12), (197, 64, 200, 48), (5, 32, 200, 1)]
+# with a (4, 3) bsr block (67 block columns: one padding row) and out 1; in > hidden > out, both
+# over 256 rows (several row blocks, each layer's segment kernel with sub-blocks outer)
+SHAPES = [(1, 16, 32, 8), (21, 24, 40, 12), (197, 64, 200, 48), (5, 32, 200, 1), (197, 700, 520, 300)]
 ARRAYS = {"csr": ("values", "crow_indices", "col_indices"), "bsr": ("values", "crow_indices", "col_indices"),
           "2:4": ("values", "meta")}
 

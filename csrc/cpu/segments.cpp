@@ -325,7 +325,12 @@ bool fits(int64_t N, int64_t K, int64_t nnz, int64_t span, int64_t rows) {
 int64_t segment_rows(int64_t N) {
   const int64_t blocks = (N + kSegmentRows - 1) / kSegmentRows;
   if (blocks <= 1 || blocks % 2 == 0) return kSegmentRows;
-  return (N + blocks) / (blocks + 1);  // ceil(N / (blocks + 1))
+  // ceil(N / count) rows can give fewer than count blocks (N = 65025, count 256: 255 of 255)
+  for (int64_t count = blocks + 1;; count += 2) {
+    const int64_t rows = (N + count - 1) / count;
+    if (((N + rows - 1) / rows) % 2 == 0) return rows;
+    if (rows == 1) return 1;  // N odd rows of 1: no even count left
+  }
 }
 
 int64_t segment_span(double density, int64_t max_tile) {

@@ -33,8 +33,9 @@ int64_t segment_span(double density, int64_t max_tile);
 constexpr int64_t kSegmentRows = 256;
 
 // The rows per row block of an N-row weight: kSegmentRows, except that an odd number of blocks
-// above one becomes the next even number of equal blocks (N = 768: 4 of 192, not 3 of 256), so
-// that the token split (cpu_ops.cpp) can cut a tile between two workers at half its row blocks.
+// above one becomes an even number of blocks of ceil(N / count) rows, the least such count
+// (N = 768: 4 of 192, not 3 of 256; N = 513: 129, 129, 129, 126), so that the token split
+// (cpu_ops.cpp) can cut a tile between two workers at half its row blocks.
 int64_t segment_rows(int64_t N);
 
 // The csr index pass of an ISA unit (spmm.h's csr_index): checks rows [r0, r1) and writes their

@@ -137,7 +137,8 @@ int64_t bounds_stride(const Problem& p);
   void csr_segs(const Problem&, const CsrSegments&, const float*, int64_t, int64_t, float*) {}
 
 // Row blocks [rb0, rb1) of a segment-laid-out csr weight over every tile, into Y (or the next
-// layer's panels); yt holds rows_per_block Yᵀ rows of the widest tile. Float32 units only.
+// layer's panels); yt holds the Yᵀ rows [rb0·R, min(N, rb1·R)) of the widest tile (R: rows per
+// block; the sub-blocks-outer order uses them all at once). Float32 units only.
 #define SPARSE_PRUNE_CPU_SEGS_API(ns) \
   namespace ns {                      \
   void csr_segs(const Problem& p, const CsrSegments& w, const float* xp, int64_t rb0, int64_t rb1, float* yt); \

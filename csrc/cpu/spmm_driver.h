@@ -168,8 +168,8 @@ int csr_rows_impl(const Problem& p, const CsrWeight& w, const T* xp, int64_t r0,
 
 // The segment kernel (CsrSegments, float32): row blocks [rb0, rb1) over every tile. Per tile
 // group, row block and tile (a panel larger than the rows' Yᵀ: per tile, sub-block and row
-// block), the block's Yᵀ rows (rows_per_block x width, in L1) take each sub-block's segments
-// in their stored order: a panel sub-block of `span` columns stays in L1
+// block), the block's Yᵀ rows (rows_per_block x width, in L1; in L2 for sub-blocks outer) take
+// each sub-block's segments in their stored order: a panel sub-block of `span` columns stays in L1
 // while the block's weights stream contiguously, and the segments, sorted (segments.cpp), end
 // where the branch predictor expects them. Two rows run together (Mi::csr_shared: two independent
 // chains; the columns both keep load each Xᵀ vector once for both). The row-by-row CSR loop

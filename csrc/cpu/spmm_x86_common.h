@@ -178,18 +178,9 @@ struct SimdMicro : X86Common {
   static constexpr int kMaxV = MaxV;
 
   template <int V>
-  static inline void start(R (&a)[V], R (&b)[V], const float* yt, bool first) {
+  static inline void start(R (&a)[V], R (&b)[V]) {
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) {
-      a[v] = first ? Vt::zero() : Vt::load(yt + kLanes * v);
-      b[v] = Vt::zero();
-    }
-  }
-
-  template <int V>
-  static inline void finish(const R (&a)[V], const R (&b)[V], float* yt) {
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) Vt::store(yt + kLanes * v, Vt::add(a[v], b[v]));
+    for (int v = 0; v < V; ++v) a[v] = b[v] = Vt::zero();
   }
 
   template <int V>
@@ -278,7 +269,7 @@ struct SimdMicro : X86Common {
     R a[S][V], b[S][V];
 #pragma GCC unroll 2
     for (int s = 0; s < S; ++s) {
-      start<V>(a[s], b[s], nullptr, true);
+      start<V>(a[s], b[s]);
     }
     const auto x = [&](int64_t i) { return panel + static_cast<int64_t>(col[i]) * ps; };
     int64_t i = 0;
@@ -306,7 +297,7 @@ struct SimdMicro : X86Common {
     col += 2 * paired;
     if (tail > 0) {
 #pragma GCC unroll 2
-      for (int s = 0; s < S; ++s) start<V>(b[s], b[s], nullptr, true);
+      for (int s = 0; s < S; ++s) start<V>(b[s], b[s]);
       for (i = 0; i + 2 * S <= tail; i += 2 * S) {
 #pragma GCC unroll 2
         for (int s = 0; s < S; ++s) {
@@ -328,7 +319,7 @@ struct SimdMicro : X86Common {
                        float* y, bool first) {
     constexpr int64_t ps = V * kLanes;
     R a[V], b[V];
-    start<V>(a, b, nullptr, true);
+    start<V>(a, b);
     int64_t i = 0;
     for (; i + 2 <= len; i += 2) {
       fma_row<V>(a, Vt::bcast(val + i), panel + static_cast<int64_t>(col[i]) * ps);
@@ -398,7 +389,7 @@ struct SimdMicro : X86Common {
     for (int64_t i = i4; i < nrows; ++i) {
       R a[V], b[V];
       float* out = yt + i * ys;
-      start<V>(a, b, nullptr, true);
+      start<V>(a, b);
       if (bk == 1) {
         int64_t q = p0;
         for (; q + 2 <= p1; q += 2) {
@@ -431,7 +422,7 @@ struct SimdMicro : X86Common {
     R a[V], b[V];
     // summed from zero, then added to the row: one chain through a whole row of fc2 (AVX2: 1,536
     // terms over two sets) came out at 5.04e-7 against the agreement rule's 5.01e-7
-    start<V>(a, b, nullptr, true);
+    start<V>(a, b);
     for (int64_t g = g0; g < g1; ++g) {
       int64_t c0, c1;
       semi24_columns(meta, g, c0, c1);
