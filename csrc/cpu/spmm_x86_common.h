@@ -360,12 +360,7 @@ struct SimdMicro : X86Common {
       }
     }
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i)
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) {
-        float* y = yt + (i0 + i) * ys + (v0 + c) * kLanes;
-        Vt::store(y, first ? acc[i][c] : Vt::add(Vt::load(y), acc[i][c]));
-      }
+    for (int i = 0; i < 4; ++i) add_segment<C>(yt + (i0 + i) * ys + v0 * kLanes, acc[i], first);
   }
 
   // One block row: nrows (<= bm) rows, blocks [p0, p1) (one K-block); row i reads
