@@ -35,10 +35,14 @@ namespace {
 struct Zmm {
   using R = __m512;
   static constexpr int kLanes = 16;
+  static constexpr int kRegs = 32;
   static inline R zero() { return _mm512_setzero_ps(); }
   static inline R load(const float* p) { return _mm512_loadu_ps(p); }
   static inline void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static inline R bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static inline R bcast4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+  template <int U>
+  static inline R lane(R w) { return _mm512_permute_ps(w, U * 0x55); }
   static inline R fma(R w, R x, R a) { return _mm512_fmadd_ps(w, x, a); }
   static inline R add(R a, R b) { return _mm512_add_ps(a, b); }
 };
