@@ -327,6 +327,44 @@ def test_segment_layout_follows_in_place_changes(no_reference, monkeypatch):
     assert _segment_cache_size() <= size + 1
 
 
+@pytest.mark.parametrize("block", [(1, 4), (2, 8), (3, 5), (1, 1)])
+def test_bsr_short_blocks_take_the_segment_layout(isa, no_reference, monkeypatch, block):
+    """Blocks of fewer than 4 rows run as csr through the segment layout (segments.h:
+    bsr_segments), cached on the bsr tensors: built once, rebuilt after an in-place change, the
+    block columns and the padding past K checked on every build; 1 and 2 threads agree bitwise.
+    K = 203 and N = 70: the last block column and block row overhang the weight."""
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SEGMENTS", "1")
+    w, mask, x, b = _problem(197, 70, 203, 0.3)
+    fmt = F.BSR.from_dense(w, mask, block=block)
+    ops.clear_cpu_cache()
+    one = _threads(1, lambda: _check(fmt, x, b, True))
+    assert _segment_cache_size() == 1
+    assert torch.equal(_threads(2, lambda: _check(fmt, x, b, True)), one) and _segment_cache_size() == 1
+    with torch.no_grad():
+        fmt.values.mul_(-2.0)
+    assert not torch.equal(_check(fmt, x, b, True), one) and _segment_cache_size() == 1
+    col = fmt.col_indices.clone()
+    row = int((fmt.crow_indices[1:] - fmt.crow_indices[:-1]).argmax())  # a block row with >= 2 blocks
+    first = int(fmt.crow_indices[row])
+    col[first], col[first + 1] = col[first + 1].clone(), col[first].clone()
+    with pytest.raises(ValueError, match="strictly increasing"):
+        torch.ops.sparse_prune.bsr_linear(x, fmt.values, fmt.crow_indices, col, 70, b)
+    if block[1] > 1 and 203 % block[1]:
+        values = fmt.values.clone()
+        last = int((fmt.col_indices == 203 // block[1]).nonzero().max())
+        values[last, :, -1] = 1.0
+        with pytest.raises(ValueError, match="padding"):
+            torch.ops.sparse_prune.bsr_linear(x, values, fmt.crow_indices, fmt.col_indices, 70, b)
+
+
+def test_bsr_tall_blocks_keep_the_four_row_pass(no_reference, monkeypatch):
+    monkeypatch.setenv("SPARSE_PRUNE_CPU_SEGMENTS", "1")
+    w, mask, x, b = _problem(40, 64, 48, 0.3)
+    ops.clear_cpu_cache()
+    _check(F.BSR.from_dense(w, mask, block=(4, 1)), x, b)
+    assert _segment_cache_size() == 0
+
+
 def test_clear_cpu_cache_sees_changes_behind_the_version_counter(no_reference, monkeypatch):
     monkeypatch.setenv("SPARSE_PRUNE_CPU_SEGMENTS", "1")
     w, mask, x, b = _problem(37, 300, 200, 0.2)

@@ -38,9 +38,9 @@ struct Seen {
   bool unchanged(const at::Tensor& t) const { return is(t) && data == t.data_ptr() && version == t._version(); }
 };
 
-// A cached layout: the format it was built from (kCsrKey: values, crow, col; kSemiKey: values,
-// meta), those tensors as seen then, the shape and the sub-block width.
-enum Source { kCsrKey, kSemiKey };
+// A cached layout: the format it was built from (kCsrKey, kBsrKey: values, crow, col; kSemiKey:
+// values, meta), those tensors as seen then, the shape and the sub-block width.
+enum Source { kCsrKey, kSemiKey, kBsrKey };
 struct Entry {
   Source source;
   std::vector<Seen> seen;
@@ -395,6 +395,66 @@ std::shared_ptr<const SegmentLayout> semi24_segments(const at::Tensor& values_sr
   if (*status != kOk) return nullptr;  // cannot happen after check: kept as a guard
   auto layout = build_layout(cw, bounds.data(), N, K, span, rows);
   remember(kSemiKey, ts, N, K, span, rows, layout);
+  return layout;
+}
+
+std::shared_ptr<const SegmentLayout> bsr_segments(const at::Tensor& values_src, const at::Tensor& crow_src,
+                                                  const at::Tensor& col_src, const BsrWeight& w, int64_t N,
+                                                  int64_t K, int64_t span, int64_t rows, BsrIndexFn check,
+                                                  CsrIndexFn index, int* status) {
+  *status = kOk;
+  if (!segments_enabled()) return nullptr;
+  const std::vector<const at::Tensor*> ts{&values_src, &crow_src, &col_src};
+  const int64_t bm = w.bm, bk = w.bk, nbr = (N + bm - 1) / bm;
+  if (bm <= 0 || bk <= 0 || any_inference(ts)) return nullptr;
+  const int64_t nb = nbr > 0 ? w.crow[nbr] : 0;
+  if (nb > std::numeric_limits<int32_t>::max() / (bm * bk) || !fits(N, K, nb * bm * bk, span, rows)) return nullptr;
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  if (auto hit = lookup(kBsrKey, ts, N, K, span, rows)) return hit;
+  // the block columns (range, order) and the padding past K, as the bsr kernels check them
+  Problem p;
+  p.N = N;
+  p.K = K;
+  p.kp = p.kblock = (K + bk - 1) / bk * bk;
+  std::vector<int64_t> kb(std::max<int64_t>(1, nbr * bounds_stride(p)), 0);
+  *status = check(p, w, 0, nbr, kb.data());
+  if (*status != kOk) return nullptr;
+  // the csr arrays: row br·bm + i keeps columns c·bk + j < K of each of its block row's blocks c,
+  // with values[block][i][j]; the rows past N (the last block row's padding) are dropped
+  const float* vals = static_cast<const float*>(w.values);
+  const auto block_col = [&](int64_t q) -> int64_t {
+    switch (w.index_bytes) {
+      case 2: return static_cast<const int16_t*>(w.col)[q];
+      case 8: return static_cast<const int64_t*>(w.col)[q];
+      default: return static_cast<const int32_t*>(w.col)[q];
+    }
+  };
+  std::vector<int64_t> crow(N + 1, 0);
+  std::vector<int32_t> col;
+  std::vector<float> value;
+  col.reserve(static_cast<size_t>(nb * bm * bk));
+  value.reserve(static_cast<size_t>(nb * bm * bk));
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t br = r / bm, i = r % bm;
+    for (int64_t q = w.crow[br]; q < w.crow[br + 1]; ++q) {
+      const int64_t c0 = block_col(q) * bk;
+      for (int64_t j = 0; j < bk && c0 + j < K; ++j) {
+        col.push_back(static_cast<int32_t>(c0 + j));
+        value.push_back(vals[(q * bm + i) * bk + j]);
+      }
+    }
+    crow[r + 1] = static_cast<int64_t>(col.size());
+  }
+  if (col.empty()) {
+    col.push_back(0);
+    value.push_back(0.0f);
+  }
+  const CsrWeight cw{value.data(), crow.data(), col.data(), 4};
+  std::vector<int64_t> bounds;
+  *status = sub_block_bounds(cw, N, K, span, index, bounds);
+  if (*status != kOk) return nullptr;  // cannot happen after check: kept as a guard
+  auto layout = build_layout(cw, bounds.data(), N, K, span, rows);
+  remember(kBsrKey, ts, N, K, span, rows, layout);
   return layout;
 }
 

@@ -68,6 +68,20 @@ std::shared_ptr<const SegmentLayout> semi24_segments(const at::Tensor& values_sr
                                                      int64_t rows, Semi24CheckFn check, CsrIndexFn index,
                                                      int* status);
 
+// The bsr check of an ISA unit (spmm.h's bsr_index) over block rows [b0, b1).
+using BsrIndexFn = int (*)(const Problem&, const BsrWeight&, int64_t, int64_t, int64_t*);
+
+// The same layout for a bsr weight `w` [N, K] with blocks of fewer than 4 rows (float32 values
+// [nblocks, bm, bk]; values_src, crow_src, col_src: the tensors passed to the op), read as csr:
+// every stored value of a block (its zeros too) is a stored weight of its row, columns past K
+// dropped. Blocks of 4 rows and more run the bsr kernel's four-row pass instead (one loaded Xᵀ
+// vector feeds four FMAs). Null in the same cases as csr_segments; on a cache miss `check`
+// first passes every block row (block columns, padding past K), else *status is its code and null.
+std::shared_ptr<const SegmentLayout> bsr_segments(const at::Tensor& values_src, const at::Tensor& crow_src,
+                                                  const at::Tensor& col_src, const BsrWeight& w, int64_t N,
+                                                  int64_t K, int64_t span, int64_t rows, BsrIndexFn check,
+                                                  CsrIndexFn index, int* status);
+
 // Layouts now cached (tests).
 int64_t segment_cache_size();
 
