@@ -18,8 +18,11 @@ pytestmark = pytest.mark.skipif(not ops.has_cpu_extension(),
 
 ISAS = ["avx512", "avx2", "portable"]
 # every block width with a body of its own (1, 4, 8, 16, 32: spmm_x86_common.h's bsr_seg) in the
-# four-row pass and the one-row rest ((6, 8): one pass and two rows alone), and the generic body (3, 5)
-BLOCKS = [(1, 4), (4, 1), (8, 1), (1, 8), (16, 1), (4, 4), (16, 16), (32, 32), (3, 5), (6, 8), (5, 32)]
+# four-row pass and the one-row rest ((6, 8), (5, 4), (6, 16): one pass and rows alone), and the
+# generic body ((3, 5), (5, 5)). Blocks of 1-3 rows take the segment layout unless it is off
+# (test_bsr_matches_reference runs both).
+BLOCKS = [(1, 4), (4, 1), (8, 1), (1, 8), (16, 1), (4, 4), (16, 16), (32, 32), (3, 5), (6, 8), (5, 32), (5, 4),
+          (6, 16), (5, 5)]
 SHAPES = [(0, 8, 16), (1, 1, 1), (5, 123, 20), (5, 7, 123), (197, 64, 48), (37, 200, 36), (9, 1, 64)]
 
 
@@ -106,7 +109,7 @@ def test_csr_index_dtypes_and_no_bias(isa, no_reference, index_dtype):
 
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("m, n, k", [(5, 123, 20), (197, 64, 48), (1, 37, 29), (40, 32, 64)])
-def test_bsr_matches_reference(isa, no_reference, block, m, n, k):
+def test_bsr_matches_reference(isa, no_reference, csr_path, block, m, n, k):
     w, mask, x, b = _problem(m, n, k, 0.2)
     _check(F.BSR.from_dense(w, mask, block=block), x, b, gelu=block == (4, 1))
 
@@ -349,6 +352,10 @@ def test_bsr_short_blocks_take_the_segment_layout(isa, no_reference, monkeypatch
     col[first], col[first + 1] = col[first + 1].clone(), col[first].clone()
     with pytest.raises(ValueError, match="strictly increasing"):
         torch.ops.sparse_prune.bsr_linear(x, fmt.values, fmt.crow_indices, col, 70, b)
+    got = _check(fmt, x, b)
+    for dtype in (torch.int16, torch.int64):  # the layout reads every index width
+        same = torch.ops.sparse_prune.bsr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices.to(dtype), 70, b)
+        assert torch.equal(same, got)
     if block[1] > 1 and 203 % block[1]:
         values = fmt.values.clone()
         last = int((fmt.col_indices == 203 // block[1]).nonzero().max())

@@ -542,7 +542,7 @@ struct Ymm {
   static inline R load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static inline R bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static inline R bcast4(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
+  static inline R bcast4(const float* p) { const __m128 v = _mm_loadu_ps(p); return _mm256_set_m128(v, v); }
   template <int U>
   static inline R lane(R w) { return _mm256_permute_ps(w, U * 0x55); }
   static inline R fma(R w, R x, R a) { return _mm256_fmadd_ps(w, x, a); }
