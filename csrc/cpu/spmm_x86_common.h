@@ -249,19 +249,8 @@ struct SimdMicro : X86Common {
   // memory operand and loads it twice (seen in the disassembly), undoing the point of sharing it.
   static inline void in_register(R& x) { asm("" : "+v"(x)); }
 
-  // One column both rows keep: its Xᵀ vectors loaded once, an FMA of each row on each.
-  template <int V>
-  static inline void fma_shared(R (&a)[V], R (&b)[V], const float* w, const float* x) {
-    const R w0 = Vt::bcast(w), w1 = Vt::bcast(w + 1);
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) {
-      R xv = Vt::load(x + kLanes * v);
-      in_register(xv);
-      a[v] = Vt::fma(w0, xv, a[v]);
-      b[v] = Vt::fma(w1, xv, b[v]);
-    }
-  }
-
+  // One column both rows keep: its Xᵀ vectors loaded once, an FMA of each row (weights w0, w1)
+  // on each.
   template <int V>
   static inline void fma_shared2(R (&a)[V], R (&b)[V], R w0, R w1, const float* x) {
 #pragma GCC unroll 8
@@ -271,6 +260,12 @@ struct SimdMicro : X86Common {
       a[v] = Vt::fma(w0, xv, a[v]);
       b[v] = Vt::fma(w1, xv, b[v]);
     }
+  }
+
+  // The same with the two weights broadcast from w[0], w[1].
+  template <int V>
+  static inline void fma_shared(R (&a)[V], R (&b)[V], const float* w, const float* x) {
+    fma_shared2<V>(a, b, Vt::bcast(w), Vt::bcast(w + 1), x);
   }
 
   template <int V>
