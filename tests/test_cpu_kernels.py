@@ -372,6 +372,20 @@ def test_bsr_tall_blocks_keep_the_four_row_pass(no_reference, monkeypatch):
     assert _segment_cache_size() == 0
 
 
+@pytest.mark.parametrize("block", [(4, 1), (4, 4), (5, 8), (8, 16), (6, 32), (4, 3)])
+def test_bsr_tall_blocks_read_every_index_width(isa, no_reference, block):
+    """int32 block columns take a body with the block width a constant (1, 4, 8, 16, 32), int16
+    and int64 ones the generic body: all three agree with the reference and with each other.
+    M = 37 (a partial tile), K = 203 and N = 70 (overhanging edge blocks)."""
+    w, mask, x, b = _problem(37, 70, 203, 0.3)
+    fmt = F.BSR.from_dense(w, mask, block=block)
+    got = _check(fmt, x, b, True)
+    for dtype in (torch.int16, torch.int64):
+        other = torch.ops.sparse_prune.bsr_linear(x, fmt.values, fmt.crow_indices, fmt.col_indices.to(dtype),
+                                                  70, b, True)
+        torch.testing.assert_close(other, got, rtol=1e-6, atol=1e-5)
+
+
 def test_clear_cpu_cache_sees_changes_behind_the_version_counter(no_reference, monkeypatch):
     monkeypatch.setenv("SPARSE_PRUNE_CPU_SEGMENTS", "1")
     w, mask, x, b = _problem(37, 300, 200, 0.2)

@@ -439,17 +439,21 @@ struct SimdMicro : X86Common {
   // constant: the column loop unrolls and its addresses become immediates. Measured (Zen 4, one
   // process, 41 paired rounds, fc1/fc2 90%, M = 197) against the width read at run time: AVX2
   // 1.48-1.60x for 4x1/8x1/16x1, 1.09-1.14x for 4x4, 1.03x for 16x16; AVX-512 1.07-1.15x,
-  // 1.02x and 1.02x. Other widths run the generic body.
+  // 1.02x and 1.02x. Other widths run the generic body, and so do int16/int64 block columns:
+  // BSR.from_dense stores int32, and a body per width and index type made this unit's compile
+  // the longest step of the CPU build.
   template <int V, typename I>
   static void bsr_seg(const float* panel, int64_t width, int64_t ys, const float* val, int64_t bm,
                       int64_t bk, int64_t nrows, const I* col, int64_t p0, int64_t p1, float* yt, bool first) {
-    switch (bk) {
-      case 1: return bsr_seg_k<V, I, 1>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
-      case 4: return bsr_seg_k<V, I, 4>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
-      case 8: return bsr_seg_k<V, I, 8>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
-      case 16: return bsr_seg_k<V, I, 16>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
-      case 32: return bsr_seg_k<V, I, 32>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
-      default: break;
+    if constexpr (sizeof(I) == 4) {
+      switch (bk) {
+        case 1: return bsr_seg_k<V, I, 1>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
+        case 4: return bsr_seg_k<V, I, 4>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
+        case 8: return bsr_seg_k<V, I, 8>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
+        case 16: return bsr_seg_k<V, I, 16>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
+        case 32: return bsr_seg_k<V, I, 32>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
+        default: break;
+      }
     }
     bsr_seg_k<V, I, 0>(panel, width, ys, val, bm, bk, nrows, col, p0, p1, yt, first);
   }
