@@ -72,7 +72,8 @@ def time_samples(fns: dict[str, Callable[[], object]], device: str | torch.devic
 
     Each round runs every callable once; the order rotates by one each round (A B C, B C A,
     C A B, ...), so no variant always runs first (after an idle gap) or last; the garbage
-    collector is off inside a round (collected between rounds, as ``timeit`` does). ``warmup``
+    collector is off inside a round, as ``timeit`` has it (its youngest generation collected
+    between rounds). ``warmup``
     untimed rounds first (allocator, autotuning, lazy init). On CUDA each call is timed with
     events and synchronized. Raises ``ValueError`` for ``reps < 1``, ``warmup < 0`` or no
     callables.
@@ -91,10 +92,13 @@ def time_samples(fns: dict[str, Callable[[], object]], device: str | torch.devic
                     fn()
             samples: dict[str, list[float]] = {name: [] for name in names}
             for r in range(reps):
-                # Python's garbage collector off while timing, as timeit does, collected between
-                # rounds: a collection triggered inside a call is noise of the interpreter, not
-                # of the variant (perf: gc_collect_main was ~4% of a 90%-sparse ViT-B/16 forward)
-                gc.collect()
+                # Python's garbage collector off while timing, as timeit does: a collection
+                # triggered inside a call is noise of the interpreter, not of the variant (perf:
+                # gc_collect_main was ~4% of a 90%-sparse ViT-B/16 forward). Only the youngest
+                # generation is collected between rounds (what a round leaves): a full collection
+                # walks every object torch and triton hold, 0.1 s in a fresh process and 0.4 s late
+                # in the test suite, which was nearly all of format="auto"'s time on small layers.
+                gc.collect(0)
                 gc.disable()
                 for i in range(len(names)):
                     name = names[(i + r) % len(names)]
