@@ -45,3 +45,32 @@ def test_time_samples_rotate_order_and_spread():
         time_samples({"a": lambda: None}, reps=0)
     with pytest.raises(ValueError, match="fns"):
         time_samples({})
+
+
+def test_time_samples_keep_the_collector_out_of_the_rounds():
+    """No collection inside a timed call (the collector is off there), the collector back on
+    afterwards, and the cycles the calls leave collected between rounds, not piling up."""
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    seen, left = [], []
+
+    def call():
+        seen.append(gc.isenabled())
+        c = Cycle()
+        c.me = c  # garbage only a collection frees
+        left.append(weakref.ref(c))
+
+    assert gc.isenabled()
+    time_samples({"a": call}, warmup=0, reps=20)
+    assert seen == [False] * 20 and gc.isenabled()
+    assert sum(r() is not None for r in left) <= 1  # the last round's, at most
+    gc.disable()
+    try:
+        time_samples({"a": lambda: None}, warmup=0, reps=2)
+        assert not gc.isenabled()  # a caller's disabled collector stays disabled
+    finally:
+        gc.enable()
