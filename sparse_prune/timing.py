@@ -71,12 +71,12 @@ def time_samples(fns: dict[str, Callable[[], object]], device: str | torch.devic
     """Milliseconds of every call of each callable, timed in rounds.
 
     Each round runs every callable once; the order rotates by one each round (A B C, B C A,
-    C A B, ...), so no variant always runs first (after an idle gap) or last; the garbage
-    collector is off inside a round, as ``timeit`` has it (its youngest generation collected
-    between rounds). ``warmup``
-    untimed rounds first (allocator, autotuning, lazy init). On CUDA each call is timed with
-    events and synchronized. Raises ``ValueError`` for ``reps < 1``, ``warmup < 0`` or no
-    callables.
+    C A B, ...), so no variant always runs first (after an idle gap) or last. Python's garbage
+    collector is off inside a round, as ``timeit`` has it, and collects between rounds what the
+    calls left. ``warmup`` untimed rounds first (allocator, autotuning, lazy init). On CUDA each
+    call is timed with events and synchronized. The caller's collector state (enabled, frozen
+    objects) is the same afterwards. Raises ``ValueError`` for ``reps < 1``, ``warmup < 0`` or
+    no callables.
     """
     if reps < 1 or warmup < 0:
         raise ValueError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
@@ -85,6 +85,15 @@ def time_samples(fns: dict[str, Callable[[], object]], device: str | torch.devic
     run = _timer(torch.device(device))
     names = list(fns)
     gc_was_enabled = gc.isenabled()
+    # Everything alive now is frozen for the rounds (gc.freeze: out of every collection), so the
+    # full collection between rounds walks only what the calls made: a full collection over
+    # torch's and triton's objects took 0.1 s in a fresh process and 0.4 s late in the test
+    # suite, which was most of format="auto"'s time (ViT-B/16 at 90%: 27.4 s -> 17.5-18.6 s). Where
+    # the caller froze objects itself nothing more is frozen (unfreeze would thaw the caller's
+    # too): the rounds then walk whatever it left unfrozen.
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
     try:
         with torch.inference_mode():
             for _ in range(warmup):
@@ -94,11 +103,8 @@ def time_samples(fns: dict[str, Callable[[], object]], device: str | torch.devic
             for r in range(reps):
                 # Python's garbage collector off while timing, as timeit does: a collection
                 # triggered inside a call is noise of the interpreter, not of the variant (perf:
-                # gc_collect_main was ~4% of a 90%-sparse ViT-B/16 forward). Only the youngest
-                # generation is collected between rounds (what a round leaves): a full collection
-                # walks every object torch and triton hold, 0.1 s in a fresh process and 0.4 s late
-                # in the test suite, which was nearly all of format="auto"'s time on small layers.
-                gc.collect(0)
+                # gc_collect_main was ~4% of a 90%-sparse ViT-B/16 forward)
+                gc.collect()
                 gc.disable()
                 for i in range(len(names)):
                     name = names[(i + r) % len(names)]
@@ -106,6 +112,8 @@ def time_samples(fns: dict[str, Callable[[], object]], device: str | torch.devic
                 if gc_was_enabled:
                     gc.enable()
     finally:
+        if freeze:
+            gc.unfreeze()
         if gc_was_enabled:
             gc.enable()
     return samples

@@ -48,29 +48,48 @@ def test_time_samples_rotate_order_and_spread():
 
 
 def test_time_samples_keep_the_collector_out_of_the_rounds():
-    """No collection inside a timed call (the collector is off there), the collector back on
-    afterwards, and the cycles the calls leave collected between rounds, not piling up."""
+    """No collection runs inside a timed call; what the calls leave is collected between rounds
+    (a cached cycle replaced on every call does not pile up); the caller's collector state
+    (enabled or not, objects it froze) is the same afterwards."""
     import gc
     import weakref
 
     class Cycle:
         pass
 
-    seen, left = [], []
+    inside, during_calls, left, cache, frozen_inside = [False], [], [], {}, []
+
+    def watch(phase, info):
+        if phase == "start":
+            during_calls.append(inside[0])
 
     def call():
-        seen.append(gc.isenabled())
+        inside[0] = True
+        frozen_inside.append(gc.get_freeze_count() > 0)  # what was alive before is out of the walks
         c = Cycle()
-        c.me = c  # garbage only a collection frees
+        c.me = c
+        c.payload = [0] * 1000
+        cache["c"] = c  # the previous one dies here, alive at the last collection: old garbage
         left.append(weakref.ref(c))
+        inside[0] = False
 
-    assert gc.isenabled()
-    time_samples({"a": call}, warmup=0, reps=20)
-    assert seen == [False] * 20 and gc.isenabled()
-    assert sum(r() is not None for r in left) <= 1  # the last round's, at most
+    gc.callbacks.append(watch)
+    try:
+        time_samples({"a": call, "b": call}, warmup=1, reps=30)
+    finally:
+        gc.callbacks.remove(watch)
+    assert during_calls and not any(during_calls)  # collections ran, none of them in a call
+    assert all(frozen_inside)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert sum(r() is not None for r in left) <= 3  # the last round's two and the one they replaced
+    held = [Cycle()]
+    gc.freeze()  # a caller's frozen objects stay frozen, and a disabled collector stays off
+    frozen = gc.get_freeze_count()
     gc.disable()
     try:
         time_samples({"a": lambda: None}, warmup=0, reps=2)
-        assert not gc.isenabled()  # a caller's disabled collector stays disabled
+        assert not gc.isenabled() and gc.get_freeze_count() == frozen
     finally:
+        gc.unfreeze()
         gc.enable()
+    del held
