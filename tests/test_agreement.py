@@ -1,5 +1,8 @@
 """The shared "matches masked dense" rule."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -51,9 +54,6 @@ def test_time_samples_keep_the_collector_out_of_the_rounds():
     """No collection runs inside a timed call; what the calls leave is collected between rounds
     (a cached cycle replaced on every call does not pile up); the caller's collector state
     (enabled or not, objects it froze) is the same afterwards."""
-    import gc
-    import weakref
-
     class Cycle:
         pass
 
@@ -82,7 +82,6 @@ def test_time_samples_keep_the_collector_out_of_the_rounds():
     assert all(frozen_inside)
     assert gc.isenabled() and gc.get_freeze_count() == 0
     assert sum(r() is not None for r in left) <= 3  # the last round's two and the one they replaced
-    held = [Cycle()]
     gc.freeze()  # a caller's frozen objects stay frozen, and a disabled collector stays off
     frozen = gc.get_freeze_count()
     gc.disable()
@@ -92,4 +91,3 @@ def test_time_samples_keep_the_collector_out_of_the_rounds():
     finally:
         gc.unfreeze()
         gc.enable()
-    del held
