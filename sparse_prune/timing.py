@@ -88,7 +88,7 @@ def time_samples(fns: dict[str, Callable[[], object]], device: str | torch.devic
     # Everything alive now is frozen for the rounds (gc.freeze: out of every collection), so the
     # full collection between rounds walks only what the calls made: a full collection over
     # torch's and triton's objects took 0.1 s in a fresh process and 0.4 s late in the test
-    # suite, which was most of format="auto"'s time (ViT-B/16 at 90%: 27.4 s -> 17.5-18.6 s). Where
+    # suite, which was most of format="auto"'s time (ViT-B/16 at 90%: 34.5-35.5 s -> 17.5-19.6 s). Where
     # the caller froze objects itself nothing more is frozen (unfreeze would thaw the caller's
     # too): the rounds then walk whatever it left unfrozen.
     freeze = gc.get_freeze_count() == 0
