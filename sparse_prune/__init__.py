@@ -5,6 +5,7 @@ Public API (see README): ``prune`` -> ``MaskSet``; ``sensitivity``; ``models.vit
 """
 
 from sparse_prune import formats, models, ops
+from sparse_prune.attention import set_attention
 from sparse_prune.checkpoint import load, save
 from sparse_prune.convert import convert
 from sparse_prune.hf import from_pretrained, save_pretrained
@@ -38,4 +39,5 @@ __all__ = [
     "save",
     "save_pretrained",
     "sensitivity",
+    "set_attention",
 ]

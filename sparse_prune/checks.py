@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.utils.weak
 
@@ -105,3 +107,26 @@ def aligned(t: torch.Tensor, alignment: int) -> torch.Tensor:
     at an odd storage offset (``x[1:]`` of float16) is what ``.contiguous()`` leaves as it is."""
     t = t.contiguous()
     return t if t.data_ptr() % alignment == 0 else t.clone()
+
+
+def check_attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
+    """Raise unless ``q [B, H, Lq, D]``, ``k [B, H, Lk, D]`` and ``v [B, H, Lk, Dv]`` are
+    floating tensors of one dtype and device and ``scale`` is None or finite (the rules of
+    csrc/cpu/attention_ops.cpp, for every device)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D [batch, heads, tokens, head_dim], got {t.dim()}-D")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"attention: {name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device("attention", q=q, k=k, v=v)
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"attention: q, k and v must share batch and heads, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"attention: k's head_dim must be q's ({q.shape[3]}), got {k.shape[3]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"attention: v must have k's tokens ({k.shape[2]}), got {v.shape[2]}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be finite, got {scale}")

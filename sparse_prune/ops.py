@@ -29,7 +29,13 @@ import importlib
 
 import torch
 
-from sparse_prune.checks import aligned, check_2to4_meta_once, check_nm_mask, check_weight_and_mask
+from sparse_prune.checks import (
+    aligned,
+    check_2to4_meta_once,
+    check_attention_operands,
+    check_nm_mask,
+    check_weight_and_mask,
+)
 from sparse_prune.constants import FLOAT_DTYPES
 from sparse_prune.kernels import reference
 from sparse_prune.kernels.fakes import linear_fake
@@ -95,6 +101,19 @@ def _sparse_mlp_composite(x, format1, weight1, bias1, hidden, format2, weight2, 
 
 _lib.impl("sparse_mlp", _sparse_mlp_composite, "CompositeExplicitAutograd")
 
+# softmax(scale · q·kᵀ)·v for q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]: the output is
+# [B, H, Lq, Dv] laid out as [B, Lq, H, Dv] (merging the heads next is a view). Our CPU kernel
+# (csrc/cpu/attention_kernel.h) serves float32 on the CPU; torch's SDPA everywhere else.
+_lib.define("attention(Tensor q, Tensor k, Tensor v, float? scale=None) -> Tensor")
+
+
+def _attention_composite(q, k, v, scale=None):
+    check_attention_operands(q, k, v, scale)
+    return reference.attention(q, k, v, scale)
+
+
+_lib.impl("attention", _attention_composite, "CompositeExplicitAutograd")
+
 # Private: the csrc/ mma.sp kernel itself (CUDA only). semi24_linear's CUDA implementation
 # (_semi24_mma_sp below) runs the checks of semi24_cuda_operands, then calls it.
 _lib.define("semi24_linear_mma_sp(Tensor x, Tensor values, Tensor meta, Tensor? bias, bool gelu=False) -> Tensor")
@@ -113,7 +132,7 @@ CPU_KERNEL_OPS = ("csr_linear", "bsr_linear", "semi24_linear", "sparse_mlp")
 
 _CPU_EXTENSION_ERROR: str | None = "not loaded yet"
 # The op-schema version csrc/cpu/cpu_ops.cpp must be built for (SPARSE_PRUNE_CPU_ABI there).
-CPU_EXTENSION_ABI = 2
+CPU_EXTENSION_ABI = 3
 
 
 def _load_kernels(module: str, abi: int) -> str | None:
@@ -253,6 +272,13 @@ torch.library.register_fake("sparse_prune::semi24_linear_mma_sp")(
     lambda x, values, meta, bias, gelu=False: linear_fake(x, values.shape[0]))
 torch.library.register_fake("sparse_prune::shrunk_linear")(
     lambda x, values, out_index, in_index, out_features, bias: linear_fake(x, out_features))
+@torch.library.register_fake("sparse_prune::attention")
+def _attention_fake(q, k, v, scale=None):
+    check_attention_operands(q, k, v, scale)
+    b, h, lq, _ = q.shape
+    return q.new_empty((b, lq, h, v.shape[3])).transpose(1, 2)
+
+
 torch.library.register_fake("sparse_prune::sparse_mlp")(
     lambda x, format1, weight1, bias1, hidden, format2, weight2, bias2, out_features, gelu=True:
     linear_fake(x, out_features))

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "segments.h"
 #include "spmm.h"
 
@@ -772,6 +773,8 @@ Layer mlp_layer(const char* op, const char* which, const at::Tensor& x, int64_t 
 
 }  // namespace
 
+std::string current_float_isa() { return float_isa(); }
+
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                           const at::Tensor& col, int64_t out_features, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& /*row_order: a GPU schedule*/, bool gelu) {
@@ -908,7 +911,7 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x, c10::string_view format1, const s
 
 // Registered from Python after the ABI check (like sparse_prune._C): a stale build raises a
 // Python error instead of aborting the interpreter on a schema mismatch.
-#define SPARSE_PRUNE_CPU_ABI 2  // bump with every change of these ops' schemas in ops.py
+#define SPARSE_PRUNE_CPU_ABI 3  // bump with every change of these ops' schemas in ops.py
 
 namespace {
 
@@ -926,6 +929,7 @@ PyObject* register_kernels(PyObject*, PyObject*) {
       library->impl("bsr_linear", &sparse_prune::cpu::bsr_linear_cpu);
       library->impl("semi24_linear", &sparse_prune::cpu::semi24_linear_cpu);
       library->impl("sparse_mlp", &sparse_prune::cpu::sparse_mlp_cpu);
+      library->impl("attention", &sparse_prune::cpu::attention_cpu);
       cpu_library() = std::move(library);
     }
   } catch (const std::exception& e) {

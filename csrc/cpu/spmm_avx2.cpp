@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #endif
 
+#include "attention.h"
 #include "spmm.h"
 
 namespace sparse_prune {
@@ -32,14 +33,21 @@ namespace {
 // 4 broadcasts + 1 load of 16 registers)
 using Avx2 = SimdMicro<Ymm, 6, 2>;
 
+#include "attention_kernel.h"
+
+// 6 query rows x 16 columns: 12 accumulators + 2 loads + a broadcast of 16 ymm
+using Attention256 = AttentionKernel<Ymm, 6, 2>;
+
 }  // namespace
 
 SPARSE_PRUNE_ENTRY_POINTS(Avx2, float)
 SPARSE_PRUNE_SEGS_ENTRY_POINT(Avx2)
+SPARSE_PRUNE_ATTENTION_ENTRY_POINTS(Attention256)
 
 #else  // not x86-64: the entry points exist but are never called (compiled() is false)
 
 SPARSE_PRUNE_ABSENT_ENTRY_POINTS
+SPARSE_PRUNE_ABSENT_ATTENTION_ENTRY_POINTS
 
 #endif
 

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "attention.h"
 #include "spmm.h"
 
 namespace sparse_prune {
@@ -45,6 +46,14 @@ struct Zmm {
   static inline R lane(R w) { return _mm512_permute_ps(w, U * 0x55); }
   static inline R fma(R w, R x, R a) { return _mm512_fmadd_ps(w, x, a); }
   static inline R add(R a, R b) { return _mm512_add_ps(a, b); }
+  // for attention_kernel.h (exp_neg below exp_split16)
+  static inline R set1(float v) { return _mm512_set1_ps(v); }
+  static inline R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static inline R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static inline R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static inline float hmax(R v) { return _mm512_reduce_max_ps(v); }
+  static inline float hsum(R v) { return _mm512_reduce_add_ps(v); }
+  static inline R exp_neg(R x);
 };
 
 // exp(a + b) for a + b <= 0: exp_split of spmm_x86_common.h on 16 lanes (same reduction,
@@ -69,6 +78,8 @@ inline __m512 exp_split16(__m512 a, __m512 b) {
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mov_ps(in_range, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
 }
+
+inline __m512 Zmm::exp_neg(__m512 x) { return exp_split16(x, _mm512_setzero_ps()); }
 
 // The exact GELU of spmm_x86_common.h's gelu() on 16 lanes (same erfc, same special values).
 inline __m512 gelu16(__m512 x) {
@@ -201,14 +212,21 @@ struct Avx512 : SimdMicro<Zmm, 8, 4> {
   }
 };
 
+#include "attention_kernel.h"
+
+// 6 query rows x 64 columns: 24 accumulators + 4 loads + a broadcast of 32 zmm
+using Attention512 = AttentionKernel<Zmm, 6, 4>;
+
 }  // namespace
 
 SPARSE_PRUNE_ENTRY_POINTS(Avx512, float)
 SPARSE_PRUNE_SEGS_ENTRY_POINT(Avx512)
+SPARSE_PRUNE_ATTENTION_ENTRY_POINTS(Attention512)
 
 #else  // not x86-64: the entry points exist but are never called (compiled() is false)
 
 SPARSE_PRUNE_ABSENT_ENTRY_POINTS
+SPARSE_PRUNE_ABSENT_ATTENTION_ENTRY_POINTS
 
 #endif
 

@@ -546,4 +546,20 @@ struct Ymm {
   static inline R lane(R w) { return _mm256_permute_ps(w, U * 0x55); }
   static inline R fma(R w, R x, R a) { return _mm256_fmadd_ps(w, x, a); }
   static inline R add(R a, R b) { return _mm256_add_ps(a, b); }
+  // for attention_kernel.h
+  static inline R set1(float v) { return _mm256_set1_ps(v); }
+  static inline R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static inline R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static inline R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static inline R exp_neg(R x) { return exp_split(x, _mm256_setzero_ps()); }
+  static inline float hmax(R v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static inline float hsum(R v) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+  }
 };

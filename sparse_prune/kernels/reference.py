@@ -129,3 +129,12 @@ def shrunk_linear(x, values, out_index, in_index, out_features, bias):
     y = x.new_zeros((x.shape[0], out_features))
     y.index_copy_(-1, out_index.long(), small)
     return y + bias if bias is not None else y
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(scale · q·kᵀ) · v`` (``scale`` None: 1/√head_dim) through torch's SDPA, for
+    q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] (checked by ``sparse_prune.ops``).
+    Returns [B, H, Lq, Dv] laid out as [B, Lq, H, Dv] in memory, as the CPU kernel does."""
+    b, h, lq, _ = q.shape
+    out = q.new_empty((b, lq, h, v.shape[3])).transpose(1, 2)
+    return out.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
