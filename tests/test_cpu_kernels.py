@@ -735,7 +735,7 @@ def test_isa_units_export_only_entry_points():
     public = {line.split(" ", 2)[2].split("(")[0] for line in exported if line.split()[1] == "T"}
     names = {name.rsplit("::", 1)[1] for name in public}
     assert names <= {"compiled", "pack_x", "csr_index", "csr_rows", "bsr_index", "bsr_rows", "semi24_check",
-                     "semi24_rows", "csr_segs"}, names
+                     "semi24_rows", "csr_segs", "attention_scratch", "attention_tasks"}, names
 
 
 def test_semi24_metadata_check_covers_the_partial_last_word():
