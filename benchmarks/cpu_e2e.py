@@ -1,7 +1,7 @@
 """End-to-end ViT-B/16 on this CPU: every sparse format against the dense model, in one process.
 
 Usage: ``python benchmarks/cpu_e2e.py [--batches 1 8] [--reps 7] [--threads 2]
-[--blocks 4x1 8x1 ...] [--points csr auto ...] [--tag NAME] [--out benchmarks/results/cpu-<cpu>]``.
+[--blocks 4x1 8x1 ...] [--points csr auto ...] [--attention sdpa|sparse_prune] [--tag NAME] [--out benchmarks/results/cpu-<cpu>]``.
 
 ViT-B/16 (transformers, random weights), fp32, eager. Points: ``csr`` at 50/70/90% (L1
 unstructured on every encoder Linear), ``2:4`` (magnitude), ``bsr`` at 70/90% for each block
@@ -42,12 +42,14 @@ def main() -> int:
     ap.add_argument("--skip-auto", action="store_true")
     ap.add_argument("--points", nargs="+", choices=POINTS, default=list(POINTS),
                     help="which points to run (default: all)")
+    ap.add_argument("--attention", choices=["sdpa", "sparse_prune"], default="sdpa",
+                    help="the attention of dense and sparse models alike (sp.set_attention; default: torch's sdpa)")
     ap.add_argument("--tag", default="", help="write e2e_<tag>.{json,md,...} instead of e2e.*")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = sp.models.vit(MODEL, source="transformers").eval()
+    model = sp.set_attention(sp.models.vit(MODEL, source="transformers").eval(), args.attention)
     common = dict(model_name=f"{MODEL} (transformers)", image_size=224, backends=["torch"], batches=args.batches,
                   reps=args.reps, device="cpu", dtype=torch.float32)
     points = set(args.points) - ({"auto"} if args.skip_auto else set())
@@ -64,10 +66,12 @@ def main() -> int:
     out = Path(args.out or f"benchmarks/results/cpu-{cpu_slug()}")
     out.mkdir(parents=True, exist_ok=True)
     stem = f"e2e_{args.tag}" if args.tag else "e2e"
-    meta = {"threads": args.threads, "cpu_isa": sp.ops.cpu_isa(), "reps": args.reps, "points": sorted(points)}
+    meta = {"threads": args.threads, "cpu_isa": sp.ops.cpu_isa(), "reps": args.reps, "points": sorted(points),
+            "attention": args.attention}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = latency.markdown(rows)
-    (out / f"{stem}.md").write_text(f"{args.threads} threads, CPU kernels: {meta['cpu_isa']}, {args.reps} rounds.\n\n"
+    (out / f"{stem}.md").write_text(f"{args.threads} threads, CPU kernels: {meta['cpu_isa']}, {args.reps} rounds, "
+                                    f"attention {args.attention} (dense and sparse).\n\n"
                                     + text)
     for path in latency.plot(rows, out):
         path.rename(out / f"{stem}_{path.name}")

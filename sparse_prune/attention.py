@@ -3,7 +3,8 @@
 ``sp.set_attention(model, "sparse_prune")`` makes every attention layer of a transformers model
 (``ViTForImageClassification`` and any other built on transformers' ``AttentionInterface``)
 call ``sparse_prune::attention``: softmax(scale · Q·Kᵀ)·V in one pass per head on the CPU
-(csrc/cpu/attention_kernel.h: AVX-512, AVX2+FMA or portable, float32), torch's SDPA elsewhere.
+(csrc/cpu/attention_kernel.h: AVX-512 or AVX2+FMA, float32), torch's SDPA elsewhere (other
+dtypes, devices and CPUs).
 What that kernel does not take — an attention mask, dropout while training, gradients,
 ``output_attentions``, grouped KV heads, causal attention, a softcap or a position bias — goes to transformers' own
 ``"sdpa"`` for that call, so the model computes the same thing either way.

@@ -103,7 +103,7 @@ _lib.impl("sparse_mlp", _sparse_mlp_composite, "CompositeExplicitAutograd")
 
 # softmax(scale · q·kᵀ)·v for q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]: the output is
 # [B, H, Lq, Dv] laid out as [B, Lq, H, Dv] (merging the heads next is a view). Our CPU kernel
-# (csrc/cpu/attention_kernel.h) serves float32 on the CPU; torch's SDPA everywhere else.
+# (csrc/cpu/attention_kernel.h) serves float32 on AVX-512 / AVX2+FMA CPUs; torch's SDPA everywhere else.
 _lib.define("attention(Tensor q, Tensor k, Tensor v, float? scale=None) -> Tensor")
 
 

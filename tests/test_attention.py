@@ -1,7 +1,7 @@
 """sparse_prune::attention (csrc/cpu/attention_kernel.h) and sp.set_attention.
 
 Against softmax(scale·q·kᵀ)·v in float64 on odd shapes, every ISA the CPU has (forced with
-SPARSE_PRUNE_CPU_ISA), 1 and 2 threads (bitwise equal), strided operands, non-finite inputs (the
+SPARSE_PRUNE_CPU_ISA; "portable" is torch's SDPA in the kernel's layout), 1 and 2 threads (bitwise equal), strided operands, non-finite inputs (the
 NaN pattern of the float64 reference), the other dtypes' SDPA path, bad input, opcheck,
 torch.compile and torch.export; then transformers models through ``set_attention``.
 """

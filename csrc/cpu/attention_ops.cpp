@@ -1,5 +1,6 @@
-// sparse_prune::attention on the CPU: checks, the output layout, threads, and the ISA unit's
-// kernel (attention.h) for float32; other floating dtypes go through ATen's SDPA.
+// sparse_prune::attention on the CPU: checks, the output layout, threads, and the x86 ISA unit's
+// kernel (attention.h) for float32 on AVX-512 or AVX2+FMA; other dtypes and CPUs (the
+// "portable" ISA) go through ATen's SDPA, copied into the same layout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -51,7 +52,8 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   at::Tensor out = at::empty({B, Lq, H, Dv}, q_in.options()).transpose(1, 2);
   if (out.numel() == 0) return out;
   if (Lk == 0) return out.zero_();  // as torch's SDPA: softmax over no keys weighs nothing
-  if (q_in.scalar_type() != at::kFloat) {
+  const std::string isa = current_float_isa();
+  if (q_in.scalar_type() != at::kFloat || isa == "portable") {
     out.copy_(at::scaled_dot_product_attention(q_in, k_in, v_in, {}, 0.0, false, sc));
     return out;
   }
@@ -73,13 +75,8 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   p.chunk_rows = (tiles + p.chunks - 1) / p.chunks * kRowsPerTile;
   p.chunks = (Lq + p.chunk_rows - 1) / p.chunk_rows;
 
-  const std::string isa = current_float_isa();
-  const auto scratch_of = isa == "avx512" ? avx512_f32::attention_scratch
-                          : isa == "avx2" ? avx2_f32::attention_scratch
-                                          : portable_f32::attention_scratch;
-  const auto run = isa == "avx512" ? avx512_f32::attention_tasks
-                   : isa == "avx2" ? avx2_f32::attention_tasks
-                                   : portable_f32::attention_tasks;
+  const auto scratch_of = isa == "avx512" ? avx512_f32::attention_scratch : avx2_f32::attention_scratch;
+  const auto run = isa == "avx512" ? avx512_f32::attention_tasks : avx2_f32::attention_tasks;
   const int64_t per = scratch_of(p);
   const int64_t tasks = B * H * p.chunks;
   const int64_t slots = std::min(workers, tasks);

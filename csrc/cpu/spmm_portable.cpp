@@ -3,7 +3,6 @@
 // them: float32 where AVX2+FMA is missing (or SPARSE_PRUNE_CPU_ISA=portable), and float64.
 #include <cmath>
 
-#include "attention.h"
 #include "spmm.h"
 
 namespace sparse_prune {
@@ -185,53 +184,11 @@ struct Portable {
   }
 };
 
-// attention_kernel.h's vector type as 8 plain floats: loops the compiler vectorizes.
-struct Lanes8 {
-  struct R {
-    float v[8];
-  };
-  static constexpr int kLanes = 8;
-  template <typename F>
-  static inline R each(F f) {
-    R o;
-    for (int i = 0; i < 8; ++i) o.v[i] = f(i);
-    return o;
-  }
-  static inline R zero() { return set1(0.0f); }
-  static inline R set1(float x) { return each([&](int) { return x; }); }
-  static inline R load(const float* p) { return each([&](int i) { return p[i]; }); }
-  static inline void store(float* p, const R& a) {
-    for (int i = 0; i < 8; ++i) p[i] = a.v[i];
-  }
-  static inline R bcast(const float* p) { return set1(*p); }
-  static inline R fma(const R& a, const R& b, const R& c) { return each([&](int i) { return a.v[i] * b.v[i] + c.v[i]; }); }
-  static inline R add(const R& a, const R& b) { return each([&](int i) { return a.v[i] + b.v[i]; }); }
-  static inline R sub(const R& a, const R& b) { return each([&](int i) { return a.v[i] - b.v[i]; }); }
-  static inline R mul(const R& a, const R& b) { return each([&](int i) { return a.v[i] * b.v[i]; }); }
-  static inline R max(const R& a, const R& b) { return each([&](int i) { return a.v[i] > b.v[i] ? a.v[i] : b.v[i]; }); }
-  static inline R exp_neg(const R& a) { return each([&](int i) { return std::exp(a.v[i]); }); }
-  static inline float hmax(const R& a) {
-    float m = a.v[0];
-    for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m;
-    return m;
-  }
-  static inline float hsum(const R& a) {
-    float s = 0.0f;
-    for (int i = 0; i < 8; ++i) s += a.v[i];
-    return s;
-  }
-};
-
-#include "attention_kernel.h"
-
-using AttentionPortable = AttentionKernel<Lanes8, 6, 2>;
-
 }  // namespace
 
 namespace portable_f32 {
 SPARSE_PRUNE_ENTRY_POINTS(Portable<float>, float)
 SPARSE_PRUNE_SEGS_ENTRY_POINT(Portable<float>)
-SPARSE_PRUNE_ATTENTION_ENTRY_POINTS(AttentionPortable)
 }
 namespace portable_f64 {
 SPARSE_PRUNE_ENTRY_POINTS(Portable<double>, double)

@@ -43,6 +43,7 @@ from sparse_prune.agreement import (
     reference_dtype,
     relative_error,
 )
+from sparse_prune.attention import attention_implementation
 from sparse_prune.backends import resolve_backend
 from sparse_prune.bench.train import logits_of
 from sparse_prune.constants import BACKEND_FORMATS, BACKENDS, DEFAULT_BSR_BLOCK
@@ -56,7 +57,7 @@ from sparse_prune.timing import describe_device, git_commit, spread, time_sample
 ROW_KEYS = ("kind", "model", "device", "dtype", "batch", "format", "block", "backend", "sparsity", "status", "reason",
             "dense_ms", "dense_q1", "dense_q3", "sparse_ms", "sparse_q1", "sparse_q3", "speedup", "reps",
             "error", "baseline_error", "allowed", "converted_layers", "dense_layers", "warning", "bytes",
-            "dense_bytes", "torch", "triton", "commit")
+            "dense_bytes", "attention", "torch", "triton", "commit")
 STATUSES = ("wrong", "failed", "ok", "skipped")  # also the order of the tables: the bad news first
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BSR_BLOCK = DEFAULT_BSR_BLOCK
@@ -243,7 +244,9 @@ def bench_e2e(model: nn.Module, model_name: str, image_size: int, *, formats: Se
     appends a line to ``notes``."""
     dev = torch.device(device)
     model = copy.deepcopy(model).to(device=dev, dtype=dtype).eval()
-    common = {"kind": "e2e", **_common(model_name, dev, dtype), "compile": compile_, "cuda_graphs": cuda_graphs}
+    # both sides run the model's own attention (sp.set_attention): a speedup is never attention's alone
+    common = {"kind": "e2e", **_common(model_name, dev, dtype), "compile": compile_, "cuda_graphs": cuda_graphs,
+              "attention": attention_implementation(model)}
     dense_bytes = _weight_bytes(model)
     grid = points(formats, backends, sparsities)
     groups = _by_masks(grid)
