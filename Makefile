@@ -59,7 +59,7 @@ gpu-compile: setup
 	env -u TRITON_INTERPRET $(BIN)/python -m sparse_prune.kernels.triton_aot --jobs $(AOT_JOBS)
 
 demo: setup
-	$(BIN)/sparse-prune demo --out results/demo
+	$(BIN)/sparse-prune demo --attention sparse_prune --out results/demo
 
 # CPU micro-benchmarks (pytest-benchmark), not part of `make test`.
 micro: setup

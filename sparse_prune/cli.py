@@ -65,6 +65,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="library that builds it (default: %(default)s)")
     p.add_argument("--weights", default=None, help="local state dict (safetensors/bin/pt); default: random weights")
     p.add_argument("--depth", type=_positive_int, default=None, help="override the number of blocks (quick runs)")
+    p.add_argument("--attention", default="sdpa", choices=sp.attention.IMPLEMENTATIONS,
+                   help="attention of a transformers model, dense and sparse alike: sparse_prune (our CPU kernel), "
+                        "sdpa or eager (default: %(default)s)")
 
 
 def _depth_override(args: argparse.Namespace) -> dict[str, int]:
@@ -82,12 +85,20 @@ def model_label(args: argparse.Namespace) -> str:
     if getattr(args, "depth", None) is not None:
         extra.append(f"depth {args.depth}")
     extra.append(f"weights {Path(args.weights).name}" if getattr(args, "weights", None) else "random weights")
+    if getattr(args, "attention", "sdpa") != "sdpa":
+        extra.append(f"attention {args.attention}")
     return f"{args.model} ({', '.join(extra)})"
 
 
 def _build(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
-    return sp.models.vit(args.model, source=args.source, weights=args.weights, **_depth_override(args))
+    model = sp.models.vit(args.model, source=args.source, weights=args.weights, **_depth_override(args))
+    attention = getattr(args, "attention", "sdpa")
+    if args.source == "transformers":
+        sp.set_attention(model, attention)
+    elif attention != "sdpa":
+        raise ValueError(f"--attention {attention} needs --source transformers (got {args.source})")
+    return model
 
 
 def _image_size(model: nn.Module) -> int:

@@ -309,3 +309,16 @@ def test_auto_is_a_bench_point(hf_vit):
     assert rows[0]["error"] <= rows[0]["allowed"] and rows[0]["converted_layers"] + rows[0]["dense_layers"] > 0
     with pytest.raises(ValueError, match="formats"):
         latency.points(["coo"], ["torch"], [0.5])
+
+
+def test_cli_bench_with_our_attention_records_it(tmp_path, capsys):
+    rc = cli.main(["bench", "--model", "vit_tiny_patch16_224", "--depth", "1", "--formats", "csr", "--attention",
+                   "sparse_prune", "--sparsity", "0.5", "--batch", "1", "--reps", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "latency.json").read_text())
+    assert rows and {r["attention"] for r in rows} == {"sparse_prune"} and {r["status"] for r in rows} == {"ok"}
+    assert "attention sparse_prune" in rows[0]["model"]
+    capsys.readouterr()
+    assert cli.main(["bench", "--source", "timm", "--attention", "sparse_prune", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs --source transformers" in err and len(err.splitlines()) == 1
