@@ -5,9 +5,10 @@
 call ``sparse_prune::attention``: softmax(scale · Q·Kᵀ)·V in one pass per head on the CPU
 (csrc/cpu/attention_kernel.h: AVX-512 or AVX2+FMA, float32), torch's SDPA elsewhere (other
 dtypes, devices and CPUs).
-What that kernel does not take — an attention mask, dropout while training, gradients,
-``output_attentions``, grouped KV heads, causal attention, a softcap or a position bias — goes to transformers' own
-``"sdpa"`` for that call, so the model computes the same thing either way.
+What that kernel does not take — an attention mask, dropout, gradients, ``output_attentions``,
+grouped or broadcast heads, causal attention (a module without ``is_causal`` counts as causal,
+as transformers has it), a softcap or a position bias — goes to transformers' own ``"sdpa"`` for
+that call, so the model computes what it computes with ``"sdpa"``.
 
 After pruning, the Linears shrink and attention becomes a quarter of a ViT-B/16 forward at 90%
 sparsity; measure dense and sparse models with the same attention implementation (the
@@ -29,21 +30,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """``softmax(scale · q·kᵀ)·v`` (``scale`` None: 1/√head_dim) for q [B, H, Lq, D],
     k [B, H, Lk, D], v [B, H, Lk, Dv]: [B, H, Lq, Dv], laid out as [B, Lq, H, Dv] in memory.
 
-    No mask, no dropout, no gradient. Raises ``ValueError`` (dims, shapes, a non-finite scale)
-    or ``TypeError`` (dtypes) naming the argument."""
+    No mask, no dropout; gradients are recomputed through torch's SDPA. Raises ``ValueError``
+    (dims, shapes, a scale not finite in float32) or ``TypeError`` (dtypes) naming the argument."""
     return torch.ops.sparse_prune.attention(q, k, v, scale)
 
 
 def _needs_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, dropout: float, kwargs: dict) -> bool:
-    if attention_mask is not None or (dropout and module.training):
+    """What transformers' sdpa_attention_forward would do differently from our kernel."""
+    if attention_mask is not None or dropout:  # sdpa applies any dropout it is passed, training or not
         return True
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return True
-    if getattr(module, "num_key_value_groups", 1) != 1:
-        return True
+        return True  # the op's backward recomputes through SDPA: SDPA's own forward is cheaper then
+    if getattr(module, "num_key_value_groups", 1) != 1 or not (query.shape[:2] == key.shape[:2] == value.shape[:2]):
+        return True  # grouped or broadcast heads / batch
     causal = kwargs.get("is_causal")
-    if causal if causal is not None else getattr(module, "is_causal", False):
+    if causal if causal is not None else getattr(module, "is_causal", True):  # transformers' default
         return True
     return any(kwargs.get(name) for name in ("output_attentions", "softcap")) or kwargs.get("position_bias") is not None
 

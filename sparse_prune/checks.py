@@ -111,13 +111,14 @@ def aligned(t: torch.Tensor, alignment: int) -> torch.Tensor:
 
 def check_attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
     """Raise unless ``q [B, H, Lq, D]``, ``k [B, H, Lk, D]`` and ``v [B, H, Lk, Dv]`` are
-    floating tensors of one dtype and device and ``scale`` is None or finite (the rules of
+    float32/64/16 or bfloat16 tensors of one dtype and device and ``scale`` is None or finite
+    in float32 (the rules of
     csrc/cpu/attention_ops.cpp, for every device)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be 4-D [batch, heads, tokens, head_dim], got {t.dim()}-D")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"attention: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise TypeError(f"attention: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device("attention", q=q, k=k, v=v)
@@ -128,5 +129,5 @@ def check_attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"attention: k's head_dim must be q's ({q.shape[3]}), got {k.shape[3]}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"attention: v must have k's tokens ({k.shape[2]}), got {v.shape[2]}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"attention: scale must be finite, got {scale}")
+    if scale is not None and not (math.isfinite(scale) and abs(scale) <= torch.finfo(torch.float32).max):
+        raise ValueError(f"attention: scale must be finite in float32, got {scale}")

@@ -114,6 +114,26 @@ def _attention_composite(q, k, v, scale=None):
 
 _lib.impl("attention", _attention_composite, "CompositeExplicitAutograd")
 
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, grad):
+    """Gradients through torch's SDPA, recomputed (the kernel keeps no softmax statistics)."""
+    q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors)
+    wanted = [t for t in (q, k, v) if t.requires_grad]
+    with torch.enable_grad():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=ctx.scale)
+        got = iter(torch.autograd.grad(out, wanted, grad))
+    return tuple(next(got) if t.requires_grad else None for t in (q, k, v)) + (None,)
+
+
+torch.library.register_autograd("sparse_prune::attention", _attention_backward,
+                                setup_context=_attention_setup_context)
+
 # Private: the csrc/ mma.sp kernel itself (CUDA only). semi24_linear's CUDA implementation
 # (_semi24_mma_sp below) runs the checks of semi24_cuda_operands, then calls it.
 _lib.define("semi24_linear_mma_sp(Tensor x, Tensor values, Tensor meta, Tensor? bias, bool gelu=False) -> Tensor")

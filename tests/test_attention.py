@@ -42,9 +42,11 @@ def _qkv(b, h, lq, lk, d, dv, dtype=torch.float32, seed=0):
 
 
 def _reference(q, k, v, scale=None):
-    """softmax(scale·q·kᵀ)·v in float64, torch's softmax order (max, exp(s - max), sum)."""
+    """softmax(scale·q·kᵀ)·v in float64, torch's softmax order (max, exp(s - max), sum); a row
+    whose scores are all -inf weighs nothing, as in torch's SDPA (plain softmax: NaN)."""
     s = q.double() @ k.double().transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    return s.softmax(-1) @ v.double()
+    p = s.softmax(-1)
+    return torch.where((s == float("-inf")).all(-1, keepdim=True), 0.0, p) @ v.double()
 
 
 def _threads(n, fn):
@@ -142,6 +144,43 @@ def test_a_score_that_overflows_to_minus_inf_weighs_nothing(isa):
 
 
 @needs_kernels
+def test_a_row_of_only_minus_inf_scores_is_zero_as_in_sdpa(isa):
+    q, k, v = _qkv(1, 2, 5, 9, 4, 3, seed=4)
+    k[..., 0] = k[..., 0].abs() + 0.1
+    q[0, 0, 1, 0] = float("-inf")  # query 1 of head 0 scores -inf against every key
+    got = attn.attention(q, k, v)
+    sdpa = Fn.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(got[0, 0, 1], torch.zeros(3)) and torch.equal(sdpa[0, 0, 1], torch.zeros(3))
+    torch.testing.assert_close(got, sdpa, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(ops._attention_composite(q.double(), k.double(), v.double()), got.double(),
+                               rtol=2e-5, atol=2e-6)
+
+
+@needs_kernels
+def test_the_scale_is_applied_to_the_scores_not_to_k(isa):
+    """scale·(q·kᵀ): k = 1e30 with scale 1e-10 stays finite (scale·k first would not matter here,
+    but k = 1e30, scale = 1e10 against q = 0 would make 0·inf = NaN)."""
+    q, k, v = _qkv(1, 1, 4, 6, 8, 3, seed=6)
+    q[..., 0] = 0.0
+    k[..., 0] = 1e30
+    got = attn.attention(q, k, v, 1e10)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got.double(), _reference(q, k, v, 1e10), rtol=2e-5, atol=2e-6)
+
+
+@needs_kernels
+def test_gradients_are_sdpa_gradients():
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 3, 7, 9, 8, 5))
+    g = torch.randn(2, 3, 7, 5, generator=torch.Generator().manual_seed(9))
+    ours = torch.autograd.grad(attn.attention(q, k, v, 0.4), (q, k, v), g)
+    want = torch.autograd.grad(Fn.scaled_dot_product_attention(q, k, v, scale=0.4), (q, k, v), g)
+    for a, b in zip(ours, want, strict=True):
+        torch.testing.assert_close(a, b)
+    (gk,) = torch.autograd.grad(attn.attention(q.detach(), k, v.detach()).sum(), (k,))
+    assert gk.shape == k.shape and gk.isfinite().all()
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_other_dtypes_take_torch_sdpa_in_the_same_layout(dtype):
     q, k, v = _qkv(2, 3, 10, 14, 8, 6, dtype=dtype)
@@ -183,10 +222,12 @@ def test_bad_dtypes_and_scale_are_refused(impl):
     q, k, v = _qkv(1, 2, 3, 4, 5, 6)
     with pytest.raises(TypeError, match="share one dtype"):
         run(q, k.double(), v, None)
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match="must be float32"):
         run(q.int(), k.int(), v.int(), None)
-    for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="scale must be finite"):
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        run(*(t.to(torch.float8_e4m3fn) for t in (q, k, v)), None)
+    for bad in (float("nan"), float("inf"), 1e39):
+        with pytest.raises(ValueError, match="scale must be finite in float32"):
             run(q, k, v, bad)
 
 
@@ -269,6 +310,26 @@ def test_what_the_kernel_does_not_take_goes_to_transformers_sdpa(hf_vit, images)
     out, _ = attn.transformers_attention(module, qg, k, v, None, scaling=0.3)
     out.sum().backward()
     assert qg.grad is not None and qg.grad.isfinite().all()
+
+
+def test_fallback_follows_transformers_sdpa_where_it_differs(hf_vit):
+    """Broadcast batch, a module without ``is_causal`` (transformers takes it for causal), dropout
+    passed in eval: each goes to transformers' sdpa, which decides what it means."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = next(m for n, m in hf_vit.named_modules() if n.endswith("attention"))
+    q, k, v = _qkv(1, 2, 4, 4, 8, 8)
+    kb, vb = k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1)
+    got, _ = attn.transformers_attention(module, q, kb, vb, None, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, q, kb, vb, None, scaling=0.3)
+    torch.testing.assert_close(got, want)
+    plain = torch.nn.Module().eval()
+    got, _ = attn.transformers_attention(plain, q, k, v, None, scaling=0.3)
+    torch.testing.assert_close(got, sdpa_attention_forward(plain, q, k, v, None, scaling=0.3)[0])
+    torch.manual_seed(0)
+    got, _ = attn.transformers_attention(module, q, k, v, None, scaling=0.3, dropout=0.5)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, sdpa_attention_forward(module, q, k, v, None, scaling=0.3, dropout=0.5)[0])
 
 
 def test_set_attention_training_backward(hf_vit, images):

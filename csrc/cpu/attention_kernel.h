@@ -3,18 +3,19 @@
 // namespace after its `#pragma GCC target`, with its vector type V: zero, load, store, bcast,
 // fma, add, sub, mul, max, set1, hmax, hsum and exp_neg (exp of lanes <= 0, 0 below e^-87.3).
 //
-// Per task: K is packed once as scale·Kᵀ in panels of NC = NV·lanes keys ([D][NC] each, zeros
-// past Lk) and V in panels of NC value columns ([Lk][NC] each, zeros past Dv). Then R query rows
-// at a time: S = Q·(scale·K)ᵀ in R x NC register tiles (Q broadcast from its own rows), the
+// Per task: K is packed once as Kᵀ in panels of NC = NV·lanes keys ([D][NC] each, zeros past Lk)
+// and V in panels of NC value columns ([Lk][NC] each, zeros past Dv). Then R query rows at a
+// time: S = scale·(Q·Kᵀ) in R x NC register tiles (Q broadcast from its own rows), the
 // row softmax in place (S stays in L1: R rows of ~Lk floats), then O = P·V in R x NC tiles and
 // O / rowsum written out. Both products run one register tile shape, so both are FMA-bound:
 // per reduction step NV loads and R broadcasts feed R·NV FMAs. The last key panel and the last
 // value panel run only the vectors they need (Lk = 197 on 16-lane tiles: 208 columns computed,
 // not 256).
 //
-// Non-finite scores: a row whose scores hold a NaN or an infinity takes an exact scalar path
-// (max, exp, sum as torch's softmax does them), so NaN, +inf and all -inf rows come out NaN as
-// they do in torch, and -inf scores get weight 0.
+// Non-finite scores: a row whose scores hold a NaN or an infinity takes an exact scalar path, so
+// that it comes out as torch's SDPA has it: NaN for a NaN or a +inf score, weight 0 for a -inf
+// score, and an output row of zeros when every score is -inf (SDPA's online softmax; the plain
+// softmax would give NaN).
 
 template <class V, int R, int NV>
 struct AttentionKernel {
@@ -29,9 +30,9 @@ struct AttentionKernel {
     return panels(p.Lk) * NC * p.D + panels(p.Dv) * NC * p.Lk + R * ld_s(p);
   }
 
-  // c[r][0, NVV·L) = sum over k < kd of a[r·lda + k] · b[k·NC + .] for rows r < RR.
+  // c[r][0, NVV·L) = f · sum over k < kd of a[r·lda + k] · b[k·NC + .] for rows r < RR.
   template <int RR, int NVV>
-  static void tile(const float* a, int64_t lda, const float* b, int64_t kd, float* c, int64_t ldc) {
+  static void tile(const float* a, int64_t lda, const float* b, int64_t kd, float* c, int64_t ldc, float f) {
     Reg acc[RR][NVV];
     for (int r = 0; r < RR; ++r)
       for (int u = 0; u < NVV; ++u) acc[r][u] = V::zero();
@@ -43,28 +44,30 @@ struct AttentionKernel {
         for (int u = 0; u < NVV; ++u) acc[r][u] = V::fma(av, bv[u], acc[r][u]);
       }
     }
+    const Reg fv = V::set1(f);
     for (int r = 0; r < RR; ++r)
-      for (int u = 0; u < NVV; ++u) V::store(c + r * ldc + u * L, acc[r][u]);
+      for (int u = 0; u < NVV; ++u) V::store(c + r * ldc + u * L, V::mul(acc[r][u], fv));
   }
 
   template <int RR>
-  static void tile_nv(int64_t nvv, const float* a, int64_t lda, const float* b, int64_t kd, float* c, int64_t ldc) {
-    if constexpr (NV >= 4) if (nvv == 4) return tile<RR, 4>(a, lda, b, kd, c, ldc);
-    if constexpr (NV >= 3) if (nvv == 3) return tile<RR, 3>(a, lda, b, kd, c, ldc);
-    if constexpr (NV >= 2) if (nvv == 2) return tile<RR, 2>(a, lda, b, kd, c, ldc);
-    tile<RR, 1>(a, lda, b, kd, c, ldc);
+  static void tile_nv(int64_t nvv, const float* a, int64_t lda, const float* b, int64_t kd, float* c, int64_t ldc,
+                      float f) {
+    if constexpr (NV >= 4) if (nvv == 4) return tile<RR, 4>(a, lda, b, kd, c, ldc, f);
+    if constexpr (NV >= 3) if (nvv == 3) return tile<RR, 3>(a, lda, b, kd, c, ldc, f);
+    if constexpr (NV >= 2) if (nvv == 2) return tile<RR, 2>(a, lda, b, kd, c, ldc, f);
+    tile<RR, 1>(a, lda, b, kd, c, ldc, f);
   }
 
   static void tile_any(int64_t rr, int64_t nvv, const float* a, int64_t lda, const float* b, int64_t kd, float* c,
-                       int64_t ldc) {
+                       int64_t ldc, float f) {
     static_assert(R == 6, "tile_any dispatches 1..6 rows");
     switch (rr) {
-      case 1: return tile_nv<1>(nvv, a, lda, b, kd, c, ldc);
-      case 2: return tile_nv<2>(nvv, a, lda, b, kd, c, ldc);
-      case 3: return tile_nv<3>(nvv, a, lda, b, kd, c, ldc);
-      case 4: return tile_nv<4>(nvv, a, lda, b, kd, c, ldc);
-      case 5: return tile_nv<5>(nvv, a, lda, b, kd, c, ldc);
-      default: return tile_nv<6>(nvv, a, lda, b, kd, c, ldc);
+      case 1: return tile_nv<1>(nvv, a, lda, b, kd, c, ldc, f);
+      case 2: return tile_nv<2>(nvv, a, lda, b, kd, c, ldc, f);
+      case 3: return tile_nv<3>(nvv, a, lda, b, kd, c, ldc, f);
+      case 4: return tile_nv<4>(nvv, a, lda, b, kd, c, ldc, f);
+      case 5: return tile_nv<5>(nvv, a, lda, b, kd, c, ldc, f);
+      default: return tile_nv<6>(nvv, a, lda, b, kd, c, ldc, f);
     }
   }
 
@@ -102,13 +105,18 @@ struct AttentionKernel {
     return 1.0f / V::hsum(sum);  // >= 1: the row's max gave exp(0)
   }
 
-  // torch's order for a row with a NaN or an infinity: max (NaN if any), exp(s - max), sum.
+  // A row with a NaN or an infinity: max (NaN if any), exp(s - max), sum; every score -inf:
+  // weights 0 and a zero output row, as torch's SDPA.
   static float softmax_row_exact(float* s, int64_t n) {
     float m = -__builtin_inff();
     bool nan = false;
     for (int64_t j = 0; j < n; ++j) {
       if (s[j] != s[j]) nan = true;
       else if (s[j] > m) m = s[j];
+    }
+    if (!nan && m == -__builtin_inff()) {
+      for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
+      return 0.0f;
     }
     if (nan) m = __builtin_nanf("");
     float sum = 0.0f;
@@ -137,7 +145,7 @@ struct AttentionKernel {
         const int64_t j = pc * NC + jj;
         const float* row = k + j * p.k.sl;
         if (j < p.Lk) {
-          for (int64_t d = 0; d < p.D; ++d) dst[d * NC + jj] = p.scale * row[d];
+          for (int64_t d = 0; d < p.D; ++d) dst[d * NC + jj] = row[d];
         } else {
           for (int64_t d = 0; d < p.D; ++d) dst[d * NC + jj] = 0.0f;
         }
@@ -157,12 +165,13 @@ struct AttentionKernel {
       const int64_t rr = i1 - i < R ? i1 - i : R;
       for (int64_t pc = 0; pc < kpan; ++pc) {
         const int64_t w = p.Lk - pc * NC < NC ? p.Lk - pc * NC : NC;
-        tile_any(rr, (w + L - 1) / L, q + i * p.q.sl, p.q.sl, kp + pc * p.D * NC, p.D, s + pc * NC, lds);
+        tile_any(rr, (w + L - 1) / L, q + i * p.q.sl, p.q.sl, kp + pc * p.D * NC, p.D, s + pc * NC, lds,
+                 p.scale);
       }
       for (int64_t r = 0; r < rr; ++r) inv[r] = softmax_row(s + r * lds, p.Lk);
       for (int64_t pc = 0; pc < vpan; ++pc) {
         const int64_t c0 = pc * NC, w = p.Dv - c0 < NC ? p.Dv - c0 : NC;
-        tile_any(rr, (w + L - 1) / L, s, lds, vp + pc * p.Lk * NC, p.Lk, o, NC);
+        tile_any(rr, (w + L - 1) / L, s, lds, vp + pc * p.Lk * NC, p.Lk, o, NC, 1.0f);
         for (int64_t r = 0; r < rr; ++r) {
           float* dst = out + (i + r) * p.ol + c0;
           const float* src = o + r * NC;

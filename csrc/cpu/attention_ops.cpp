@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "attention.h"
@@ -20,8 +21,9 @@ void check_operand(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 4, "attention: ", name, " must be 4-D [batch, heads, tokens, head_dim], got ",
                     t.dim(), "-D");
   TORCH_CHECK_VALUE(t.device().is_cpu(), "attention (CPU): ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "attention: ", name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, "attention: ",
+                   name, " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
 AttentionOperand operand(const at::Tensor& t) {
@@ -46,7 +48,8 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   TORCH_CHECK_VALUE(k_in.size(3) == D, "attention: k's head_dim must be q's (", D, "), got ", k_in.size(3));
   TORCH_CHECK_VALUE(v_in.size(2) == Lk, "attention: v must have k's tokens (", Lk, "), got ", v_in.size(2));
   const double sc = scale.has_value() ? *scale : (D > 0 ? 1.0 / std::sqrt(static_cast<double>(D)) : 1.0);
-  TORCH_CHECK_VALUE(std::isfinite(sc), "attention: scale must be finite, got ", sc);
+  TORCH_CHECK_VALUE(std::isfinite(sc) && std::fabs(sc) <= std::numeric_limits<float>::max(),
+                    "attention: scale must be finite in float32, got ", sc);
   // [B, Lq, H, Dv] in memory, returned as [B, H, Lq, Dv]: the layout the heads are merged from
   // next (x.transpose(1, 2).reshape(B, Lq, H·Dv) is then a view)
   at::Tensor out = at::empty({B, Lq, H, Dv}, q_in.options()).transpose(1, 2);
@@ -63,7 +66,6 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   AttentionProblem p;
   p.B = B, p.H = H, p.Lq = Lq, p.Lk = Lk, p.D = D, p.Dv = Dv;
   p.scale = static_cast<float>(sc);
-  TORCH_CHECK_VALUE(std::isfinite(p.scale), "attention: scale must be finite in float32, got ", sc);
   p.q = operand(q), p.k = operand(k), p.v = operand(v);
   p.out = out.data_ptr<float>(), p.ob = out.stride(0), p.oh = out.stride(1), p.ol = out.stride(2);
   const int64_t workers = at::get_num_threads();
