@@ -1,6 +1,7 @@
 """ViT-B/16's attention (12 heads, 197 tokens, head dim 64) on the CPU: our kernel against torch's SDPA.
 
-Usage: ``python benchmarks/cpu_attention.py [--batches 1 8] [--rounds 15] [--threads 2] [--out DIR]``.
+Usage: ``python benchmarks/cpu_attention.py [--batches 1 8] [--rounds 15] [--threads 2] [--out DIR]
+[--e2e 0.5 0.7 0.9 [--e2e-rounds 7]]``.
 
 For each batch one interleaved set (rotating rounds, medians, quartiles) times what a
 transformers ViT layer runs between its q/k/v projections and its output projection: the heads
@@ -10,6 +11,12 @@ as views of [B, 197, 768], attention, the heads merged back into [B, 197, 768] c
 every variant, torch's included, before its call), whose output is already in the merged
 layout. Every output is checked against float64 first. Writes ``attention.json``,
 ``attention.md`` and ``attention.png``.
+
+``--e2e``: ViT-B/16 (transformers, random weights) end to end at batch 1 instead, one rotating set
+of every model: dense and csr (L1 unstructured at each sparsity given) with torch's sdpa and with
+ours (``sp.set_attention``), so the speedup against dense with the same attention and what our
+attention adds are read from the same rounds. Each converted model is checked against its masked
+dense model first. Writes ``attention_e2e.json`` and ``attention_e2e.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_prune as sp
+from sparse_prune import agreement
 from sparse_prune.timing import _cpu_name, cpu_slug, git_commit, spread, time_samples
 
 HEADS, TOKENS, HEAD_DIM = 12, 197, 64
@@ -104,12 +112,57 @@ def write(rows: list[dict], meta: dict, out: Path) -> None:
     fig.savefig(out / "attention.png", dpi=120)
 
 
+def bench_e2e(sparsities: list[float], rounds: int) -> list[dict]:
+    import copy
+
+    torch.manual_seed(0)
+    base = sp.models.vit("vit_base_patch16_224", source="transformers").eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    fns, info = {}, {}
+    for att in ("sdpa", "sparse_prune"):
+        dense = sp.set_attention(copy.deepcopy(base), att)
+        fns[f"dense/{att}"], info[f"dense/{att}"] = (lambda m=dense: m(x)), {"format": "dense", "sparsity": 0.0}
+        for s in sparsities:
+            masks = sp.prune(dense, "l1_unstructured", amount=s)
+            masked = masks.apply(copy.deepcopy(dense))
+            fast = sp.convert(dense, masks, format="csr")
+            with torch.inference_mode():
+                ref = copy.deepcopy(masked).double()(x.double()).logits
+                agreement.check_matches(fast(x).logits, ref, masked(x).logits, f"csr {s} {att}")
+            key = f"csr {s:.0%}/{att}"
+            fns[key], info[key] = (lambda m=fast: m(x)), {"format": "csr", "sparsity": s}
+    with torch.inference_mode():
+        samples = time_samples(fns, "cpu", warmup=2, reps=rounds)
+    med = {key: spread(ts) for key, ts in samples.items()}
+    rows = []
+    for key, t in med.items():
+        att = key.split("/")[1]
+        rows.append({"variant": key, "attention": att, **info[key], "ms": t["median"], "q1_ms": t["q1"],
+                     "q3_ms": t["q3"], "vs_dense_same_attention": med[f"dense/{att}"]["median"] / t["median"],
+                     "vs_dense_sdpa": med["dense/sdpa"]["median"] / t["median"]})
+    return rows
+
+
+def write_e2e(rows: list[dict], meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention_e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"ViT-B/16 (transformers, random weights), batch 1, fp32, {meta['device']}, {meta['threads']} threads, "
+             f"CPU kernels {meta['cpu_isa']}, torch {meta['torch']}, commit {meta['commit']}; every model in one set of "
+             f"{meta['rounds']} rotating rounds, median (q1-q3).", "",
+             "| model | attention | ms (q1-q3) | vs dense, same attention | vs dense with sdpa |", "|---|---|---|---|---|"]
+    lines += [f"| {r['variant'].split('/')[0]} | {r['attention']} | {r['ms']:.1f} ({r['q1_ms']:.1f}-{r['q3_ms']:.1f}) | "
+              f"{r['vs_dense_same_attention']:.2f}x | {r['vs_dense_sdpa']:.2f}x |" for r in rows]
+    (out / "attention_e2e.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--e2e", type=float, nargs="+", default=None, metavar="SPARSITY")
+    ap.add_argument("--e2e-rounds", type=int, default=7)
     args = ap.parse_args()
     if not sp.ops.has_cpu_extension():
         raise SystemExit(f"our CPU kernels are not loaded: {sp.ops.cpu_extension_error()}")
@@ -117,8 +170,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     meta = {"device": _cpu_name(), "threads": args.threads, "torch": torch.__version__, "commit": git_commit(),
             "python": platform.python_version(), "cpu_isas": sp.ops.cpu_isas(), "rounds": args.rounds}
-    rows = [r for b in args.batches for r in bench(b, args.rounds, gen)]
     out = Path(args.out or f"benchmarks/results/cpu-{cpu_slug()}")
+    if args.e2e:
+        meta.update(cpu_isa=sp.ops.cpu_isa(), rounds=args.e2e_rounds)
+        write_e2e(bench_e2e(args.e2e, args.e2e_rounds), meta, out)
+        print((out / "attention_e2e.md").read_text())
+        return
+    rows = [r for b in args.batches for r in bench(b, args.rounds, gen)]
     write(rows, meta, out)
     print((out / "attention.md").read_text())
 
