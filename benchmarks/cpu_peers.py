@@ -16,6 +16,10 @@ Linear, the classifier left dense; ``--formats bsr`` adds block masks, ``2:4`` a
   ``deepsparse (unpruned)`` on the unpruned ONNX, for DeepSparse's ratio over its own dense;
 - with ``--compile``: ``torch.compile`` of the dense model and of every sparse_prune variant
   (compiled before timing; our ops stay custom ops, inductor fuses what lies between them).
+- with ``--attention sparse_prune``: every sparse_prune variant runs our attention kernel
+  (``sp.set_attention``; the ONNX files still come from the sdpa model), and ``torch dense +
+  our attention`` shows what that kernel alone gives the dense model; the baseline stays torch
+  dense with torch's SDPA, so the peers' ratios do not move.
 
 Each variant's output is checked against the masked dense torch model first (max abs diff in
 the row; ``wrong`` when it exceeds ``--tol`` x max|reference| and then not timed). A peer that
@@ -314,6 +318,15 @@ def build(args: argparse.Namespace, workdir: Path) -> tuple[list[Variant], Peers
     with torch.inference_mode():
         variants[0].info["max_abs_diff"] = 0.0
         dense_out = logits_of(dense(x)).float()
+    ours = dense  # what our variants are converted from: the dense model with --attention
+    if args.attention != "sdpa":
+        ours = sp.set_attention(copy.deepcopy(dense), args.attention)
+        v = Variant(f"torch dense + {args.attention} attention", "torch", "none", 0.0)
+        with torch.inference_mode():
+            v.status, info = agree(logits_of(ours(x)), dense_out, args.tol)
+        v.info.update(info)
+        v.fn = lambda: ours(x)
+        variants.append(v)
     if args.compile:
         variants.append(compiled_variant("torch dense + torch.compile", "torch", "none", 0.0, dense, x, dense_out,
                                          args.tol))
@@ -360,7 +373,7 @@ def build(args: argparse.Namespace, workdir: Path) -> tuple[list[Variant], Peers
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    fast = sp.convert(dense, masks, format=f, **kw)
+                    fast = sp.convert(ours, masks, format=f, **kw)
                 if caught:
                     v.info["warnings"] = "; ".join(str(w.message) for w in caught)[:500]
                 with torch.inference_mode():
@@ -479,6 +492,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-peer-dense", action="store_true", help="skip DeepSparse on the unpruned ONNX")
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile of the dense model and of every sparse_prune variant")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "sparse_prune"],
+                    help="attention of our variants (sp.set_attention); the baseline keeps torch's sdpa")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default benchmarks/results/cpu-<cpu name>/")
     args = ap.parse_args(argv)
@@ -504,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"kind": "e2e-peers", "model": args.model, "source": args.source, "dtype": "float32",
             "batch": args.batch, "threads": args.threads, "torch_threads": torch.get_num_threads(),
             "rounds": args.rounds, "warmup": args.warmup, "gap_ms": args.gap_ms, "opset": args.opset,
-            "tol": args.tol, "formats": args.formats, "block": args.block, "sparsity": args.sparsity,
+            "tol": args.tol, "attention": args.attention, "formats": args.formats, "block": args.block, "sparsity": args.sparsity,
             "device": _cpu_name(), "cpu_count": os.cpu_count(), "commit": git_commit(),
             "python": platform.python_version(), "wall_s": round(time.time() - started, 1),
             "smoke": args.rounds < 5, "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "command": " ".join(sys.argv),
