@@ -99,11 +99,20 @@ struct X86Common {
                v5 = _mm256_load_ps(s + 5 * p.tile), v6 = _mm256_load_ps(s + 6 * p.tile),
                v7 = _mm256_load_ps(s + 7 * p.tile);
         transpose8(v0, v1, v2, v3, v4, v5, v6, v7);
-        __m256 out[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
-        for (int64_t u = 0; u < n; ++u) {
-          __m256 o = _mm256_add_ps(out[u], bv);
-          if (p.gelu) o = gelu(o);
-          _mm256_storeu_ps(y + (j + u) * p.N + r0 + r, o);
+        const __m256 out[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
+        float* o = y + j * p.N + r0 + r;
+        // unrolled, so that `out` stays in registers: a loop over a run-time count put it on the
+        // stack (8 stores and 8 reloads per block). Measured (Zen 4, AVX2 path, M = 197, 21 rotating
+        // rounds): csr 90% 1.006-1.021x, 99.9% (the fixed cost alone) 1.017-1.085x per GEMM.
+        // Non-temporal stores were slower (0.86-0.99x): Y is read next from cache.
+        if (p.gelu) {
+#pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u)
+            if (u < n) _mm256_storeu_ps(o + u * p.N, gelu(_mm256_add_ps(out[u], bv)));
+        } else {
+#pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u)
+            if (u < n) _mm256_storeu_ps(o + u * p.N, _mm256_add_ps(out[u], bv));
         }
       }
     }
