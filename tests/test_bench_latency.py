@@ -1,6 +1,8 @@
 """The latency harness behind `sparse-prune bench` (timing itself is not asserted)."""
 
 import json
+import platform
+import shutil
 
 import pytest
 import torch
@@ -322,3 +324,36 @@ def test_cli_bench_with_our_attention_records_it(tmp_path, capsys):
     assert cli.main(["bench", "--source", "timm", "--attention", "sparse_prune", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "needs --source transformers" in err and len(err.splitlines()) == 1
+
+
+def test_cpu_limits_splits_a_call_into_fixed_cost_and_marginal_rate(tmp_path, monkeypatch):
+    """benchmarks/cpu_limits.py: the least-squares line, a tiny shape end to end (checked against
+    masked dense, every row present) and its Markdown."""
+    cl = _load_benchmark("cpu_limits")
+    fixed, slope = cl.line([100, 200, 300, 400], [1.5 + 0.01 * x for x in (100, 200, 300, 400)])
+    assert fixed == pytest.approx(1.5) and slope == pytest.approx(0.01)
+    assert cl.fma_peak("portable", 1) is None  # no vector width to measure for the portable kernels
+    monkeypatch.setattr(cl, "SHAPES", {"tiny": (24, 40)})
+    rows = cl.bench_shape("tiny", 5, 1, torch.Generator().manual_seed(0))
+    labels = [r["variant"] for r in rows]
+    assert labels == ["dense", *[f"csr {s:.0%}" for s in cl.FIT], "csr 99.9%", "2:4"]
+    dense = rows[0]
+    assert dense["fit_fixed_ms"] is not None and all(r["ms"] > 0 and r["cold_ms"] > 0 for r in rows)
+    fitted = [r for r in rows if r["variant"] in {f"csr {s:.0%}" for s in cl.FIT}]
+    assert all(r["fixed_share"] == pytest.approx(dense["fit_fixed_ms"] / r["ms"]) for r in fitted)
+    assert rows[-1]["fixed_share"] is None and rows[-2]["fixed_share"] is None  # 2:4 and the probe: not in the fit
+    meta = {"device": "cpu", "threads": 1, "cpu_isa": "portable", "torch": torch.__version__, "commit": "x",
+            "rounds": 1, "vector": "portable", "fma_peak_gflops": None}
+    text = cl.write(rows, meta, tmp_path, "limits").read_text()
+    assert "FMA peak (portable, 1 threads, benchmarks/fma_peak.c): not measured." in text
+    assert "| tiny, 5 |" in text and "### tiny [24x40], M = 5" in text and "| 2:4 |" in text
+    assert json.loads((tmp_path / "limits.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("cc"),
+                    reason="fma_peak.c is x86-64 C, built with cc")
+def test_fma_peak_builds_and_measures():
+    cl = _load_benchmark("cpu_limits")
+    if sp.ops.cpu_isa() not in ("avx2", "avx512"):
+        pytest.skip("the CPU has no AVX2+FMA")
+    assert cl.fma_peak("avx2", 1) > 1.0

@@ -1,0 +1,222 @@
+"""What limits our CPU kernels per GEMM: a fixed cost per call, and the inner loop against the FMA peak.
+
+Usage: ``python benchmarks/cpu_limits.py [--m 197 1576] [--shapes fc1 fc2 qkv proj] [--rounds 11]
+[--threads 2] [--tag NAME] [--out benchmarks/results/cpu-<cpu>]``.
+
+For every ViT-B/16 GEMM shape and token count M, one interleaved set (rotating rounds, medians)
+times dense ``F.linear`` (MKL), our ``csr`` at 50/60/70/80/85/90/95% (L1 unstructured), ``2:4``,
+and the same layer at 99.9% (a probe: it packs X into panels, walks every row's sub-blocks, runs
+the Yᵀ → Y epilogue and pays the module call and thread hand-off, but multiplies almost nothing).
+Each variant is timed two ways in the same rounds: "cold", its first call right after another
+variant (as ``cpu_kernels.py`` times), and "warm", the mean of the next three calls.
+
+A least-squares line through the warm csr times against the stored weights, t = fixed + kept /
+rate, splits a call into a **fixed cost** (the intercept) and a **marginal rate** (useful GFLOP/s of
+each extra weight, 2·M / slope), put beside the FMA peak that ``benchmarks/fma_peak.c`` measures
+(compiled here with ``cc``; skipped where that fails) for the kernels' vector width and thread
+count. Per variant: its speedup (warm and cold), the fixed share of its warm time, and the
+speedup it would have if the fixed cost were free (dense / (t − fixed)).
+
+Every sparse layer is built with the public API and checked against the masked dense product
+before timing. Writes ``limits[_<tag>].json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+from tqdm import tqdm
+
+import sparse_prune as sp
+from sparse_prune import agreement
+from sparse_prune.timing import _cpu_name, cpu_slug, git_commit, spread
+
+SHAPES = {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)}  # (N, K)
+FIT = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]  # the sparsities the line is fitted through
+PROBE = 0.999
+
+
+def fma_peak(isa: str, threads: int) -> float | None:
+    """GFLOP/s of ``fma_peak.c`` for the kernels' vector width at ``threads`` threads, or None
+    where it cannot be built or run (no C compiler, not x86-64, the portable ISA)."""
+    flags = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-DWIDTH=512"]}.get(isa)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if flags is None or cc is None:
+        return None
+    src = Path(__file__).with_name("fma_peak.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "fma_peak"
+        try:
+            subprocess.run([cc, "-O2", *flags, "-fopenmp", str(src), "-o", str(exe)], check=True,
+                           capture_output=True, timeout=120)
+            out = subprocess.run([str(exe), str(threads)], check=True, capture_output=True, text=True,
+                                 timeout=300).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    found = re.findall(rf"threads={threads} gflops=([0-9.]+)", out)
+    return float(found[-1]) if found else None
+
+
+def rounds_cold_warm(fns: dict, rounds: int, repeat: int = 3) -> tuple[dict, dict]:
+    """Per callable, seconds of its first call in each round ("cold": right after another
+    variant, as cpu_kernels.py times every call) and the mean of the next ``repeat`` calls
+    ("warm": its own data in cache, the threads awake). The order rotates every round; Python's
+    collector is off inside a round and collects between rounds, as in time_samples."""
+    names = list(fns)
+    cold: dict[str, list[float]] = {k: [] for k in names}
+    warm: dict[str, list[float]] = {k: [] for k in names}
+    was_enabled = gc.isenabled()
+    try:
+        with torch.inference_mode():
+            for f in fns.values():
+                f()
+            for r in range(rounds):
+                gc.collect()
+                gc.disable()
+                for i in range(len(names)):
+                    name = names[(i + r) % len(names)]
+                    t0 = time.perf_counter()
+                    fns[name]()
+                    t1 = time.perf_counter()
+                    for _ in range(repeat):
+                        fns[name]()
+                    t2 = time.perf_counter()
+                    cold[name].append((t1 - t0) * 1e3)
+                    warm[name].append((t2 - t1) * 1e3 / repeat)
+                if was_enabled:
+                    gc.enable()
+    finally:
+        if was_enabled:
+            gc.enable()
+    return cold, warm
+
+
+def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope of ys against xs."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def bench_shape(name: str, m: int, rounds: int, gen: torch.Generator) -> list[dict]:
+    n, k = SHAPES[name]
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * k ** -0.5)
+        lin.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    lin.requires_grad_(False)
+    holder = nn.Sequential(lin)
+    x = torch.randn(m, k, generator=gen)
+    grid = {}
+    for s in [*FIT, PROBE]:
+        masks = sp.prune(holder, "l1_unstructured", amount=s)
+        label = f"csr {s:.1%}" if s == PROBE else f"csr {s:.0%}"
+        grid[label] = (s, sp.convert(holder, masks, format="csr"), lin.weight * masks["0.weight"])
+    masks = sp.prune(holder, "nm", pattern="2:4")
+    grid["2:4"] = (0.5, sp.convert(holder, masks, format="2:4"), lin.weight * masks["0.weight"])
+    fns = {"dense": lambda: Fn.linear(x, lin.weight, lin.bias)}
+    for label, (_, module, masked) in grid.items():
+        ref = Fn.linear(x.double(), masked.double(), lin.bias.double())
+        with torch.inference_mode():
+            got = module(x)
+        agreement.check_matches(got, ref, Fn.linear(x, masked, lin.bias), label)
+        fns[label] = lambda mod=module: mod(x)
+    cold, warm = rounds_cold_warm(fns, rounds)
+    med = {label: spread(ts)["median"] for label, ts in warm.items()}
+    dense = med["dense"]
+    kept = {label: int((masked != 0).sum()) for label, (_, _, masked) in grid.items()}
+    fit = [label for label, (sparsity, _, _) in grid.items() if label.startswith("csr") and sparsity in FIT]
+    fixed, per_weight = line([kept[label] for label in fit], [med[label] for label in fit])
+    rate = 2 * m * 1e-6 / per_weight if per_weight > 0 else None
+    cold_med = {label: spread(ts)["median"] for label, ts in cold.items()}
+    rows = [{"shape": name, "N": n, "K": k, "M": m, "variant": "dense", "kernel": "F.linear (MKL)", "ms": dense,
+             "speedup": 1.0, "useful_gflops": 2 * m * n * k / dense / 1e6, "cold_ms": cold_med["dense"],
+             "cold_speedup": 1.0, "fit_fixed_ms": fixed, "fit_marginal_gflops": rate}]
+    for label, (sparsity, module, _) in grid.items():
+        t = med[label]
+        rows.append({
+            "shape": name, "N": n, "K": k, "M": m, "variant": label, "sparsity": sparsity,
+            "kernel": sp.report(module)[0]["kernel"], "kept": kept[label], "ms": t, "speedup": dense / t,
+            "useful_gflops": 2 * m * kept[label] / t / 1e6, "fixed_share": fixed / t if label in fit else None,
+            "speedup_without_fixed": dense / (t - fixed) if t > fixed and label in fit else None,
+            "cold_ms": cold_med[label], "cold_speedup": cold_med["dense"] / cold_med[label],
+        })
+    return rows
+
+
+def write(rows: list[dict], meta: dict, out: Path, stem: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    peak = meta["fma_peak_gflops"]
+    lines = [f"Per-GEMM limits, fp32, {meta['device']}, {meta['threads']} threads, CPU kernels {meta['cpu_isa']}, "
+             f"torch {meta['torch']}, commit {meta['commit']}; median of {meta['rounds']} rotating rounds. "
+             f"FMA peak ({meta['vector']}, {meta['threads']} threads, benchmarks/fma_peak.c): "
+             + (f"{peak:.0f} GFLOP/s." if peak else "not measured.")
+             + " Warm: mean of 3 calls after a first one; cold: that first call, right after another variant."
+             " Fixed cost and marginal rate: the line t = fixed + kept / rate through the warm csr times at"
+             f" {', '.join(f'{s:.0%}' for s in FIT)}.", "",
+             "| GEMM, M | dense ms | dense GFLOP/s | fixed ms (fit) | fixed / dense | marginal GFLOP/s (fit) "
+             "| marginal / peak | dense / peak |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["variant"] != "dense":
+            continue
+        rate = r["fit_marginal_gflops"]
+        lines.append(f"| {r['shape']}, {r['M']} | {r['ms']:.3f} | {r['useful_gflops']:.0f} | {r['fit_fixed_ms']:.3f} | "
+                     f"{r['fit_fixed_ms'] / r['ms']:.1%} | {rate:.0f} | " + (f"{rate / peak:.0%} | " if peak else "- | ")
+                     + (f"{r['useful_gflops'] / peak:.0%} |" if peak else "- |"))
+    lines.append("")
+    for (shape, m) in dict.fromkeys((r["shape"], r["M"]) for r in rows):
+        part = [r for r in rows if r["shape"] == shape and r["M"] == m and r["variant"] != "dense"]
+        lines += [f"### {shape} [{part[0]['N']}x{part[0]['K']}], M = {m}", "",
+                  "| variant | kernel | warm ms | warm speedup | useful GFLOP/s | fixed share | speedup if fixed were free "
+                  "| cold ms | cold speedup |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in part:
+            share, free = r["fixed_share"], r["speedup_without_fixed"]
+            cells = [r["variant"], r["kernel"], f"{r['ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['useful_gflops']:.0f}",
+                     f"{share:.0%}" if share is not None else "-", f"{free:.2f}x" if free else "-",
+                     f"{r['cold_ms']:.3f}", f"{r['cold_speedup']:.2f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    path = out / f"{stem}.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, nargs="+", default=[197, 1576])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="write limits_<tag>.* instead of limits.*")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    isa = sp.ops.cpu_isa()
+    peak = fma_peak(isa, args.threads)
+    meta = {"device": _cpu_name(), "threads": args.threads, "torch": torch.__version__, "commit": git_commit(),
+            "python": platform.python_version(), "cpu_isa": isa, "rounds": args.rounds,
+            "vector": {"avx2": "ymm", "avx512": "zmm"}.get(isa, isa), "fma_peak_gflops": peak}
+    rows = []
+    for name in tqdm(args.shapes, desc="shapes"):
+        for m in args.m:
+            rows += bench_shape(name, m, args.rounds, gen)
+    out = Path(args.out or f"benchmarks/results/cpu-{cpu_slug()}")
+    print(write(rows, meta, out, f"limits_{args.tag}" if args.tag else "limits").read_text())
+
+
+if __name__ == "__main__":
+    main()
