@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import sparse_prune as sp
 from sparse_prune import agreement
+from sparse_prune.bench.latency import random_linear
 from sparse_prune.timing import _cpu_name, cpu_slug, git_commit, spread
 
 SHAPES = {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)}  # (N, K)
@@ -112,11 +113,7 @@ def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def bench_shape(name: str, m: int, rounds: int, gen: torch.Generator) -> list[dict]:
     n, k = SHAPES[name]
-    lin = nn.Linear(k, n)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(n, k, generator=gen) * k ** -0.5)
-        lin.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    lin.requires_grad_(False)
+    lin = random_linear(n, k, gen)
     holder = nn.Sequential(lin)
     x = torch.randn(m, k, generator=gen)
     grid = {}

@@ -72,6 +72,17 @@ def block_masks(model: nn.Module, sparsity: float, block: tuple[int, int] = BSR_
     return prune(model, "block", amount=sparsity, block=block, exclude=tuple(exclude))
 
 
+def random_linear(out_features: int, in_features: int, gen: torch.Generator) -> nn.Linear:
+    """A float32 ``nn.Linear(in_features, out_features)`` without gradients, drawn from ``gen``:
+    weights N(0, 1/in_features) (unit-scale outputs for unit-scale inputs), bias N(0, 0.1²)
+    (the per-GEMM benchmarks' layers)."""
+    lin = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_features, in_features, generator=gen) * in_features ** -0.5)
+        lin.bias.copy_(torch.randn(out_features, generator=gen) * 0.1)
+    return lin.requires_grad_(False)
+
+
 def natural_masks(model: nn.Module, fmt: str, sparsity: float, exclude: Sequence[str] = (CLASSIFIER,),
                   block: tuple[int, int] = BSR_BLOCK) -> MaskSet:
     """The pruning a user would pair with ``fmt``: coupled structured for shrink, 2:4 for
