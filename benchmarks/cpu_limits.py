@@ -1,21 +1,26 @@
-"""What limits our CPU kernels per GEMM: a fixed cost per call, and the inner loop against the FMA peak.
+"""What limits our CPU kernels per GEMM: a cost per call that does not shrink with the weights, and the inner loop against the FMA peak.
 
 Usage: ``python benchmarks/cpu_limits.py [--m 197 1576] [--shapes fc1 fc2 qkv proj] [--rounds 11]
-[--threads 2] [--tag NAME] [--out benchmarks/results/cpu-<cpu>]``.
+[--threads 2] [--tag NAME] [--out benchmarks/results/cpu-<cpu>]``;
+``python benchmarks/cpu_limits.py --rederive limits.json`` rebuilds a run's derived columns and
+Markdown from its stored timings.
 
 For every ViT-B/16 GEMM shape and token count M, one interleaved set (rotating rounds, medians)
 times dense ``F.linear`` (MKL), our ``csr`` at 50/60/70/80/85/90/95% (L1 unstructured), ``2:4``,
-and the same layer at 99.9% (a probe: it packs X into panels, walks every row's sub-blocks, runs
-the Yᵀ → Y epilogue and pays the module call and thread hand-off, but multiplies almost nothing).
-Each variant is timed two ways in the same rounds: "cold", its first call right after another
-variant (as ``cpu_kernels.py`` times), and "warm", the mean of the next three calls.
+and the same layer at 99.9% (the probe: it packs X into panels, walks the rows of the first
+sub-block, runs the Yᵀ → Y epilogue and pays the module call and thread hand-off, but multiplies
+almost nothing). Each variant is timed two ways in the same rounds: "cold", its first call, right
+after the previous variant's calls, and "warm", the mean of the next three calls.
 
-A least-squares line through the warm csr times against the stored weights, t = fixed + kept /
-rate, splits a call into a **fixed cost** (the intercept) and a **marginal rate** (useful GFLOP/s of
-each extra weight, 2·M / slope), put beside the FMA peak that ``benchmarks/fma_peak.c`` measures
-(compiled here with ``cc``; skipped where that fails) for the kernels' vector width and thread
-count. Per variant: its speedup (warm and cold), the fixed share of its warm time, and the
-speedup it would have if the fixed cost were free (dense / (t − fixed)).
+The fixed cost of a call is bracketed two ways. The probe's warm time is a lower estimate (a
+90% call walks more non-empty segments). A least-squares line through the warm csr times against
+the stored weights, t = fixed + kept / rate, gives an upper estimate (its intercept: the
+per-(row, sub-block) bookkeeping shrinks as segments empty out, so the highest sparsities sit
+below the line) and a **marginal rate** (useful GFLOP/s of each further weight, 2·M / slope), put
+beside the FMA peak that ``benchmarks/fma_peak.c`` measures (compiled here with ``cc``; None where
+that fails) for the kernels' vector width and thread count. Per variant: its speedup (warm and
+cold), the fixed share of its warm time and the speedup it would have without the fixed cost
+(dense / (t − fixed)), each as probe–fit.
 
 Every sparse layer is built with the public API and checked against the masked dense product
 before timing. Writes ``limits[_<tag>].json`` and ``.md``.
@@ -71,10 +76,10 @@ def fma_peak(isa: str, threads: int) -> float | None:
 
 
 def rounds_cold_warm(fns: dict, rounds: int, repeat: int = 3) -> tuple[dict, dict]:
-    """Per callable, seconds of its first call in each round ("cold": right after another
-    variant, as cpu_kernels.py times every call) and the mean of the next ``repeat`` calls
-    ("warm": its own data in cache, the threads awake). The order rotates every round; Python's
-    collector is off inside a round and collects between rounds, as in time_samples."""
+    """Per callable, milliseconds of its first call in each round ("cold": right after the
+    previous callable's calls) and the mean of the next ``repeat`` calls ("warm": its own data in
+    cache, the threads awake). One untimed call of each first; the order rotates every round;
+    Python's collector is off inside a round and collects between rounds."""
     names = list(fns)
     cold: dict[str, list[float]] = {k: [] for k in names}
     warm: dict[str, list[float]] = {k: [] for k in names}
@@ -102,6 +107,19 @@ def rounds_cold_warm(fns: dict, rounds: int, repeat: int = 3) -> tuple[dict, dic
         if was_enabled:
             gc.enable()
     return cold, warm
+
+
+def upgrade(rows: list[dict]) -> list[dict]:
+    """Rows of a run written before the probe bracketed the fixed cost (bf51fca): the fit / probe
+    flags from the variant names, and the one-sided columns dropped (derive writes both sides)."""
+    for r in rows:
+        if r["variant"] != "dense" and "fit" not in r:
+            csr = r["variant"].startswith("csr")
+            r["fit"] = csr and r.get("sparsity") in FIT
+            r["probe"] = csr and r.get("sparsity") == PROBE
+        r.pop("fixed_share", None)
+        r.pop("speedup_without_fixed", None)
+    return rows
 
 
 def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -132,25 +150,45 @@ def bench_shape(name: str, m: int, rounds: int, gen: torch.Generator) -> list[di
         fns[label] = lambda mod=module: mod(x)
     cold, warm = rounds_cold_warm(fns, rounds)
     med = {label: spread(ts)["median"] for label, ts in warm.items()}
-    dense = med["dense"]
     kept = {label: int((masked != 0).sum()) for label, (_, _, masked) in grid.items()}
-    fit = [label for label, (sparsity, _, _) in grid.items() if label.startswith("csr") and sparsity in FIT]
-    fixed, per_weight = line([kept[label] for label in fit], [med[label] for label in fit])
-    rate = 2 * m * 1e-6 / per_weight if per_weight > 0 else None
     cold_med = {label: spread(ts)["median"] for label, ts in cold.items()}
-    rows = [{"shape": name, "N": n, "K": k, "M": m, "variant": "dense", "kernel": "F.linear (MKL)", "ms": dense,
-             "speedup": 1.0, "useful_gflops": 2 * m * n * k / dense / 1e6, "cold_ms": cold_med["dense"],
-             "cold_speedup": 1.0, "fit_fixed_ms": fixed, "fit_marginal_gflops": rate}]
+    rows = [{"shape": name, "N": n, "K": k, "M": m, "variant": "dense", "kernel": "F.linear (MKL)", "ms": med["dense"],
+             "cold_ms": cold_med["dense"]}]
     for label, (sparsity, module, _) in grid.items():
-        t = med[label]
-        rows.append({
-            "shape": name, "N": n, "K": k, "M": m, "variant": label, "sparsity": sparsity,
-            "kernel": sp.report(module)[0]["kernel"], "kept": kept[label], "ms": t, "speedup": dense / t,
-            "useful_gflops": 2 * m * kept[label] / t / 1e6, "fixed_share": fixed / t if label in fit else None,
-            "speedup_without_fixed": dense / (t - fixed) if t > fixed and label in fit else None,
-            "cold_ms": cold_med[label], "cold_speedup": cold_med["dense"] / cold_med[label],
-        })
+        rows.append({"shape": name, "N": n, "K": k, "M": m, "variant": label, "sparsity": sparsity,
+                     "kernel": sp.report(module)[0]["kernel"], "kept": kept[label], "ms": med[label],
+                     "cold_ms": cold_med[label], "fit": label.startswith("csr") and sparsity in FIT,
+                     "probe": label.startswith("csr") and sparsity == PROBE})
+    return derive(rows)
+
+
+def derive(rows: list[dict]) -> list[dict]:
+    """Adds to one (shape, M)'s measured rows (dense first) what follows from their timings:
+    speedups, useful GFLOP/s, the probe and the fitted line (on the dense row), and per fitted
+    variant its fixed share and speedup without the fixed cost, by the probe and by the fit."""
+    dense, m = rows[0], rows[0]["M"]
+    fitted = [r for r in rows if r.get("fit")]
+    probe = next((r["ms"] for r in rows if r.get("probe")), None)
+    fixed, per_weight = line([r["kept"] for r in fitted], [r["ms"] for r in fitted])
+    dense.update(speedup=1.0, cold_speedup=1.0, useful_gflops=2 * m * dense["N"] * dense["K"] / dense["ms"] / 1e6,
+                 probe_ms=probe, fit_fixed_ms=fixed,
+                 fit_marginal_gflops=2 * m * 1e-6 / per_weight if per_weight > 0 else None)
+    for r in rows[1:]:
+        t = r["ms"]
+        r.update(speedup=dense["ms"] / t, cold_speedup=dense["cold_ms"] / r["cold_ms"],
+                 useful_gflops=2 * m * r["kept"] / t / 1e6)
+        for key, f in (("probe", probe), ("fit", fixed)):
+            ok = r.get("fit") and f is not None
+            r[f"fixed_share_{key}"] = f / t if ok else None
+            r[f"speedup_without_fixed_{key}"] = dense["ms"] / (t - f) if ok and t > f else None
     return rows
+    return rows
+
+
+def span_of(low: float | None, high: float | None, fmt: str) -> str:
+    """ "low-high" in ``fmt`` (one value when both print alike, "-" when neither is known)."""
+    texts = [fmt.format(v) for v in (low, high) if v is not None]
+    return "-" if not texts else texts[0] if len(set(texts)) == 1 else "-".join(texts)
 
 
 def write(rows: list[dict], meta: dict, out: Path, stem: str) -> Path:
@@ -162,27 +200,33 @@ def write(rows: list[dict], meta: dict, out: Path, stem: str) -> Path:
              f"FMA peak ({meta['vector']}, {meta['threads']} threads, benchmarks/fma_peak.c): "
              + (f"{peak:.0f} GFLOP/s." if peak else "not measured.")
              + " Warm: mean of 3 calls after a first one; cold: that first call, right after another variant."
-             " Fixed cost and marginal rate: the line t = fixed + kept / rate through the warm csr times at"
-             f" {', '.join(f'{s:.0%}' for s in FIT)}.", "",
-             "| GEMM, M | dense ms | dense GFLOP/s | fixed ms (fit) | fixed / dense | marginal GFLOP/s (fit) "
-             "| marginal / peak | dense / peak |", "|---|---|---|---|---|---|---|---|"]
+             " Fixed cost: the probe (csr 99.9%, lower estimate) and the intercept of the line t = fixed + kept / rate"
+             f" through the warm csr times at {', '.join(f'{s:.0%}' for s in FIT)} (upper estimate; its slope gives the"
+             " marginal rate).", "",
+             "| GEMM, M | dense ms | dense GFLOP/s | probe ms | fit intercept ms | fixed / dense (probe-fit) "
+             "| marginal GFLOP/s (fit) | marginal / peak | dense / peak |", "|---|---|---|---|---|---|---|---|---|"]
+    pct = (lambda v: f"{v:.0%}") if peak else (lambda v: "-")
     for r in rows:
         if r["variant"] != "dense":
             continue
-        rate = r["fit_marginal_gflops"]
-        lines.append(f"| {r['shape']}, {r['M']} | {r['ms']:.3f} | {r['useful_gflops']:.0f} | {r['fit_fixed_ms']:.3f} | "
-                     f"{r['fit_fixed_ms'] / r['ms']:.1%} | {rate:.0f} | " + (f"{rate / peak:.0%} | " if peak else "- | ")
-                     + (f"{r['useful_gflops'] / peak:.0%} |" if peak else "- |"))
+        rate, probe = r["fit_marginal_gflops"], r["probe_ms"]
+        cells = [f"{r['shape']}, {r['M']}", f"{r['ms']:.3f}", f"{r['useful_gflops']:.0f}",
+                 f"{probe:.3f}" if probe is not None else "-", f"{r['fit_fixed_ms']:.3f}",
+                 span_of(probe / r["ms"] if probe is not None else None, r["fit_fixed_ms"] / r["ms"], "{:.1%}"),
+                 f"{rate:.0f}" if rate else "-", pct(rate / peak) if rate and peak else "-",
+                 pct(r["useful_gflops"] / peak) if peak else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for (shape, m) in dict.fromkeys((r["shape"], r["M"]) for r in rows):
         part = [r for r in rows if r["shape"] == shape and r["M"] == m and r["variant"] != "dense"]
         lines += [f"### {shape} [{part[0]['N']}x{part[0]['K']}], M = {m}", "",
-                  "| variant | kernel | warm ms | warm speedup | useful GFLOP/s | fixed share | speedup if fixed were free "
-                  "| cold ms | cold speedup |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | kernel | warm ms | warm speedup | useful GFLOP/s | fixed share (probe-fit) "
+                  "| speedup without the fixed cost (probe-fit) | cold ms | cold speedup |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in part:
-            share, free = r["fixed_share"], r["speedup_without_fixed"]
             cells = [r["variant"], r["kernel"], f"{r['ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['useful_gflops']:.0f}",
-                     f"{share:.0%}" if share is not None else "-", f"{free:.2f}x" if free else "-",
+                     span_of(r["fixed_share_probe"], r["fixed_share_fit"], "{:.0%}"),
+                     span_of(r["speedup_without_fixed_probe"], r["speedup_without_fixed_fit"], "{:.2f}x"),
                      f"{r['cold_ms']:.3f}", f"{r['cold_speedup']:.2f}x"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -199,7 +243,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="", help="write limits_<tag>.* instead of limits.*")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rederive", metavar="JSON", default=None,
+                    help="rebuild the derived columns and the Markdown of a run from its stored timings")
     args = ap.parse_args()
+    if args.rederive:
+        path = Path(args.rederive)
+        run = json.loads(path.read_text())
+        rows = []
+        for key in dict.fromkeys((r["shape"], r["M"]) for r in run["rows"]):
+            rows += derive(upgrade([r for r in run["rows"] if (r["shape"], r["M"]) == key]))
+        print(write(rows, run["meta"], path.parent, path.stem).read_text())
+        return
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     isa = sp.ops.cpu_isa()

@@ -10,6 +10,7 @@
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #ifndef WIDTH
@@ -38,7 +39,7 @@ static double now(void) {
 
 int main(int argc, char** argv) {
   const int max_threads = argc > 1 ? atoi(argv[1]) : 1;
-  const long iters = 100000000L; /* FMAs per chain set per thread */
+  const long iters = 100000000L; /* vector FMAs per thread (CHAINS chains of iters / CHAINS) */
   volatile float sink = 0;
   for (int threads = 1; threads <= max_threads; ++threads) {
     double best = 0;
@@ -53,8 +54,13 @@ int main(int argc, char** argv) {
 #pragma GCC unroll 10
           for (int i = 0; i < CHAINS; ++i) a[i] = FMA(a[i], b, c);
         }
+        /* every lane of every chain reaches the result, so no lane's FMAs can be dropped */
+        float lanes[LANES] __attribute__((aligned(64)));
         float s = 0;
-        for (int i = 0; i < CHAINS; ++i) s += ((float*)&a[i])[0];
+        for (int i = 0; i < CHAINS; ++i) {
+          memcpy(lanes, &a[i], sizeof lanes);
+          for (int l = 0; l < LANES; ++l) s += lanes[l];
+        }
 #pragma omp atomic
         sink += s;
       }

@@ -326,34 +326,51 @@ def test_cli_bench_with_our_attention_records_it(tmp_path, capsys):
     assert "needs --source transformers" in err and len(err.splitlines()) == 1
 
 
-def test_cpu_limits_splits_a_call_into_fixed_cost_and_marginal_rate(tmp_path, monkeypatch):
+def test_cpu_limits_brackets_the_fixed_cost_of_a_call(tmp_path, monkeypatch):
     """benchmarks/cpu_limits.py: the least-squares line, a tiny shape end to end (checked against
-    masked dense, every row present) and its Markdown."""
+    masked dense, every row present, the fit through exactly the csr rows at FIT), its Markdown,
+    a run without a fitted rate, and --rederive of a run written before the probe bracket."""
     cl = _load_benchmark("cpu_limits")
     fixed, slope = cl.line([100, 200, 300, 400], [1.5 + 0.01 * x for x in (100, 200, 300, 400)])
     assert fixed == pytest.approx(1.5) and slope == pytest.approx(0.01)
+    assert cl.span_of(0.25, 0.5, "{:.0%}") == "25%-50%" and cl.span_of(0.5, 0.5, "{:.0%}") == "50%"
+    assert cl.span_of(None, 0.5, "{:.0%}") == "50%" and cl.span_of(None, None, "{:.0%}") == "-"
     assert cl.fma_peak("portable", 1) is None  # no vector width to measure for the portable kernels
     monkeypatch.setattr(cl, "SHAPES", {"tiny": (24, 40)})
     rows = cl.bench_shape("tiny", 5, 1, torch.Generator().manual_seed(0))
     labels = [r["variant"] for r in rows]
     assert labels == ["dense", *[f"csr {s:.0%}" for s in cl.FIT], "csr 99.9%", "2:4"]
-    dense = rows[0]
-    assert dense["fit_fixed_ms"] is not None and all(r["ms"] > 0 and r["cold_ms"] > 0 for r in rows)
-    fitted = [r for r in rows if r["variant"] in {f"csr {s:.0%}" for s in cl.FIT}]
-    assert all(r["fixed_share"] == pytest.approx(dense["fit_fixed_ms"] / r["ms"]) for r in fitted)
-    assert rows[-1]["fixed_share"] is None and rows[-2]["fixed_share"] is None  # 2:4 and the probe: not in the fit
+    dense, probe, semi = rows[0], rows[-2], rows[-1]
+    assert all(r["ms"] > 0 and r["cold_ms"] > 0 for r in rows)
+    fitted = [r for r in rows if r.get("fit")]
+    assert [r["variant"] for r in fitted] == labels[1:-2]  # neither the probe nor 2:4 (sparsity 0.5 too)
+    intercept, per_weight = cl.line([r["kept"] for r in fitted], [r["ms"] for r in fitted])
+    assert dense["fit_fixed_ms"] == pytest.approx(intercept) and dense["probe_ms"] == probe["ms"]
+    assert all(r["fixed_share_probe"] == pytest.approx(probe["ms"] / r["ms"]) for r in fitted)
+    assert all(r["fixed_share_fit"] == pytest.approx(intercept / r["ms"]) for r in fitted)
+    assert probe["fixed_share_fit"] is None and semi["fixed_share_probe"] is None
+    assert semi["speedup"] == pytest.approx(dense["ms"] / semi["ms"])
     meta = {"device": "cpu", "threads": 1, "cpu_isa": "portable", "torch": torch.__version__, "commit": "x",
             "rounds": 1, "vector": "portable", "fma_peak_gflops": None}
     text = cl.write(rows, meta, tmp_path, "limits").read_text()
     assert "FMA peak (portable, 1 threads, benchmarks/fma_peak.c): not measured." in text
     assert "| tiny, 5 |" in text and "### tiny [24x40], M = 5" in text and "| 2:4 |" in text
     assert json.loads((tmp_path / "limits.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    flat = [dict(r) for r in rows]
+    flat[0]["fit_marginal_gflops"] = None  # a fit whose slope came out <= 0
+    assert "| tiny, 5 |" in cl.write(flat, {**meta, "fma_peak_gflops": 100.0}, tmp_path, "flat").read_text()
+    old = [{k: v for k, v in r.items() if k not in ("fit", "probe", "fixed_share_probe", "fixed_share_fit")}
+           for r in rows]
+    old[1]["fixed_share"] = 0.5  # bf51fca's one-sided column: dropped
+    assert cl.derive(cl.upgrade(old)) == rows
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("cc"),
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not (shutil.which("cc") or shutil.which("gcc")),
                     reason="fma_peak.c is x86-64 C, built with cc")
 def test_fma_peak_builds_and_measures():
     cl = _load_benchmark("cpu_limits")
     if sp.ops.cpu_isa() not in ("avx2", "avx512"):
         pytest.skip("the CPU has no AVX2+FMA")
-    assert cl.fma_peak("avx2", 1) > 1.0
+    peak = cl.fma_peak("avx2", 1)
+    assert peak is not None, "benchmarks/fma_peak.c did not build or run with cc -fopenmp"
+    assert peak > 1.0
