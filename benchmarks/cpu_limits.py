@@ -29,7 +29,6 @@ before timing. Writes ``limits[_<tag>].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import re
@@ -47,7 +46,7 @@ from tqdm import tqdm
 import sparse_prune as sp
 from sparse_prune import agreement
 from sparse_prune.bench.latency import random_linear
-from sparse_prune.timing import _cpu_name, cpu_slug, git_commit, spread
+from sparse_prune.timing import _cpu_name, cpu_slug, git_commit, spread, time_samples
 
 SHAPES = {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)}  # (N, K)
 FIT = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]  # the sparsities the line is fitted through
@@ -78,35 +77,23 @@ def fma_peak(isa: str, threads: int) -> float | None:
 def rounds_cold_warm(fns: dict, rounds: int, repeat: int = 3) -> tuple[dict, dict]:
     """Per callable, milliseconds of its first call in each round ("cold": right after the
     previous callable's calls) and the mean of the next ``repeat`` calls ("warm": its own data in
-    cache, the threads awake). One untimed call of each first; the order rotates every round;
-    Python's collector is off inside a round and collects between rounds."""
-    names = list(fns)
-    cold: dict[str, list[float]] = {k: [] for k in names}
-    warm: dict[str, list[float]] = {k: [] for k in names}
-    was_enabled = gc.isenabled()
-    try:
-        with torch.inference_mode():
-            for f in fns.values():
-                f()
-            for r in range(rounds):
-                gc.collect()
-                gc.disable()
-                for i in range(len(names)):
-                    name = names[(i + r) % len(names)]
-                    t0 = time.perf_counter()
-                    fns[name]()
-                    t1 = time.perf_counter()
-                    for _ in range(repeat):
-                        fns[name]()
-                    t2 = time.perf_counter()
-                    cold[name].append((t1 - t0) * 1e3)
-                    warm[name].append((t2 - t1) * 1e3 / repeat)
-                if was_enabled:
-                    gc.enable()
-    finally:
-        if was_enabled:
-            gc.enable()
-    return cold, warm
+    cache, the threads awake), in time_samples' rotating rounds (its warm-up round dropped)."""
+    cold: dict[str, list[float]] = {k: [] for k in fns}
+    warm: dict[str, list[float]] = {k: [] for k in fns}
+
+    def split(name, fn):
+        def call():
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            cold[name].append((t1 - t0) * 1e3)
+            warm[name].append((time.perf_counter() - t1) * 1e3 / repeat)
+        return call
+
+    time_samples({name: split(name, fn) for name, fn in fns.items()}, "cpu", warmup=1, reps=rounds)
+    return {k: v[1:] for k, v in cold.items()}, {k: v[1:] for k, v in warm.items()}
 
 
 def upgrade(rows: list[dict]) -> list[dict]:
@@ -181,7 +168,6 @@ def derive(rows: list[dict]) -> list[dict]:
             ok = r.get("fit") and f is not None
             r[f"fixed_share_{key}"] = f / t if ok else None
             r[f"speedup_without_fixed_{key}"] = dense["ms"] / (t - f) if ok and t > f else None
-    return rows
     return rows
 
 
